@@ -1,0 +1,13 @@
+"""fastdpo: fused Triton kernels for DPO and its relatives.
+
+    from fastdpo import fused_dpo_loss
+    loss = fused_dpo_loss(policy_logits, labels, ref_logps, beta=0.1)
+"""
+
+from .dpo import FusedDPOLoss, fused_dpo_loss
+from .logps import sequence_logps
+from .losses import LOSSES, REFERENCE_FREE, LossConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["fused_dpo_loss", "FusedDPOLoss", "sequence_logps", "LOSSES", "REFERENCE_FREE", "LossConfig"]

@@ -1,0 +1,157 @@
+"""fused_dpo_loss and FusedDPOLoss: DPO and its relatives from policy logits, in one fused pass.
+
+    policy logits --fused kernel--> per-row log-probs, token counts, logit sums
+    reference (ref_logps, or ref_logits through the forward-only kernel, or zeros)
+    --> PairLogps [P] --> losses.preference_loss --> scalar (+ TRL metrics)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import validation as V
+from .logps import sequence_stats
+from .losses import LossConfig, PairLogps, preference_loss
+from .metrics import preference_metrics
+
+
+def resolve_reference(
+    cfg: LossConfig,
+    rows: int,
+    like: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    reference_free: bool,
+    ref_pass=None,
+) -> torch.Tensor:
+    """The reference's per-row log-probs [B]: given, computed by `ref_pass()`, or zeros."""
+    given = [name for name, x in (("ref_logps", ref_logps), ("the reference inputs", ref_pass)) if x is not None]
+    if len(given) > 1:
+        raise ValueError("pass either ref_logps or the reference inputs (ref_logits / ref_hidden), not both")
+    if reference_free and given:
+        raise ValueError(f"reference_free=True but {given[0]} was also given")
+    if ref_logps is not None:
+        V.check_row_vector(ref_logps, "ref_logps", rows)
+        V.check_same_device(like, ref_logps=ref_logps)
+        return ref_logps.detach()
+    if ref_pass is not None:
+        with torch.no_grad():
+            return ref_pass()
+    if cfg.needs_reference and not reference_free:
+        raise ValueError(
+            f"loss_type {cfg.loss_type!r} needs a reference: pass ref_logps or ref_logits "
+            "(or reference_free=True for an implicit uniform reference)"
+        )
+    return torch.zeros(rows, dtype=torch.float32, device=like.device)
+
+
+def loss_from_rows(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    counts: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    score_sums: torch.Tensor | None = None,
+    vocab: int = 0,
+    return_metrics: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss (and metrics) from per-row results laid out as [chosen; rejected]."""
+    pairs = PairLogps.from_rows(logps, ref_logps, counts)
+    loss = preference_loss(pairs, cfg)
+    if not return_metrics:
+        return loss
+    return loss, preference_metrics(pairs, cfg, score_sums, vocab)
+
+
+def fused_dpo_loss(
+    policy_logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    *,
+    ref_logits: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str | list[str] = "sigmoid",
+    loss_weights: list[float] | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reference_free: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+    return_metrics: bool = False,
+    **loss_options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO-family loss from policy logits without materializing any [tokens x vocab] fp32 copy.
+
+    Args:
+        policy_logits: [B, T, V] with B = 2P rows: rows 0..P-1 chosen, rows P..2P-1 rejected.
+            Any float dtype and strides (``logits[:, :-1]`` is fine).
+        labels: [B, T] integer, aligned with the logits (``labels[:, t]`` is scored by
+            ``logits[:, t]``; shift before calling). ``ignore_index`` marks skipped positions.
+        ref_logps: [B] precomputed reference log-prob sums (detached), or
+        ref_logits: [B, T, V] reference logits, evaluated forward-only in the same call.
+        mask: optional [B, T] bool or 0/1 completion mask; combined with ``ignore_index``.
+        beta: inverse temperature of the implicit reward.
+        loss_type: a loss name from ``fastdpo.losses.LOSSES`` or a list of them, combined with
+            ``loss_weights`` as sum_k weight_k * mean(loss_k).
+        label_smoothing: eps of conservative / robust DPO.
+        reference_free: use a zero reference (no ref_logps / ref_logits).
+        temperature, softcap: scores are ``softcap * tanh(z / softcap) / temperature``.
+        inplace_backward: write the logits gradient over the logits (saves one [B, T, V] tensor;
+            only safe when nothing else in the backward graph reads the logits).
+        return_metrics: also return TRL's metrics (detached batch means).
+        **loss_options: extra hyper-parameters of specific loss types (see ``LossConfig``).
+
+    Returns:
+        The scalar loss (mean over pairs), or ``(loss, metrics)`` with ``return_metrics=True``.
+    """
+    cfg = LossConfig(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
+                     label_smoothing=label_smoothing, **loss_options)
+    V.check_logits(policy_logits, "policy_logits")
+    rows = policy_logits.shape[0]
+    V.check_pairs(rows, "policy_logits")
+    common = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+    ref_pass = None
+    if ref_logits is not None:
+        V.check_logits(ref_logits, "ref_logits")
+        if ref_logits.shape != policy_logits.shape:
+            raise ValueError(
+                f"ref_logits must match policy_logits {tuple(policy_logits.shape)}, got {tuple(ref_logits.shape)}"
+            )
+        V.check_same_device(policy_logits, ref_logits=ref_logits)
+        # Validate the policy inputs before the reference kernel runs.
+        V.check_labels(labels, policy_logits.shape[:2], mask)
+        ref_pass = lambda: sequence_stats(ref_logits, labels, name="ref_logits", **common).logps  # noqa: E731
+    ref = resolve_reference(cfg, rows, policy_logits, ref_logps, reference_free, ref_pass)
+    policy = sequence_stats(policy_logits, labels, sum_scores=return_metrics,
+                            inplace_backward=inplace_backward, name="policy_logits", **common)
+    return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
+                          vocab=policy_logits.shape[-1], return_metrics=return_metrics)
+
+
+class FusedDPOLoss(nn.Module):
+    """Module form of :func:`fused_dpo_loss`; keyword options are fixed at construction."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        LossConfig(**{k: v for k, v in options.items() if k not in _CALL_KEYS})  # fail early on bad options
+        self.options = options
+
+    def forward(
+        self,
+        policy_logits: torch.Tensor,
+        labels: torch.Tensor,
+        ref_logps: torch.Tensor | None = None,
+        **overrides: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return fused_dpo_loss(policy_logits, labels, ref_logps, **{**self.options, **overrides})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+_CALL_KEYS = {"ref_logits", "mask", "ignore_index", "reference_free", "temperature", "softcap",
+              "inplace_backward", "return_metrics"}

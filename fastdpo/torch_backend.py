@@ -1,0 +1,95 @@
+"""Exact pure-PyTorch twin of kernels/token_logps.py, for CPU and any device without Triton.
+
+Same math and signatures as the kernels. It works on chunks of the unmasked token rows, so its
+working memory is a few [chunk x V] fp32 tiles however long the batch, and masked rows are never
+read (forward) and only zero-filled (backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk are chosen so that one fp32 [rows, V] tile stays near this many bytes.
+CHUNK_BYTES = 64 * 2**20
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scores(z: torch.Tensor, inv_temp: float, softcap: float | None) -> torch.Tensor:
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z * inv_temp
+
+
+def _scores_grad(z: torch.Tensor, inv_temp: float, softcap: float | None) -> torch.Tensor | float:
+    if softcap is not None:
+        return (1.0 - torch.tanh(z / softcap).square()) * inv_temp
+    return inv_temp
+
+
+def _chunks(labels: torch.Tensor, T: int, V: int):
+    """Yield (batch index, time index, flat index, label) of unmasked token rows, chunk by chunk."""
+    flat = torch.nonzero(labels >= 0).squeeze(1)
+    rows = max(1, CHUNK_BYTES // (4 * max(V, 1)))
+    for start in range(0, flat.numel(), rows):
+        idx = flat[start : start + rows]
+        yield idx // T, idx % T, idx, labels[idx].long()
+
+
+def token_logps_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    inv_temp: float = 1.0,
+    softcap: float | None = None,
+    save_lse: bool = True,
+    sum_scores: bool = False,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token log-probs [B*T] (and logsumexp, score sums). labels: [B*T] int, < 0 = masked."""
+    B, T, V = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    logp = torch.zeros(B * T, dtype=acc, device=logits.device)
+    lse_all = torch.zeros_like(logp) if save_lse else None
+    zsum = torch.zeros_like(logp) if sum_scores else None
+    for b, t, idx, y in _chunks(labels, T, V):
+        s = _scores(logits[b, t].to(acc), inv_temp, softcap)
+        lse = torch.logsumexp(s, dim=-1)
+        logp[idx] = s.gather(1, y[:, None]).squeeze(1) - lse
+        if save_lse:
+            lse_all[idx] = lse
+        if sum_scores:
+            zsum[idx] = s.sum(-1)
+    return logp, lse_all, zsum
+
+
+def token_logps_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    *,
+    inv_temp: float = 1.0,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`)."""
+    B, T, V = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    if out is None:
+        out = torch.zeros((B, T, V), dtype=logits.dtype, device=logits.device)
+    else:  # in place: every masked row must become exactly zero too
+        masked = torch.nonzero(labels < 0).squeeze(1)
+        out[masked // T, masked % T] = 0
+    for b, t, idx, y in _chunks(labels, T, V):
+        z = logits[b, t].to(acc)
+        p = torch.exp(_scores(z, inv_temp, softcap) - lse[idx, None])
+        dz = -p
+        dz.scatter_add_(1, y[:, None], torch.ones_like(dz[:, :1]))
+        dz *= grad_logp[idx, None].to(acc)
+        dz *= _scores_grad(z, inv_temp, softcap)
+        out[b, t] = dz.to(out.dtype)
+    return out
