@@ -46,8 +46,6 @@ def check_labels(labels: object, shape: torch.Size, mask: object | None) -> None
     mask = check_tensor(mask, "mask")
     if mask.shape != shape:
         raise ValueError(f"mask must be [B, T] = {tuple(shape)} to match the labels, got {tuple(mask.shape)}")
-    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0 and 1 (or be bool)")
 
 
 def check_pairs(rows: int, name: str) -> int:
@@ -73,6 +71,8 @@ def token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: 
     """
     valid = labels != ignore_index
     if mask is not None:
+        if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must hold only 0 and 1 (or be bool)")
         valid &= mask.bool()
     bad = valid & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):

@@ -1,0 +1,36 @@
+"""Shared fixtures. Without CUDA the Triton kernels run under the interpreter on CPU tensors."""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Must be set before triton.jit decorates the kernels (fastdpo imports them lazily).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# GPU-only tests (large shapes) are not collected at all without a GPU, rather than skipped.
+collect_ignore = [] if HAS_CUDA else ["test_gpu_large.py"]
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run the test once per backend: the PyTorch twin and the Triton kernels."""
+    monkeypatch.setenv("FASTDPO_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Fresh random inputs in every test, with the seed printed on failure for replay."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    yield seed

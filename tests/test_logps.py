@@ -1,0 +1,170 @@
+"""sequence_logps against float64, forward and backward, on both backends."""
+
+import pytest
+import torch
+
+import fastdpo
+from reference64 import assert_close_rel, seq_logps64
+
+# Forward error is relative to the float64 result on the same (upcast) inputs. Gradients are
+# rounded to the logits' dtype, so their tolerance is that dtype's resolution.
+FWD_REL = {torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6, torch.float64: 1e-12}
+GRAD_REL = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-12}
+
+
+def make_inputs(B, T, V, dtype, device, scale=4.0, masked_frac=0.3):
+    logits = (scale * torch.randn(B, T, V, device=device)).to(dtype)
+    labels = torch.randint(0, V, (B, T), device=device)
+    mask = torch.rand(B, T, device=device) > masked_frac
+    return logits, labels, mask
+
+
+def check_parity(logits, labels, *, mask=None, ignore_index=-100, inplace=False, g=None, **opts):
+    """Forward and backward of fastdpo vs float64 autograd, with a random upstream gradient."""
+    dtype = logits.dtype
+    leaf = logits.detach().clone().requires_grad_()
+    x = leaf * 1 if inplace else leaf  # in place needs a non-leaf: its storage is reused
+    out = fastdpo.sequence_logps(x, labels, mask=mask, ignore_index=ignore_index, inplace_backward=inplace, **opts)
+    x64 = logits.detach().double().requires_grad_()
+    ref = seq_logps64(x64, labels, mask, ignore_index, **opts)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_rel(out, ref, FWD_REL[dtype], "logps")
+    g = torch.randn_like(ref) if g is None else g
+    out.backward(g.to(out.dtype))
+    ref.backward(g)
+    assert leaf.grad.dtype == dtype
+    assert_close_rel(leaf.grad, x64.grad, GRAD_REL[dtype], "grad")
+    return out, leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [2, 5, 37, 257])
+def test_parity_dtypes_and_vocab(backend, device, dtype, V):
+    logits, labels, mask = make_inputs(4, 6, V, dtype, device)
+    check_parity(logits, labels, mask=mask)
+
+
+def test_multi_tile_vocab(backend, device):
+    """V above the 2048-wide tile and not a multiple of it: the tail tile is padded with -inf."""
+    logits, labels, mask = make_inputs(2, 2, 2048 + 77, torch.bfloat16, device)
+    labels[0, 0] = 2048 + 76  # label in the tail tile
+    check_parity(logits, labels, mask=mask)
+
+
+def test_single_token_rows(backend, device):
+    logits, labels, _ = make_inputs(4, 1, 11, torch.float32, device)
+    check_parity(logits, labels)
+
+
+def test_rows_without_completion_tokens(backend, device):
+    logits, labels, mask = make_inputs(4, 5, 13, torch.float32, device)
+    mask[1] = False
+    labels[2] = -100
+    out, grad = check_parity(logits, labels, mask=mask)
+    assert out[1].item() == 0.0 and out[2].item() == 0.0
+    assert torch.equal(grad[1], torch.zeros_like(grad[1])) and torch.equal(grad[2], torch.zeros_like(grad[2]))
+    # masked positions of kept rows get exactly zero gradient too
+    assert (grad[~mask] == 0).all()
+
+
+def test_shifted_non_contiguous_logits(backend, device):
+    """logits[:, :-1] (row stride T*V) as produced by the usual shift, with no copy."""
+    base, labels, mask = make_inputs(4, 8, 19, torch.bfloat16, device)
+    logits = base[:, :-1]
+    assert not logits.is_contiguous()
+    check_parity(logits, labels[:, 1:], mask=mask[:, 1:])
+
+
+def test_vocab_strided_logits(backend, device):
+    """Vocab not the fastest dimension (stride_v != 1)."""
+    base = (3 * torch.randn(23, 4, 5, device=device)).to(torch.float32)
+    logits = base.permute(1, 2, 0)
+    labels = torch.randint(0, 23, (4, 5), device=device)
+    check_parity(logits, labels)
+
+
+def test_mask_and_ignore_index_agree(backend, device):
+    logits, labels, mask = make_inputs(4, 7, 29, torch.float32, device)
+    by_mask = fastdpo.sequence_logps(logits, labels, mask=mask)
+    by_ignore = fastdpo.sequence_logps(logits, torch.where(mask, labels, -100))
+    by_custom = fastdpo.sequence_logps(logits, torch.where(mask, labels, 7), ignore_index=7)
+    both = torch.where(torch.rand_like(mask, dtype=torch.float) > 0.5, labels, -100)
+    assert torch.equal(by_mask, by_ignore)
+    assert_close_rel(fastdpo.sequence_logps(logits, both, mask=mask),
+                     seq_logps64(logits, both, mask), 2e-6, "mask + ignore_index")
+    # label 7 positions that were kept are dropped by ignore_index=7: compare with the formula
+    assert_close_rel(by_custom, seq_logps64(logits, torch.where(mask, labels, 7), None, 7), 2e-6, "custom ignore")
+
+
+def test_float_mask(backend, device):
+    logits, labels, mask = make_inputs(2, 5, 9, torch.float32, device)
+    assert torch.equal(fastdpo.sequence_logps(logits, labels, mask=mask.float()),
+                       fastdpo.sequence_logps(logits, labels, mask=mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward(backend, device, dtype):
+    logits, labels, mask = make_inputs(4, 5, 37, dtype, device)
+    g = torch.randn(4, dtype=torch.float64, device=device)
+    _, grad_out = check_parity(logits, labels, mask=mask, inplace=False, g=g)
+    _, grad_in = check_parity(logits, labels, mask=mask, inplace=True, g=g)
+    assert torch.equal(grad_out, grad_in)
+
+
+def test_inplace_backward_reuses_logits_storage(backend, device):
+    logits, labels, mask = make_inputs(2, 3, 17, torch.float32, device)
+    x = logits.clone().requires_grad_() * 1
+    (grad,) = torch.autograd.grad(fastdpo.sequence_logps(x, labels, mask=mask, inplace_backward=True).sum(), x)
+    assert grad.data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("temperature,softcap", [(0.7, None), (1.0, 5.0), (1.3, 2.5)])
+def test_temperature_and_softcap(backend, device, temperature, softcap):
+    logits, labels, mask = make_inputs(4, 5, 41, torch.float32, device, scale=6.0)
+    check_parity(logits, labels, mask=mask, temperature=temperature, softcap=softcap)
+
+
+def test_gradcheck_float64(backend, device):
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 3), device=device)
+    labels[1, 0] = -100
+    assert torch.autograd.gradcheck(lambda z: fastdpo.sequence_logps(z, labels, softcap=3.0), (logits,))
+
+
+def test_nan_logits_give_nan(backend, device):
+    logits, labels, _ = make_inputs(2, 4, 11, torch.float32, device)
+    logits[0, 2, 3] = float("nan")
+    out = fastdpo.sequence_logps(logits, labels)
+    assert torch.isnan(out[0]) and torch.isfinite(out[1])
+
+
+def test_minus_inf_logits(backend, device):
+    """Banned tokens (-inf logits, some whole tiles) are fine as long as the label is not banned."""
+    logits, labels, _ = make_inputs(2, 3, 2048 + 40, torch.float32, device)
+    logits[..., :2048] = float("-inf")  # the whole first tile
+    labels = torch.randint(2048, 2048 + 40, (2, 3), device=device)
+    check_parity(logits, labels)
+
+
+def test_backends_agree(device, monkeypatch):
+    logits, labels, mask = make_inputs(4, 6, 131, torch.bfloat16, device)
+    outs = []
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("FASTDPO_BACKEND", name)
+        outs.append(fastdpo.sequence_logps(logits, labels, mask=mask))
+    assert_close_rel(outs[0], outs[1], 1e-6, "torch vs triton")
+
+
+def test_int64_offsets(backend, device):
+    """Rows more than 2^31 elements apart: offsets must be computed in int64.
+
+    The interpreter does its pointer arithmetic in 64 bits either way; on a GPU (where this suite
+    runs on CUDA tensors) an int32 row offset would read the wrong row or fault.
+    """
+    V = 1024
+    storage = torch.empty(2**31 + 4 * V, dtype=torch.bfloat16, device=device)  # untouched pages cost nothing
+    stride_t = (2**31 + 2 * V) // 2
+    logits = storage.as_strided((1, 3, V), (3 * stride_t, stride_t, 1))
+    logits.copy_(torch.randn(1, 3, V, device=device).to(torch.bfloat16))
+    labels = torch.randint(0, V, (1, 3), device=device)
+    check_parity(logits.detach(), labels)
