@@ -20,7 +20,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _scores(z: torch.Tensor, inv_temp: float, softcap: float | None) -> torch.Tensor:
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    return z * inv_temp
+    return z * inv_temp if inv_temp != 1.0 else z
 
 
 def _scores_grad(z: torch.Tensor, inv_temp: float, softcap: float | None) -> torch.Tensor | float:

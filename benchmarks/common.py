@@ -1,0 +1,181 @@
+"""Shared measuring tools of the benchmarks: timing, peak memory, hardware ceilings, masks, output.
+
+Timing is the median of per-iteration CUDA-event intervals after warm-up (perf_counter on CPU,
+which is only a smoke test: CPU numbers are never results). "Extra" memory is the peak allocated
+during one step minus what was allocated before it (the inputs), so it includes the gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SHAPES = {  # ANCHORS.md: name -> (hidden H, vocab V, pairs P, tokens per row T)
+    "A": (4096, 128256, 4, 1024),
+    "B": (4096, 32000, 8, 1024),
+    "C": (3584, 151936, 4, 2048),
+}
+
+
+@dataclass
+class Result:
+    shape: str
+    impl: str
+    mode: str  # "fwd+bwd" or "fwd"
+    ms: float | None = None
+    extra_gb: float | None = None
+    floor_ms: float | None = None
+    rel_err: float | None = None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def floor_frac(self) -> float | None:
+        return self.floor_ms / self.ms if self.ms and self.floor_ms else None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def extra_memory_gb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak bytes allocated while fn() runs (its results freed after), above what was there before."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return (peak - base) / 1e9
+
+
+def copy_bandwidth(device: torch.device, gb: float = 2.0) -> float:
+    """Measured device copy bandwidth in bytes/s (bytes read + bytes written)."""
+    n = int(gb * 1e9 / 2) if device.type == "cuda" else 2**22
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def matmul_rate(device: torch.device, n: int = 8192) -> float:
+    """Measured bf16 matmul rate in FLOP/s on an n^3 product."""
+    n = n if device.type == "cuda" else 256
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, warmup=3, iters=10)
+    return 2 * n**3 / (ms / 1e3)
+
+
+def anchor_masks(P: int, T: int, device: torch.device, masked: bool = True) -> torch.Tensor:
+    """ANCHORS.md's masks: first T/4 tokens are prompt, plus random right padding up to T/4."""
+    mask = torch.ones(2 * P, T, dtype=torch.bool, device=device)
+    if not masked:
+        return mask
+    mask[:, : T // 4] = False
+    pad = torch.randint(0, T // 4 + 1, (2 * P,))
+    for row, p in enumerate(pad.tolist()):
+        if p:
+            mask[row, T - p :] = False
+    return mask
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test only)"
+
+
+def write_outputs(results: list[Result], meta: dict, out: Path, title: str) -> str:
+    """Write JSON, a Markdown table and a PNG plot beside it; return the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "results": [asdict(r) | {"floor_frac": r.floor_frac} for r in results]}
+    (out / f"{title}.json").write_text(json.dumps(payload, indent=2))
+    table = markdown_table(results, meta)
+    (out / f"{title}.md").write_text(table + "\n")
+    plot(results, out / f"{title}.png", title)
+    return table
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def markdown_table(results: list[Result], meta: dict) -> str:
+    lines = [
+        f"{meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}, {meta.get('date')}; "
+        f"copy {meta.get('bandwidth_tbs', 0):.2f} TB/s, matmul {meta.get('matmul_tflops', 0):.0f} TFLOP/s",
+        "",
+        "| shape | mode | impl | ms | extra GB | floor ms | floor / time | rel. err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.shape} | {r.mode} | {r.impl} | failed: {r.error} | | | | |")
+            continue
+        lines.append(
+            f"| {r.shape} | {r.mode} | {r.impl} | {_fmt(r.ms, '.2f')} | {_fmt(r.extra_gb, '.2f')} | "
+            f"{_fmt(r.floor_ms, '.2f')} | {_fmt(r.floor_frac, '.2f')} | {_fmt(r.rel_err, '.1e')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Path, title: str) -> None:
+    """Bars of time and extra memory per implementation, one group per shape and mode."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ok = [r for r in results if r.ms is not None]
+    groups = sorted({(r.shape, r.mode) for r in ok})
+    impls = list(dict.fromkeys(r.impl for r in ok))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(impls))
+    for k, impl in enumerate(impls):
+        by_group = {(r.shape, r.mode): r for r in ok if r.impl == impl}
+        xs = [i + k * width for i in range(len(groups))]
+        axes[0].bar(xs, [by_group[g].ms if g in by_group else 0 for g in groups], width, label=impl)
+        axes[1].bar(xs, [(by_group[g].extra_gb or 0) if g in by_group else 0 for g in groups], width, label=impl)
+    for ax, label in zip(axes, ("time (ms)", "extra memory (GB)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+        ax.set_xticklabels([f"{s}\n{m}" for s, m in groups])
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,60 @@
+"""Large shapes on a GPU (collected only when CUDA is present; see conftest.py).
+
+ANCHORS.md's shapes A and C, N * V > 2^31, long rows and a 262144 vocabulary, against a float64
+reference computed chunk by chunk so that it fits next to the inputs.
+"""
+
+import pytest
+import torch
+
+import fastdpo
+from reference64 import assert_close_rel
+
+
+def logps64_chunked(logits, labels, mask, rows=256):
+    """Float64 per-row sums and the float64 logits gradient for upstream g, a few rows at a time."""
+    B, T, V = logits.shape
+    out = torch.zeros(B, dtype=torch.float64, device=logits.device)
+    for b in range(B):
+        for t0 in range(0, T, rows):
+            s = logits[b, t0 : t0 + rows].double()
+            y = labels[b, t0 : t0 + rows]
+            m = mask[b, t0 : t0 + rows]
+            lp = s.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(s, 1)
+            out[b] += (lp * m).sum()
+    return out
+
+
+def grad64_rows(logits, labels, mask, g, rows):
+    """Float64 gradient of sum_b g_b * logps_b at a few (b, t) positions."""
+    out = []
+    for b, t in rows:
+        s = logits[b, t].double()
+        p = torch.softmax(s, 0)
+        d = -p
+        d[labels[b, t]] += 1
+        out.append(d * g[b] * mask[b, t])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "P,T,V",
+    [(4, 1024, 128256), (4, 2048, 151936), (1, 8192, 32000), (1, 2048, 262144)],
+    ids=["A", "C (N*V > 2^31)", "T=8192", "V=262144"],
+)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_large_shapes(P, T, V, inplace):
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(2 * P, T, V, device="cuda")).to(torch.bfloat16)
+    labels = torch.randint(0, V, (2 * P, T), device="cuda")
+    mask = torch.rand(2 * P, T, device="cuda") > 0.35
+    expected = logps64_chunked(logits, labels, mask)
+    y = logits.clone().requires_grad_() * 1  # a non-leaf, whose storage the in-place backward reuses
+    out = fastdpo.sequence_logps(y, labels, mask=mask, inplace_backward=inplace)
+    assert_close_rel(out, expected, 1e-6, "logps")
+    g = torch.randn(2 * P, device="cuda")
+    (grad,) = torch.autograd.grad(out, y, g)
+    picks = [(0, 0), (2 * P - 1, T - 1), (P, T // 2), (1 % (2 * P), 7)]
+    got = torch.stack([grad[b, t].double() for b, t in picks])
+    assert_close_rel(got, grad64_rows(logits, labels, mask, g, picks), 8e-3, "grad rows")
+    assert (grad[~mask] == 0).all()
