@@ -45,36 +45,30 @@ def token_logps_fwd_kernel(
 ):
     n = tl.program_id(0).to(tl.int64)  # int64: n * stride overflows int32 once N * V > 2^31
     label = tl.load(labels_ptr + n).to(tl.int64)
-    if label < 0:
-        tl.store(logp_ptr + n, 0.0)
-        if SAVE_LSE:
-            tl.store(lse_ptr + n, 0.0)
-        if SUM_SCORES:
-            tl.store(zsum_ptr + n, 0.0)
-        return
-    row = z_ptr + (n // T) * stride_zb + (n % T) * stride_zt
-
-    neg_inf = float("-inf")
-    m = tl.full((), neg_inf, ACC_DTYPE)
-    s = tl.zeros((), ACC_DTYPE)
+    logp = tl.zeros((), ACC_DTYPE)
+    lse = tl.zeros((), ACC_DTYPE)
     zs = tl.zeros((), ACC_DTYPE)
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        valid = offs < V
-        z = tl.load(row + offs * stride_zv, mask=valid, other=0.0).to(ACC_DTYPE)
-        z = _scores(z, inv_temp, softcap, HAS_SOFTCAP)
-        if SUM_SCORES:
-            zs += tl.sum(tl.where(valid, z, 0.0), axis=0)
-        z = tl.where(valid, z, neg_inf)  # the tail tile pads with -inf, so exp() adds 0
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # A tile (or a prefix) of -inf leaves m_new = -inf: shift by 0 there, not by -inf (NaN).
-        shift = tl.where(m_new == neg_inf, 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
-        m = m_new
-    lse = tl.where(m == neg_inf, 0.0, m) + tl.log(s)  # an all -inf row gives -inf, as torch does
-
-    z_label = tl.load(row + label * stride_zv).to(ACC_DTYPE)
-    logp = _scores(z_label, inv_temp, softcap, HAS_SOFTCAP) - lse
+    if label >= 0:  # masked rows are not read at all
+        row = z_ptr + (n // T) * stride_zb + (n % T) * stride_zt
+        neg_inf = float("-inf")
+        m = tl.full((), neg_inf, ACC_DTYPE)
+        s = tl.zeros((), ACC_DTYPE)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            valid = offs < V
+            z = tl.load(row + offs * stride_zv, mask=valid, other=0.0).to(ACC_DTYPE)
+            z = _scores(z, inv_temp, softcap, HAS_SOFTCAP)
+            if SUM_SCORES:
+                zs += tl.sum(tl.where(valid, z, 0.0), axis=0)
+            z = tl.where(valid, z, neg_inf)  # the tail tile pads with -inf, so exp() adds 0
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            # A tile (or a prefix) of -inf leaves m_new = -inf: shift by 0 there, not by -inf (NaN).
+            shift = tl.where(m_new == neg_inf, 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+            m = m_new
+        lse = tl.where(m == neg_inf, 0.0, m) + tl.log(s)  # an all -inf row gives -inf, as torch does
+        z_label = tl.load(row + label * stride_zv).to(ACC_DTYPE)
+        logp = _scores(z_label, inv_temp, softcap, HAS_SOFTCAP) - lse
     tl.store(logp_ptr + n, logp)
     if SAVE_LSE:
         tl.store(lse_ptr + n, lse)
