@@ -1,0 +1,247 @@
+"""A fastdpo head for Hugging Face causal LMs: per-row log-prob statistics from inside the model's forward.
+
+`install_head(model, options)` wraps `model.forward` so that
+
+    model(input_ids=..., attention_mask=..., labels=labels, fastdpo_head="policy")
+
+runs the backbone, shifts, and returns a `RowStats` of per-row sums over the positions whose
+next-token label is not -100, instead of logits. Without `fastdpo_head` the forward is unchanged.
+
+Running inside the forward keeps wrappers that act around it (DDP, FSDP, DeepSpeed, PEFT) in
+charge of the parameters, as TRL's own fused LM head does. Two modes:
+
+- "logits" (default): only the valid positions are projected (`lm_head(hidden[valid])`, [N, V]),
+  then fastdpo's from-logits kernel computes the log-probs and logit sums in one pass, with the
+  logits gradient written over the logits (nothing else reads them: the matmul's backward needs
+  only its inputs).
+- "linear": `fastdpo.linear_sequence_logps(hidden, lm_head.weight, labels)`: the logits are
+  never built.
+
+The logits the model's config asks for are reproduced: scores = softcap * tanh(z * scale / softcap),
+with `scale` the config's logit multiplier and `softcap` its `final_logit_softcapping`.
+
+Entropy and top-1 accuracy (TRL's `entropy` and `mean_token_accuracy`) are not in the kernels
+yet: with `token_metrics=True` they come from one extra no-grad pass over the scores, chunked so
+its scratch stays near `metrics_chunk_bytes` (an extra read of the logits in "logits" mode, an
+extra 2·N·H·V matmul in "linear" mode).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from transformers.utils import ModelOutput
+
+from ..logps import sequence_stats
+
+MODES = ("logits", "linear")
+CALLS = ("policy", "reference")
+
+
+@dataclass
+class HeadOptions:
+    """How the head computes per-row statistics (see the module docstring)."""
+
+    mode: str = "logits"
+    token_metrics: bool = True
+    inplace_backward: bool = True
+    metrics_chunk_bytes: int = 256 * 2**20
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "linear":
+            import fastdpo
+
+            if not hasattr(fastdpo, "linear_sequence_logps"):
+                raise NotImplementedError(
+                    "mode='linear' needs fastdpo.linear_sequence_logps, which this fastdpo build does not have; "
+                    "use mode='logits'"
+                )
+        if self.metrics_chunk_bytes <= 0:
+            raise ValueError(f"metrics_chunk_bytes must be > 0, got {self.metrics_chunk_bytes}")
+
+
+@dataclass
+class RowStats(ModelOutput):
+    """Per-row results ([B] each) over the positions whose next-token label is not -100."""
+
+    logps: torch.Tensor | None = None  # sum of label log-probs (differentiable for the policy)
+    counts: torch.Tensor | None = None  # number of scored positions
+    score_sums: torch.Tensor | None = None  # sum over vocabulary and positions of the scores
+    entropy_sums: torch.Tensor | None = None  # sum over positions of the next-token entropy
+    top1_counts: torch.Tensor | None = None  # positions whose label is the (first) argmax
+    vocab: int | None = None
+
+
+def install_head(model: torch.nn.Module, options: HeadOptions) -> None:
+    """Wrap `model.forward` to accept `fastdpo_head=` ("policy" or "reference"); idempotent.
+
+    `model` is the causal LM itself (under PEFT, `peft_model.get_base_model()`); calls may go
+    through any wrapper of it. Re-installing only updates the options.
+    """
+    if getattr(model, "_fastdpo_head_options", None) is not None:
+        model._fastdpo_head_options = options
+        return
+    inner = model.forward
+
+    @functools.wraps(type(model).forward)  # keep the signature: generate() validates kwargs against it
+    def forward(self, *args, fastdpo_head: str | None = None, **kwargs):
+        if fastdpo_head is None:
+            return inner(*args, **kwargs)
+        if fastdpo_head not in CALLS:
+            raise ValueError(f"fastdpo_head must be one of {CALLS}, got {fastdpo_head!r}")
+        return head_forward(self, args, kwargs, self._fastdpo_head_options, fastdpo_head == "policy")
+
+    model.forward = types.MethodType(forward, model)
+    model._fastdpo_head_options = options
+
+
+def logit_transform(config: Any) -> tuple[float, float | None]:
+    """(scale, softcap) of the model's logits, read from its text config as transformers applies them."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text, name, None)
+        if scale is not None:
+            return float(scale), softcap
+    scaling = getattr(text, "logits_scaling", None)
+    if scaling is not None:  # Granite divides by it; HyperCLOVA X multiplies
+        return (float(scaling) if text.model_type == "hyperclovax" else 1.0 / scaling), softcap
+    return 1.0, softcap
+
+
+def head_forward(model, args: tuple, kwargs: dict, options: HeadOptions, policy: bool) -> RowStats:
+    """Backbone, shift, then per-row statistics in the chosen mode."""
+    labels = kwargs.pop("labels", None)
+    if labels is None:
+        raise ValueError("the fastdpo head needs labels= (next-token ids, -100 where not scored)")
+    if kwargs.pop("shift_labels", None) is not None:
+        raise NotImplementedError("the fastdpo head does not take pre-shifted shift_labels")
+    kwargs["use_cache"] = False
+    hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+    lm_head = model.get_output_embeddings()
+    hidden = hidden.to(lm_head.weight.device)  # a model split over devices ends on the head's device
+    labels = labels[:, 1:].to(lm_head.weight.device)
+    scale, softcap = logit_transform(model.config)
+    want = policy  # the reference pass needs the log-probs only
+    if options.mode == "linear":
+        return _from_linear(hidden, labels, lm_head, scale, softcap, options, want)
+    return _from_logits(hidden, labels, lm_head, scale, softcap, options, want)
+
+
+def _rows(values: torch.Tensor | None, rows: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """Per-position values [N] summed into their rows [B] (differentiable)."""
+    if values is None:
+        return None
+    return values.new_zeros(batch).index_add(0, rows, values)
+
+
+def _from_logits(hidden, labels, lm_head, scale, softcap, options: HeadOptions, metrics: bool) -> RowStats:
+    valid = labels != -100
+    rows = valid.nonzero(as_tuple=True)[0]
+    B, vocab = labels.shape[0], lm_head.weight.shape[0]
+    counts = valid.sum(-1)
+    if rows.numel() == 0:  # a differentiable zero keeps an all-masked micro-batch in the graph
+        return RowStats(logps=hidden.sum() * 0.0 + hidden.new_zeros(B, dtype=torch.float32), counts=counts)
+    targets = labels[valid]
+    logits = lm_head(hidden[valid])  # [N, V]: prompt and padding positions never reach the matmul
+    temperature = 1.0
+    if scale != 1.0:
+        if softcap is None and scale > 0:
+            temperature = 1.0 / scale  # z * scale as a temperature: no extra pass over the logits
+        else:
+            logits = logits * scale
+    stats = sequence_stats(
+        logits.unsqueeze(1), targets.unsqueeze(1), temperature=temperature, softcap=softcap,
+        sum_scores=metrics, inplace_backward=options.inplace_backward and torch.is_grad_enabled(),
+    )
+    out = RowStats(logps=_rows(stats.logps, rows, B), counts=counts, vocab=vocab,
+                   score_sums=_rows(stats.score_sums, rows, B))
+    if metrics and options.token_metrics:
+        # Read before the backward can overwrite the logits in place.
+        # The stored logits already carry the scale, or it is the temperature: scores are softcap(z) / temperature.
+        scores = functools.partial(_scores, lambda a, b: logits[a:b], 1.0, softcap, 1.0 / temperature)
+        entropy, top1, _ = scan_scores(scores, targets, vocab, options.metrics_chunk_bytes, want_sums=False)
+        out.entropy_sums, out.top1_counts = _rows(entropy, rows, B), _rows(top1, rows, B)
+    return out
+
+
+def _from_linear(hidden, labels, lm_head, scale, softcap, options: HeadOptions, metrics: bool) -> RowStats:
+    import fastdpo
+
+    weight, bias = _full(lm_head.weight), _full(lm_head.bias)
+    if torch.is_autocast_enabled(hidden.device.type):  # as lm_head(hidden) would run under autocast
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if scale != 1.0:  # (h s) W^T + b s = s (h W^T + b), before the soft-cap
+        hidden = hidden * scale
+        bias = bias * scale if bias is not None else None
+    valid = labels != -100
+    logps = fastdpo.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=-100, softcap=softcap)
+    out = RowStats(logps=logps, counts=valid.sum(-1), vocab=weight.shape[0])
+    if metrics and options.token_metrics:
+        rows = valid.nonzero(as_tuple=True)[0]
+        h, targets = hidden[valid].detach(), labels[valid]
+        w, b = weight.detach(), bias.detach() if bias is not None else None
+
+        def project(a: int, c: int) -> torch.Tensor:
+            z = h[a:c] @ w.t()
+            return z + b if b is not None else z
+
+        scores = functools.partial(_scores, project, 1.0, softcap, 1.0)
+        entropy, top1, sums = scan_scores(scores, targets, weight.shape[0], options.metrics_chunk_bytes, want_sums=True)
+        B = labels.shape[0]
+        out.entropy_sums, out.top1_counts = _rows(entropy, rows, B), _rows(top1, rows, B)
+        out.score_sums = _rows(sums, rows, B)
+    return out
+
+
+def _full(p: torch.Tensor | None) -> torch.Tensor | None:
+    """FSDP2 shards parameters as DTensors: the kernel needs the whole head."""
+    return p.full_tensor() if p is not None and hasattr(p, "full_tensor") else p
+
+
+def _scores(logits_of: Callable[[int, int], torch.Tensor], scale: float, softcap: float | None,
+            inv_temp: float, start: int, end: int) -> torch.Tensor:
+    """fp32 scores of positions [start, end): softcap * tanh(z * scale / softcap) * inv_temp."""
+    z = logits_of(start, end).float()
+    if scale != 1.0:
+        z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z * inv_temp if inv_temp != 1.0 else z
+
+
+@torch.no_grad()
+def scan_scores(
+    scores_of: Callable[[int, int], torch.Tensor],
+    targets: torch.Tensor,
+    vocab: int,
+    chunk_bytes: int,
+    *,
+    want_sums: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-position entropy, is-top-1 (as 0/1 floats) and score sums, a chunk of positions at a time.
+
+    Top-1 uses the first maximum, as `argmax` does: a tie with an earlier token does not count.
+    """
+    n = targets.shape[0]
+    entropy = torch.empty(n, dtype=torch.float32, device=targets.device)
+    top1 = torch.empty_like(entropy)
+    sums = torch.empty_like(entropy) if want_sums else None
+    step = max(1, chunk_bytes // (4 * vocab))
+    for a in range(0, n, step):
+        c = min(n, a + step)
+        s = scores_of(a, c)
+        logp = torch.log_softmax(s, dim=-1)
+        entropy[a:c] = -(logp.exp() * logp).sum(-1)
+        top1[a:c] = (s.argmax(-1) == targets[a:c]).float()
+        if sums is not None:
+            sums[a:c] = s.sum(-1)
+    return entropy, top1, sums

@@ -1,0 +1,288 @@
+"""TRL's DPOTrainer on fastdpo's kernels: same config, data, callbacks and logging; one line to switch.
+
+    from trl import DPOConfig
+    from fastdpo.integrations.trl import FastDPOTrainer
+
+    trainer = FastDPOTrainer(model=model, ref_model=ref, args=DPOConfig(...), train_dataset=ds, processing_class=tok)
+    trainer.train()   # or: patch_trainer(existing_dpo_trainer); FastDPOTrainer(..., fastdpo_mode="linear")
+
+What changes: the policy and reference log-probs (and TRL's precompute pass) come from fastdpo's
+head (see `fastdpo.integrations.lm_head`): by default the from-logits kernel over the completion
+positions only, or with `fastdpo_mode="linear"` the fused-linear path (hidden states and
+`lm_head.weight`, the logits are never built); the loss comes from `fastdpo.losses`, one term per
+TRL loss type with TRL's weights. Everything else is TRL's: batches are [chosen; rejected] rows
+from its collator, labels are the input ids outside the completion mask set to -100 and shifted
+by one, precomputed `ref_chosen_logps` / `ref_rejected_logps` columns are used as given, and the
+metrics are TRL's names with TRL's meaning (rewards/*, logps/*, logits/* as the mean score over
+vocabulary and completion tokens, entropy, mean_token_accuracy, num_tokens), gathered as TRL does.
+
+Supported TRL versions: SUPPORTED_TRL (checked at import). Options TRL has and fastdpo does not
+(f-divergences, WPO weighting, LD-DPO's ld_alpha, MoE router loss, vision models, loss types with
+no fastdpo twin) raise at construction instead of training differently. `use_liger_kernel` keeps
+meaning what it means in these TRL versions (Liger's layer kernels; the LM head is ours).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import fields
+from typing import Any
+
+import torch
+import trl
+from packaging.version import Version
+
+# The DPOTrainer internals this module relies on (`_compute_loss`, `compute_ref_log_probs(model, inputs)`,
+# the fused-LM-head metrics set, attribute names) are those of TRL 1.15 and 1.16; 1.14 and older
+# compute log-probs from full logits with another metrics set, and later versions are unknown.
+SUPPORTED_TRL = (Version("1.15.0"), Version("1.17.0"))  # [min, max)
+SUPPORTED_TRL_SPEC = f"trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]}"
+
+
+def check_trl_version(version: str) -> None:
+    """Raise ImportError unless `version` is in the range this integration was written and tested for."""
+    low, high = SUPPORTED_TRL
+    try:
+        parsed = Version(version)
+    except Exception as err:  # packaging's InvalidVersion, or a non-string
+        raise ImportError(f"fastdpo.integrations.trl supports {SUPPORTED_TRL_SPEC}; cannot read trl version {version!r}") from err
+    if not low <= Version(parsed.base_version) < high:
+        raise ImportError(
+            f"fastdpo.integrations.trl supports {SUPPORTED_TRL_SPEC} (it overrides DPOTrainer internals that "
+            f"change between releases); found trl {version}. Install a supported version, e.g. "
+            f"pip install '{SUPPORTED_TRL_SPEC}'"
+        )
+
+
+check_trl_version(trl.__version__)
+
+from accelerate.utils import is_peft_model  # noqa: E402
+from trl import DPOTrainer  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
+from trl.trainer.utils import use_adapter  # noqa: E402
+
+from ..dpo import loss_from_rows  # noqa: E402
+from ..losses import LOSSES, LossConfig  # noqa: E402
+from .lm_head import HeadOptions, RowStats, install_head  # noqa: E402
+
+# The loss types of DPOTrainer in the supported TRL versions.
+TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+# TRL loss type -> fastdpo loss name, where they differ. Every other TRL name maps to itself and is
+# supported when fastdpo.losses.LOSSES has it (checked when a trainer is built, so new losses are
+# picked up as they land).
+TRL_TO_FASTDPO = {"aot_unpaired": "aot_pair"}
+# TRL applies label_smoothing only in these loss types (its "sigmoid" ignores it).
+SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}
+# TRL normalizes these by the completion-mask count before the shift (the others count scored tokens).
+UNSHIFTED_COUNTS = {"ipo", "sigmoid_norm"}
+_CORE_FIELDS = {"loss_type", "loss_weights", "beta", "label_smoothing"}
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+def fastdpo_loss_name(trl_loss_type: str) -> str:
+    return TRL_TO_FASTDPO.get(trl_loss_type, trl_loss_type)
+
+
+def supported_loss_types(candidates=TRL_LOSS_TYPES) -> list[str]:
+    """The TRL loss types among `candidates` that fastdpo implements right now."""
+    return [t for t in candidates if fastdpo_loss_name(t) in LOSSES]
+
+
+def check_args(args: Any) -> None:
+    """Reject DPOConfig settings the fastdpo path cannot reproduce, before any work is done."""
+    if args is None:
+        return
+    missing = [t for t in args.loss_type if fastdpo_loss_name(t) not in LOSSES]
+    if missing:
+        raise ValueError(
+            f"loss_type {missing} has no fastdpo implementation; fastdpo implements these TRL loss types: "
+            f"{supported_loss_types(TRL_LOSS_TYPES)}"
+        )
+    unsupported = {
+        "f_divergence_type": args.f_divergence_type != "reverse_kl",
+        "use_weighting": bool(args.use_weighting),
+        "ld_alpha": args.ld_alpha is not None,
+    }
+    named = [name for name, bad in unsupported.items() if bad]
+    if named:
+        raise NotImplementedError(
+            f"fastdpo's TRL integration does not support {named} (defaults: f_divergence_type='reverse_kl', "
+            "use_weighting=False, ld_alpha=None); use trl.DPOTrainer for these"
+        )
+
+
+def _check_trainer(trainer: DPOTrainer) -> None:
+    """Model-level checks, once TRL has built the trainer."""
+    if getattr(trainer, "_is_vlm", False) or getattr(trainer, "_is_vision_dataset", False):
+        raise NotImplementedError("fastdpo's TRL integration supports text-only causal LMs, not vision models")
+    if getattr(trainer, "aux_loss_enabled", False):
+        raise NotImplementedError(
+            "fastdpo's TRL integration does not add the MoE router load-balancing loss; set router_aux_loss_coef=0.0 "
+            "or use trl.DPOTrainer"
+        )
+    if trainer.fastdpo_options.mode == "linear" and trainer.is_deepspeed_enabled:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise NotImplementedError("fastdpo_mode='linear' reads lm_head.weight directly and does not support ZeRO-3")
+
+
+class FastDPOMixin:
+    """Overrides of DPOTrainer's log-prob, reference and loss computation; everything else is TRL's."""
+
+    fastdpo_options: HeadOptions
+
+    # ---- the head -------------------------------------------------------------------------------
+    def _fastdpo_rows(self, model, model_kwargs: dict, labels: torch.Tensor, call: str) -> RowStats:
+        """Per-row statistics from `model` (any wrapper of a causal LM) through the fastdpo head."""
+        inner = self.accelerator.unwrap_model(model)
+        install_head(inner.get_base_model() if is_peft_model(inner) else inner, self.fastdpo_options)
+        # The head is installed after Accelerate wrapped the forward for mixed precision, so enter the same
+        # autocast here (a no-op without mixed precision, harmless when nested).
+        with self.accelerator.autocast():
+            return model(**model_kwargs, labels=labels, fastdpo_head=call)
+
+    def _fastdpo_reference(self, model, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """The reference's per-row log-probs: the ref model, or the policy with its adapter swapped."""
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter:
+            return self._fastdpo_rows(model, model_kwargs, labels, "reference").logps.detach()
+
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's precompute pass (one padded batch), through the fastdpo head."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        return self._fastdpo_reference(model, model_kwargs, labels).chunk(2, dim=0)
+
+    # ---- the loss -------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        policy = self._fastdpo_rows(model, model_kwargs, labels, "policy")
+        if self.precompute_ref_logps:
+            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(policy.logps.device)
+        else:
+            ref_model = self.model if self.ref_model is None else self.ref_model
+            ref = self._fastdpo_reference(ref_model, model_kwargs, labels)
+        loss = self._fastdpo_loss(policy, ref, completion_mask)
+        self._fastdpo_log(mode, policy, ref, inputs)
+        if not return_outputs:
+            return loss
+        warnings.warn(
+            "return_outputs=True recomputes the logits with an extra forward pass (deprecated in TRL)",
+            FutureWarning, stacklevel=2,
+        )
+        with torch.no_grad():
+            return loss, model(**model_kwargs)
+
+    def _fastdpo_loss(self, policy: RowStats, ref: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+        """sum_k weight_k * mean(loss_k), one fastdpo loss per TRL loss type with TRL's hyper-parameters."""
+        unshifted = completion_mask.sum(dim=1)
+        loss = None
+        for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            cfg = self._fastdpo_config(loss_type)
+            counts = unshifted if loss_type in UNSHIFTED_COUNTS else policy.counts
+            term = loss_from_rows(policy.logps, ref, counts.to(policy.logps.device), cfg) * weight
+            loss = term if loss is None else loss + term
+        return loss
+
+    def _fastdpo_config(self, loss_type: str) -> LossConfig:
+        name = fastdpo_loss_name(loss_type)
+        if name not in LOSSES:
+            raise ValueError(f"loss_type {loss_type!r} has no fastdpo implementation (looked for {name!r})")
+        # Loss-specific hyper-parameters share TRL's names (e.g. discopop_tau): take them from the DPOConfig.
+        extra = {f.name: getattr(self.args, f.name) for f in fields(LossConfig)
+                 if f.init and f.name not in _CORE_FIELDS and hasattr(self.args, f.name)}
+        eps = self.label_smoothing if loss_type in SMOOTHED else 0.0
+        return LossConfig(loss_type=name, beta=self.beta, label_smoothing=eps, **extra)
+
+    # ---- the metrics ----------------------------------------------------------------------------
+    def _fastdpo_log(self, mode: str, policy: RowStats, ref: torch.Tensor, inputs: dict) -> None:
+        """TRL's metrics, names and gathering, from per-row sums."""
+        metrics, gather = self._metrics[mode], self.accelerator.gather_for_metrics
+        logps = policy.logps.detach()
+        P = logps.shape[0] // 2
+        chosen_tokens, rejected_tokens = policy.counts[:P].sum(), policy.counts[P:].sum()
+
+        def ratio(total: torch.Tensor, count: torch.Tensor) -> float:
+            total, count = gather(total).sum().item(), gather(count).sum().item()
+            return total / count if count > 0 else 0.0
+
+        if policy.entropy_sums is not None:
+            metrics["entropy"].append(ratio(policy.entropy_sums.sum(), policy.counts.sum()))
+        if mode == "train":
+            num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if policy.score_sums is not None:
+            # TRL's logits/*: the mean score over the vocabulary, averaged over completion tokens.
+            metrics["logits/chosen"].append(ratio(policy.score_sums[:P].sum() / policy.vocab, chosen_tokens))
+            metrics["logits/rejected"].append(ratio(policy.score_sums[P:].sum() / policy.vocab, rejected_tokens))
+        if policy.top1_counts is not None:
+            metrics["mean_token_accuracy"].append(ratio(policy.top1_counts[:P].sum(), chosen_tokens))
+        chosen_rewards = self.beta * (logps[:P] - ref[:P].to(logps.dtype))
+        rejected_rewards = self.beta * (logps[P:] - ref[P:].to(logps.dtype))
+        metrics["rewards/chosen"].append(self.accelerator.gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(self.accelerator.gather(rejected_rewards).mean().item())
+        accuracies = (chosen_rewards > rejected_rewards).float()
+        metrics["rewards/accuracies"].append(self.accelerator.gather(accuracies).mean().item())
+        metrics["rewards/margins"].append(self.accelerator.gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(self.accelerator.gather(logps[:P]).mean().item())
+        metrics["logps/rejected"].append(self.accelerator.gather(logps[P:]).mean().item())
+
+
+class FastDPOTrainer(FastDPOMixin, DPOTrainer):
+    """`trl.DPOTrainer` with fastdpo computing the log-probs and the loss.
+
+    Args (besides DPOTrainer's):
+        fastdpo_mode: "logits" (from-logits kernel on the completion positions) or "linear"
+            (fused linear: hidden states and lm_head weight, the logits are never built).
+        fastdpo_token_metrics: also log TRL's `entropy` and `mean_token_accuracy` (and, in "linear"
+            mode, `logits/*`), at the cost of one extra no-grad pass over the scores.
+        fastdpo_inplace_backward: in "logits" mode, write the logits gradient over the logits.
+    """
+
+    def __init__(self, *args: Any, fastdpo_mode: str = "logits", fastdpo_token_metrics: bool = True,
+                 fastdpo_inplace_backward: bool = True, **kwargs: Any) -> None:
+        # Set before DPOTrainer.__init__: its reference precompute already runs through fastdpo.
+        self.fastdpo_options = HeadOptions(mode=fastdpo_mode, token_metrics=fastdpo_token_metrics,
+                                           inplace_backward=fastdpo_inplace_backward)
+        check_args(kwargs.get("args", args[2] if len(args) > 2 else None))
+        super().__init__(*args, **kwargs)
+        _check_trainer(self)
+
+
+_PATCHED: dict[type, type] = {}
+
+
+def patch_trainer(trainer: DPOTrainer, *, mode: str = "logits", token_metrics: bool = True,
+                  inplace_backward: bool = True) -> DPOTrainer:
+    """Switch an existing DPOTrainer (or subclass) instance to fastdpo in place; returns it.
+
+    Reference log-probs it already precomputed (TRL's columns) are kept and used as they are.
+    """
+    if not isinstance(trainer, DPOTrainer):
+        raise TypeError(f"trainer must be a trl.DPOTrainer, got {type(trainer).__name__}")
+    options = HeadOptions(mode=mode, token_metrics=token_metrics, inplace_backward=inplace_backward)
+    check_args(trainer.args)
+    if not isinstance(trainer, FastDPOMixin):
+        cls = type(trainer)
+        if cls not in _PATCHED:
+            _PATCHED[cls] = type(f"FastDPO{cls.__name__}", (FastDPOMixin, cls), {"__module__": __name__})
+        trainer.__class__ = _PATCHED[cls]
+    trainer.fastdpo_options = options
+    _check_trainer(trainer)
+    return trainer
+
+
+__all__ = ["FastDPOTrainer", "FastDPOMixin", "patch_trainer", "check_trl_version", "SUPPORTED_TRL_SPEC",
+           "supported_loss_types", "fastdpo_loss_name"]
