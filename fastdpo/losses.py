@@ -11,6 +11,7 @@ dc = c - c0, dr = r - r0, d = dc - dr; |c|, |r| completion-token counts; eps = l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,15 +51,72 @@ class PairLogps:
         """d = (c - c0) - (r - r0), the DPO margin before beta."""
         return self.chosen_logratios - self.rejected_logratios
 
+    # Length-normalized quantities divide by the completion-token count, clamped to 1 so that a row
+    # with no completion token gives 0 rather than NaN (TRL's DPO trainer clamps the same way).
+    @property
+    def chosen_avg(self) -> torch.Tensor:
+        """c / |c|: mean log-prob per chosen completion token."""
+        return self.chosen / self.chosen_counts.clamp(min=1)
+
+    @property
+    def rejected_avg(self) -> torch.Tensor:
+        """r / |r|: mean log-prob per rejected completion token."""
+        return self.rejected / self.rejected_counts.clamp(min=1)
+
+    @property
+    def chosen_avg_logratios(self) -> torch.Tensor:
+        """dc / |c|."""
+        return self.chosen_logratios / self.chosen_counts.clamp(min=1)
+
+    @property
+    def rejected_avg_logratios(self) -> torch.Tensor:
+        """dr / |r|."""
+        return self.rejected_logratios / self.rejected_counts.clamp(min=1)
+
+    @property
+    def log_odds(self) -> torch.Tensor:
+        """ORPO's log odds ratio log(odds(c̄) / odds(r̄)), odds(p) = p / (1 - p), p = exp(mean log-prob)."""
+        c, r = self.chosen_avg, self.rejected_avg
+        return (c - r) - (log1mexp(c) - log1mexp(r))
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, without cancellation (Mächler, 2012: switch at -log 2)."""
+    # Both branches are evaluated by torch.where; clamp each to its own domain so that the branch
+    # not taken cannot produce an inf / NaN gradient.
+    small = x < -math.log(2.0)
+    near_zero = torch.log(-torch.expm1(torch.clamp(x, min=-math.log(2.0))))
+    far = torch.log1p(-torch.exp(torch.clamp(x, max=-math.log(2.0))))
+    return torch.where(small, far, near_zero)
+
 
 @dataclass
 class LossConfig:
-    """Which losses to apply and their hyper-parameters (TRL's names where TRL has them)."""
+    """Which losses to apply and their hyper-parameters (TRL's names and defaults where TRL has them).
+
+    Attributes:
+        loss_type: a name in ``LOSSES`` or a list of them.
+        loss_weights: one weight per loss type (default all 1.0); the loss is sum_k w_k * mean(loss_k).
+        beta: inverse temperature of the implicit reward (for ``ipo`` the regularization tau, for
+            ``orpo`` the weight lambda of the odds-ratio term, as in TRL).
+        label_smoothing: eps. Read by sigmoid (cDPO), robust, exo_pair, aot, aot_pair, simpo, cpo;
+            ignored by the others, as in TRL.
+        discopop_tau: temperature of DiscoPOP's log-ratio modulation (TRL DPOConfig, default 0.05).
+        simpo_gamma: SimPO's target reward margin gamma (TRL CPOConfig, default 0.5).
+        cpo_alpha: weight of the chosen NLL inside ``cpo`` (TRL CPOConfig, default 1.0).
+        bco_delta: the reward shift delta of ``bco_pair`` (fastdpo's name; TRL has no option). Default 0
+            is what the installed TRL computes; pass a running mean of the rewards to get BCO's
+            running-mean form (see ``bco_pair_loss``).
+    """
 
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None
     beta: float = 0.1
     label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    bco_delta: float = 0.0
     types: list[str] = field(init=False)
     weights: list[float] = field(init=False)
 
@@ -77,6 +135,8 @@ class LossConfig:
             )
         else:
             self.weights = [float(w) for w in self.loss_weights]
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"loss_weights must be finite, got {self.loss_weights}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing <= 1.0:
@@ -100,10 +160,23 @@ LOSSES: dict[str, LossFn] = {}
 CHECKS: dict[str, Callable[[LossConfig], None]] = {}
 REFERENCE_FREE: set[str] = set()
 NLL_TERMS: set[str] = set()  # losses whose value includes the chosen NLL (reported as nll_loss)
+# Reference-free losses whose trainer in TRL (CPO, ORPO) logs rewards = beta * policy log-probs:
+# "sum" for sequence sums, "mean" for length-normalized ones. Read by metrics.preference_metrics.
+POLICY_REWARDS: dict[str, str] = {}
 
 
-def register(name: str, *, reference_free: bool = False, nll: bool = False, check=None):
-    """Add a loss function to the registry under `name`."""
+def register(name: str, *, reference_free: bool = False, nll: bool = False, check=None, rewards: str | None = None):
+    """Add a loss function to the registry under `name`.
+
+    Args:
+        reference_free: the loss never reads the reference log-probs.
+        nll: the loss includes the chosen NLL (then metrics report ``nll_loss``).
+        check: ``check(cfg)`` raising ValueError for invalid hyper-parameters, run by LossConfig.
+        rewards: ``"sum"`` or ``"mean"`` for reference-free losses whose TRL trainer logs
+            rewards/* as beta times the policy's (summed or length-normalized) log-probs.
+    """
+    if rewards not in (None, "sum", "mean"):
+        raise ValueError(f"rewards must be None, 'sum' or 'mean', got {rewards!r}")
 
     def wrap(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
@@ -113,6 +186,8 @@ def register(name: str, *, reference_free: bool = False, nll: bool = False, chec
             NLL_TERMS.add(name)
         if check is not None:
             CHECKS[name] = check
+        if rewards is not None:
+            POLICY_REWARDS[name] = rewards
         return fn
 
     return wrap
@@ -123,18 +198,236 @@ def chosen_nll(p: PairLogps) -> torch.Tensor:
     return -p.chosen.sum() / p.chosen_counts.sum().clamp(min=1)
 
 
-@register("sigmoid")
-def sigmoid_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
-    """DPO (Rafailov et al., 2023, arXiv:2305.18290); with eps > 0 conservative DPO (cDPO)."""
-    z = cfg.beta * p.logits
-    eps = cfg.label_smoothing
+def smoothed_logistic(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """-(1 - eps) log sigmoid(z) - eps log sigmoid(-z): the logistic loss with label smoothing eps."""
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
+# ---- checks: invalid hyper-parameter combinations, raised when the LossConfig is built ----
+
+def _check_robust(cfg: LossConfig) -> None:
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ValueError(
+            f"loss_type 'robust' needs 0 <= label_smoothing < 0.5 (the label flip rate; it divides by "
+            f"1 - 2 * label_smoothing), got {cfg.label_smoothing}"
+        )
+
+
+def _check_exo(cfg: LossConfig) -> None:
+    if not 0.0 < cfg.label_smoothing < 1.0:
+        raise ValueError(
+            f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (it takes log(label_smoothing) and "
+            f"log(1 - label_smoothing); the EXO paper suggests 1e-3), got {cfg.label_smoothing}"
+        )
+
+
+def _check_discopop(cfg: LossConfig) -> None:
+    if not cfg.discopop_tau > 0:
+        raise ValueError(f"loss_type 'discopop' needs discopop_tau > 0, got {cfg.discopop_tau}")
+
+
+def _check_cpo(cfg: LossConfig) -> None:
+    if not (math.isfinite(cfg.cpo_alpha) and cfg.cpo_alpha >= 0):
+        raise ValueError(f"loss_type 'cpo' needs a finite cpo_alpha >= 0 (weight of the chosen NLL), got {cfg.cpo_alpha}")
+
+
+def _check_simpo(cfg: LossConfig) -> None:
+    if not math.isfinite(cfg.simpo_gamma):
+        raise ValueError(f"loss_type 'simpo' needs a finite simpo_gamma, got {cfg.simpo_gamma}")
+
+
+def _check_bco(cfg: LossConfig) -> None:
+    if not math.isfinite(cfg.bco_delta):
+        raise ValueError(f"loss_type 'bco_pair' needs a finite bco_delta, got {cfg.bco_delta}")
+
+
+# ---- losses that compare the policy with a reference ----
+
+@register("sigmoid")
+def sigmoid_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """DPO (Rafailov et al., 2023, arXiv:2305.18290): -log sigmoid(beta d).
+
+    With eps > 0, conservative DPO (cDPO, Mitchell, 2023): -(1-eps) log sigmoid(beta d) - eps log sigmoid(-beta d).
+    """
+    return smoothed_logistic(cfg.beta * p.logits, cfg.label_smoothing)
+
+
+@register("robust", check=_check_robust)
+def robust_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al., 2024, arXiv:2403.00409), unbiased under label flip rate eps < 1/2:
+
+    (-(1-eps) log sigmoid(beta d) + eps log sigmoid(-beta d)) / (1 - 2 eps).
+    """
+    z, eps = cfg.beta * p.logits, cfg.label_smoothing
+    return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+
+
+@register("hinge")
+def hinge_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """SLiC hinge loss (Zhao et al., 2023, arXiv:2305.10425; as in RSO, arXiv:2309.06657 Eq. 12): relu(1 - beta d)."""
+    return torch.relu(1 - cfg.beta * p.logits)
+
+
+@register("ipo")
+def ipo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """IPO (Azar et al., 2023, arXiv:2310.12036, Eq. 17) with beta as tau, length-normalized as in TRL:
+
+    (dc/|c| - dr/|r| - 1/(2 beta))^2.
+    """
+    return (p.chosen_avg_logratios - p.rejected_avg_logratios - 1 / (2 * cfg.beta)) ** 2
+
+
+@register("sigmoid_norm")
+def sigmoid_norm_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """Length-normalized DPO (Tülu 3, Lambert et al., 2024, arXiv:2411.15124, Eq. 6):
+
+    -log sigmoid(beta (dc/|c| - dr/|r|)).
+    """
+    return -F.logsigmoid(cfg.beta * (p.chosen_avg_logratios - p.rejected_avg_logratios))
+
+
+@register("exo_pair", check=_check_exo)
+def exo_pair_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """EXO-pref (Ji et al., 2024, arXiv:2402.00856, Eq. 16 with K = 2): KL(q || p_eps) where
+    q = (sigmoid(beta d), sigmoid(-beta d)) and p_eps = (1 - eps, eps):
+
+    q_w (log q_w - log(1-eps)) + q_l (log q_l - log eps).  Needs 0 < eps < 1 (the paper uses 1e-3).
+    """
+    z, eps = cfg.beta * p.logits, cfg.label_smoothing
+    log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)
+    return log_qw.exp() * (log_qw - math.log1p(-eps)) + log_ql.exp() * (log_ql - math.log(eps))
+
+
+@register("nca_pair")
+def nca_pair_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """NCA (Chen et al., 2024, arXiv:2402.05369), pairwise form with rewards u = beta dc, v = beta dr:
+
+    -log sigmoid(u) - 1/2 log sigmoid(-u) - 1/2 log sigmoid(-v).
+    """
+    u, v = cfg.beta * p.chosen_logratios, cfg.beta * p.rejected_logratios
+    return -F.logsigmoid(u) - 0.5 * F.logsigmoid(-u) - 0.5 * F.logsigmoid(-v)
+
+
+@register("bco_pair", check=_check_bco)
+def bco_pair_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """BCO (Jung et al., 2024, arXiv:2404.04656), pairwise form with reward shift delta = bco_delta:
+
+    -log sigmoid(beta dc - delta) - log sigmoid(-(beta dr - delta)).
+
+    Stateless: BCO's delta is a running mean of the rewards beta * [dc; dr] over past batches, which
+    older TRL kept inside the trainer; the installed TRL (1.16) uses delta = 0, which is the default
+    here. To train with the running mean, keep it outside (for example an exponential mean of the
+    ``rewards/chosen`` and ``rewards/rejected`` metrics) and pass it as ``bco_delta`` on each call.
+    """
+    delta = cfg.bco_delta
+    u, v = cfg.beta * p.chosen_logratios, cfg.beta * p.rejected_logratios
+    return -F.logsigmoid(u - delta) - F.logsigmoid(-(v - delta))
+
+
+@register("sppo_hard")
+def sppo_hard_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """SPPO (Wu et al., 2024, arXiv:2405.00675, Eq. 4.7) with hard win probabilities P(w) = 1, P(l) = 0
+    and eta = 1/beta:  (dc - 1/(2 beta))^2 + (dr + 1/(2 beta))^2.
+    """
+    half = 0.5 / cfg.beta
+    return (p.chosen_logratios - half) ** 2 + (p.rejected_logratios + half) ** 2
+
+
+@register("apo_zero")
+def apo_zero_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al., 2024, arXiv:2408.06266, Eq. 7): push chosen up, rejected down:
+
+    1 - sigmoid(beta dc) + sigmoid(beta dr).
+    """
+    return 1 - torch.sigmoid(cfg.beta * p.chosen_logratios) + torch.sigmoid(cfg.beta * p.rejected_logratios)
+
+
+@register("apo_down")
+def apo_down_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """APO-down (D'Oosterlinck et al., 2024, arXiv:2408.06266, Eq. 8): push both down, rejected more:
+
+    sigmoid(beta dc) + 1 - sigmoid(beta d).
+    """
+    return torch.sigmoid(cfg.beta * p.chosen_logratios) + 1 - torch.sigmoid(cfg.beta * p.logits)
+
+
+@register("discopop", check=_check_discopop)
+def discopop_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """DiscoPOP / log-ratio modulated loss (Lu et al., 2024, arXiv:2406.08414, Eq. 5), z = beta d,
+    s = sigmoid(z / discopop_tau):  (1 - s) (-log sigmoid(z)) + s exp(-z).
+    """
+    z = cfg.beta * p.logits
+    s = torch.sigmoid(z / cfg.discopop_tau)
+    return (1 - s) * -F.logsigmoid(z) + s * torch.exp(-z)
+
+
+@register("aot")
+def aot_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """AOT, paired (Melnyk et al., 2024, arXiv:2406.05882): first-order stochastic dominance through
+    the batch-sorted margins.  delta_(i) = sort(c - r)_(i) - sort(c0 - r0)_(i), then the smoothed
+    logistic loss -(1-eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta). Batch-level: the
+    value of one pair depends on the others.
+    """
+    policy = torch.sort(p.chosen - p.rejected).values
+    reference = torch.sort(p.ref_chosen - p.ref_rejected).values
+    return smoothed_logistic(cfg.beta * (policy - reference), cfg.label_smoothing)
+
+
+@register("aot_unpaired")
+@register("aot_pair")
+def aot_pair_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """AOT, unpaired (Melnyk et al., 2024, arXiv:2406.05882): chosen and rejected log-ratios sorted
+    separately, delta_(i) = sort(dc)_(i) - sort(dr)_(i), then the smoothed logistic loss of beta delta.
+
+    Named ``aot_pair`` in TRL before 0.29 and ``aot_unpaired`` since; both names are registered.
+    """
+    delta = torch.sort(p.chosen_logratios).values - torch.sort(p.rejected_logratios).values
+    return smoothed_logistic(cfg.beta * delta, cfg.label_smoothing)
+
+
+# ---- reference-free losses ----
+
 @register("sft", reference_free=True, nll=True)
 def sft_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
-    """Negative log-likelihood of the chosen tokens (token mean), the RPO / MPO auxiliary term."""
+    """Negative log-likelihood of the chosen tokens (token mean over the batch): -sum(c) / sum(|c|).
+
+    The auxiliary term of RPO (Pang et al., 2024, arXiv:2404.19733) and MPO (Wang et al., 2024,
+    arXiv:2411.10442): ``loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha]``.
+    """
     return chosen_nll(p)
+
+
+@register("simpo", reference_free=True, check=_check_simpo, rewards="mean")
+def simpo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """SimPO (Meng et al., 2024, arXiv:2405.14734), with z = beta (c/|c| - r/|r|) - simpo_gamma:
+
+    -(1-eps) log sigmoid(z) - eps log sigmoid(-z)   (eps = label_smoothing, as in TRL's CPOTrainer).
+
+    CPO-SimPO (TRL's ``loss_type="simpo"`` with ``cpo_alpha > 0``) is ``["simpo", "sft"]`` with
+    ``loss_weights=[1.0, cpo_alpha]``.
+    """
+    z = cfg.beta * (p.chosen_avg - p.rejected_avg) - cfg.simpo_gamma
+    return smoothed_logistic(z, cfg.label_smoothing)
+
+
+@register("cpo", reference_free=True, nll=True, check=_check_cpo, rewards="sum")
+def cpo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """CPO (Xu et al., 2024, arXiv:2401.08417, Eq. 3 plus the NLL term of Eq. 4):
+
+    -(1-eps) log sigmoid(beta (c - r)) - eps log sigmoid(-beta (c - r)) + cpo_alpha * NLL(chosen),
+    NLL the token mean over the batch, as in TRL's CPOTrainer with ``loss_type="sigmoid"``.
+    """
+    return smoothed_logistic(cfg.beta * (p.chosen - p.rejected), cfg.label_smoothing) + cfg.cpo_alpha * chosen_nll(p)
+
+
+@register("orpo", reference_free=True, nll=True, rewards="mean")
+def orpo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
+    """ORPO (Hong et al., 2024, arXiv:2403.07691, Eqs. 4-7), beta as the weight lambda:
+
+    NLL(chosen) - beta log sigmoid(log odds(c̄) - log odds(r̄)),  c̄ = c/|c|, odds(x) = e^x / (1 - e^x).
+    NLL is the token mean over the batch, as in TRL's ORPOTrainer.
+    """
+    return chosen_nll(p) - cfg.beta * F.logsigmoid(p.log_odds)
 
 
 def preference_loss(pairs: PairLogps, cfg: LossConfig) -> torch.Tensor:

@@ -1,10 +1,42 @@
-"""TRL's DPO metrics (same names and meaning), from per-row results that the forward pass made."""
+"""TRL's preference metrics (same names and meaning), from per-row results that the forward pass made.
+
+Which trainer's definitions apply depends on the loss types:
+- any loss that compares with a reference (DPOTrainer): rewards/* = beta * (policy - reference)
+  log-prob sums (with no reference the reference is 0, so beta * policy sums); logps/* are sums.
+- only reference-free losses with a TRL trainer of their own (CPOTrainer for cpo / simpo,
+  ORPOTrainer for orpo): rewards/* = beta * policy log-probs, summed for cpo and length-normalized
+  (per-token mean) for simpo and orpo; logps/* are those same log-probs, so that
+  rewards/chosen = beta * logps/chosen as in those trainers. A reference passed anyway is not used.
+logits/* are always DPOTrainer's: the mean logit over vocabulary and completion tokens (CPO/ORPO
+trainers average over every position, prompt and padding included; fastdpo never sees those).
+nll_loss is the token-mean NLL of the chosen completions whenever sft, cpo or orpo is active
+(reported even with cpo_alpha = 0, where TRL's CPOTrainer logs 0). For orpo, log_odds_ratio is the
+batch mean of log sigmoid(log odds) and log_odds_chosen the batch mean of the log odds, as in ORPOTrainer.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .losses import LossConfig, PairLogps, chosen_nll
+from .losses import POLICY_REWARDS, LossConfig, PairLogps, chosen_nll
+
+
+def policy_reward_kind(cfg: LossConfig) -> str | None:
+    """How rewards/* are defined: None as in DPOTrainer, or "sum" / "mean" as in CPO / ORPO trainers."""
+    kinds = [POLICY_REWARDS[name] for name in cfg.types if name in POLICY_REWARDS]
+    if cfg.needs_reference or not kinds:
+        return None
+    return kinds[0]  # a list mixing sum- and mean-rewarded losses follows the first one
+
+
+def reward_scores(pairs: PairLogps, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-pair (chosen, rejected) scores that rewards/* multiply by beta."""
+    kind = policy_reward_kind(cfg)
+    if kind is None:
+        return pairs.chosen_logratios, pairs.rejected_logratios
+    if kind == "mean":
+        return pairs.chosen_avg, pairs.rejected_avg
+    return pairs.chosen, pairs.rejected
 
 
 @torch.no_grad()
@@ -14,21 +46,31 @@ def preference_metrics(
     score_sums: torch.Tensor | None,
     vocab: int,
 ) -> dict[str, torch.Tensor]:
-    """Detached batch means: rewards/*, logps/*, logits/* (mean logit over vocab and completion tokens)."""
-    chosen_rewards = cfg.beta * pairs.chosen_logratios.detach()
-    rejected_rewards = cfg.beta * pairs.rejected_logratios.detach()
+    """Detached batch means: rewards/*, logps/*, logits/*, and nll_loss / ORPO's log-odds when active."""
+    chosen_score, rejected_score = reward_scores(pairs, cfg)
+    chosen_rewards = cfg.beta * chosen_score.detach()
+    rejected_rewards = cfg.beta * rejected_score.detach()
+    if policy_reward_kind(cfg) == "mean":
+        chosen_logps, rejected_logps = pairs.chosen_avg, pairs.rejected_avg
+    else:
+        chosen_logps, rejected_logps = pairs.chosen, pairs.rejected
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": pairs.chosen.detach().mean(),
-        "logps/rejected": pairs.rejected.detach().mean(),
+        "logps/chosen": chosen_logps.detach().mean(),
+        "logps/rejected": rejected_logps.detach().mean(),
     }
     if score_sums is not None:
         P = pairs.chosen.shape[0]
-        metrics["logits/chosen"] = score_sums[:P].sum() / (pairs.chosen_counts.sum() * vocab)
-        metrics["logits/rejected"] = score_sums[P:].sum() / (pairs.rejected_counts.sum() * vocab)
+        # clamp: a half with no completion token reports 0, as TRL does, instead of 0/0.
+        metrics["logits/chosen"] = score_sums[:P].sum() / (pairs.chosen_counts.sum() * vocab).clamp(min=1)
+        metrics["logits/rejected"] = score_sums[P:].sum() / (pairs.rejected_counts.sum() * vocab).clamp(min=1)
     if cfg.has_nll:
         metrics["nll_loss"] = chosen_nll(pairs).detach()
+    if "orpo" in cfg.types:
+        log_odds = pairs.log_odds.detach()
+        metrics["log_odds_ratio"] = torch.nn.functional.logsigmoid(log_odds).mean()
+        metrics["log_odds_chosen"] = log_odds.mean()
     return metrics
