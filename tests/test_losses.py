@@ -243,6 +243,14 @@ def test_loss_and_metrics_on_rows_float32(loss_type, options):
         close(metrics[key], value, 2e-5, 1e-5, key)
 
 
+def test_reward_accuracy_is_strict():
+    """A tie (chosen reward == rejected reward) is not counted as correct, as in TRL."""
+    logps = torch.tensor([-3.0, -5.0, -2.0, -3.0, -6.0, -1.0], dtype=F64)
+    ref = torch.zeros(6, dtype=F64)
+    _, metrics = loss_from_rows(logps, ref, torch.ones(6), LossConfig(), return_metrics=True)
+    assert metrics["rewards/accuracies"].item() == pytest.approx(1 / 3)  # pair 0 ties, 1 wins, 2 loses
+
+
 def test_aot_is_batch_level():
     """Sorting couples the pairs: one pair's margin moves the other pairs' losses."""
     cfg = LossConfig(loss_type="aot", beta=0.5)
