@@ -84,10 +84,10 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, without cancellation (Mächler, 2012: switch at -log 2)."""
     # Both branches are evaluated by torch.where; clamp each to its own domain so that the branch
     # not taken cannot produce an inf / NaN gradient.
-    small = x < -math.log(2.0)
+    far_from_zero = x < -math.log(2.0)
     near_zero = torch.log(-torch.expm1(torch.clamp(x, min=-math.log(2.0))))
     far = torch.log1p(-torch.exp(torch.clamp(x, max=-math.log(2.0))))
-    return torch.where(small, far, near_zero)
+    return torch.where(far_from_zero, far, near_zero)
 
 
 @dataclass
