@@ -27,12 +27,10 @@ def _scores(z, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _scores_grad(z, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
-    """d scores / d z: (1 - tanh^2(z / c)) / tau with the soft-cap, 1 / tau without."""
-    if HAS_SOFTCAP:
-        th = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
-        return (1.0 - th * th) * inv_temp
-    return inv_temp
+def _softcap_grad(z, softcap):
+    """d (c * tanh(z / c)) / dz = 1 - tanh^2(z / c)."""
+    th = 1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0)
+    return 1.0 - th * th
 
 
 @triton.jit
@@ -105,8 +103,9 @@ def token_logps_bwd_kernel(
             valid = offs < V
             z = tl.load(row + offs * stride_zv, mask=valid, other=0.0).to(ACC_DTYPE)
             p = tl.exp(_scores(z, inv_temp, softcap, HAS_SOFTCAP) - lse)
-            dz = g * (tl.where(offs == label, 1.0, 0.0) - p)
-            dz = dz * _scores_grad(z, inv_temp, softcap, HAS_SOFTCAP)
+            dz = (g * inv_temp) * (tl.where(offs == label, 1.0, 0.0) - p)
+            if HAS_SOFTCAP:
+                dz = dz * _softcap_grad(z, softcap)
             tl.store(drow + offs * stride_dv, dz.to(dz_ptr.dtype.element_ty), mask=valid)
 
 

@@ -1,0 +1,68 @@
+"""Compile fastdpo's kernels for sm_90 (no GPU needed) and print, per case, whether the bf16
+rows are streamed with 128-bit accesses. Run in a subprocess without TRITON_INTERPRET, since
+the interpreter replaces the jitted functions that the compiler needs."""
+
+import json
+import re
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastdpo.kernels import token_logps as K
+
+SM90 = GPUTarget("cuda", 90, 32)
+# Arguments the JIT marks 16-divisible at run time for the usual shapes (V = 128256, ...).
+ALIGNED = {"z_ptr", "dz_ptr", "labels_ptr", "logp_ptr", "lse_ptr", "zsum_ptr", "g_ptr",
+           "stride_zb", "stride_zt", "stride_db", "stride_dt", "V"}
+
+
+def compile_sm90(kernel, pointer_types, consts):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointer_types:
+            sig[name] = pointer_types[name]
+        elif name in ("inv_temp", "softcap"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i64" if name in ("stride_zb", "stride_db") else "i32"
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=SM90, options={"num_warps": 8})
+
+
+def vectorized(ptx, op):
+    return bool(re.search(rf"{op}\.global\.(v4\.b32|v2\.b64)", ptx))  # 128-bit accesses
+
+
+def forward(dtype, features):
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    consts = dict(stride_zv=1, HAS_SOFTCAP=features, SAVE_LSE=features, SUM_SCORES=features,
+                  ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, BLOCK_V=2048)
+    ptrs = dict(z_ptr=f"*{dtype}", labels_ptr="*i32", logp_ptr=f"*{acc}", lse_ptr=f"*{acc}", zsum_ptr=f"*{acc}")
+    ptx = compile_sm90(K.token_logps_fwd_kernel, ptrs, consts).asm["ptx"]
+    return {"vector_loads": vectorized(ptx, "ld")}
+
+
+def backward(dtype, softcap):
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    consts = dict(stride_zv=1, stride_dv=1, HAS_SOFTCAP=softcap,
+                  ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, BLOCK_V=2048)
+    ptrs = dict(z_ptr=f"*{dtype}", dz_ptr=f"*{dtype}", labels_ptr="*i32", lse_ptr=f"*{acc}", g_ptr=f"*{acc}")
+    ptx = compile_sm90(K.token_logps_bwd_kernel, ptrs, consts).asm["ptx"]
+    return {"vector_loads": vectorized(ptx, "ld"), "vector_stores": vectorized(ptx, "st")}
+
+
+CASES = {f"fwd-{d}-{f}": (forward, d, f) for d in ("bf16", "fp32", "fp64") for f in (False, True)}
+CASES |= {f"bwd-{d}-{f}": (backward, d, f) for d in ("bf16", "fp64") for f in (False, True)}
+
+if __name__ == "__main__":
+    results = {}
+    for name, (fn, dtype, flag) in CASES.items():
+        try:
+            results[name] = fn(dtype, flag)
+        except Exception as exc:  # reported per case by the test
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"[-3000:]}
+    print(json.dumps(results))
