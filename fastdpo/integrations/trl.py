@@ -69,10 +69,10 @@ from .lm_head import HeadOptions, RowStats, install_head  # noqa: E402
 # The loss types of DPOTrainer in the supported TRL versions.
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-# TRL loss type -> fastdpo loss name, where they differ. Every other TRL name maps to itself and is
-# supported when fastdpo.losses.LOSSES has it (checked when a trainer is built, so new losses are
-# picked up as they land).
-TRL_TO_FASTDPO = {"aot_unpaired": "aot_pair"}
+# TRL loss type -> fastdpo loss name, where they differ (none today: fastdpo uses TRL's names). Every
+# other TRL name maps to itself and is supported when fastdpo.losses.LOSSES has it (checked when a
+# trainer is built, so new losses are picked up as they land).
+TRL_TO_FASTDPO: dict[str, str] = {}
 # TRL applies label_smoothing only in these loss types (its "sigmoid" ignores it).
 SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}
 # TRL normalizes these by the completion-mask count before the shift (the others count scored tokens).

@@ -1,0 +1,268 @@
+"""fastdpo.integrations.trl against TRL's own DPOTrainer on a tiny Llama (CPU, fp32, no downloads).
+
+The reference for "same as TRL" is TRL itself: two training steps from the same seed must give the
+same loss, metrics and parameter update (SGD, so the update is the gradient). Where the question
+is not "same as TRL" (precomputed reference log-probs used as given), the check is a float64
+computation from the formulas.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import trl
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from trl import DPOConfig, DPOTrainer
+
+import fastdpo
+from fastdpo.integrations import trl as fast_trl
+from fastdpo.integrations.trl import FastDPOTrainer, patch_trainer
+
+WORDS = [f"w{i}" for i in range(16)]
+BETA = 0.1
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# ---- tiny world: tokenizer, data, models ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    g = torch.Generator().manual_seed(0)
+
+    def sentence(n):
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g))
+
+    # Prompts and completions of different lengths, so padding and prompt masks differ per row. The
+    # first prompt is empty: its completion starts at position 0, which no label scores (TRL's IPO
+    # still counts it).
+    rows = [{"prompt": sentence(i % 3 + (i > 0)), "chosen": " " + sentence(1 + i % 4),
+             "rejected": " " + sentence(2 + (3 * i) % 4)} for i in range(8)]
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="module")
+def models_(tokenizer):
+    """(policy, reference): different random weights, so the reference log-ratios are not zero."""
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(cfg)
+    torch.manual_seed(1)
+    return policy, LlamaForCausalLM(cfg)
+
+
+def dpo_args(tmp_path, **overrides) -> DPOConfig:
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, optim="sgd",
+                   learning_rate=0.5, report_to="none", logging_steps=1, use_cpu=True, seed=0,
+                   save_strategy="no", bf16=False, gradient_checkpointing=False, disable_tqdm=True, beta=BETA)
+    options.update(overrides)
+    return DPOConfig(**options)
+
+
+def build(kind, models_, tokenizer, dataset, args, **fast_options):
+    """A trainer on fresh copies of the tiny models: "trl", "fast" (subclass) or "patch" (patched)."""
+    policy, ref = (copy.deepcopy(m) for m in models_)
+    common = dict(model=policy, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer)
+    if kind == "fast":
+        return FastDPOTrainer(**common, **{f"fastdpo_{k}": v for k, v in fast_options.items()})
+    trainer = DPOTrainer(**common)
+    return patch_trainer(trainer, **fast_options) if kind == "patch" else trainer
+
+
+def train_two_steps(trainer):
+    before = {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
+    trainer.train()
+    update = {k: p.detach() - before[k] for k, p in trainer.model.named_parameters()}
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    return logs, update
+
+
+def assert_same_training(expected, actual):
+    (logs_e, upd_e), (logs_a, upd_a) = expected, actual
+    for step_e, step_a in zip(logs_e, logs_a):
+        assert set(step_e) == set(step_a), set(step_e) ^ set(step_a)
+        for key, value in step_e.items():
+            assert step_a[key] == pytest.approx(value, rel=RTOL, abs=ATOL), (key, step_a["step"])
+    assert any(u.abs().max() > 1e-3 for u in upd_e.values())  # the steps did move the weights
+    for name, u in upd_e.items():
+        assert_close_scaled(upd_a[name], u, name)
+
+
+def assert_close_scaled(actual, expected, label):
+    """fp32 agreement: elementwise within 1e-4 relative, or 1e-5 of the tensor's largest entry."""
+    atol = 1e-5 * expected.abs().max().item() + 1e-8
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{label}: {m}")
+
+
+# ---- two training steps: TRL vs fastdpo ----------------------------------------------------------
+TRAINING_CASES = {
+    "sigmoid/subclass": ("fast", dict(loss_type=["sigmoid"])),
+    "sigmoid+sft/patch": ("patch", dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3])),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINING_CASES))
+def test_two_steps_match_trl(case, models_, tokenizer, dataset, tmp_path):
+    kind, overrides = TRAINING_CASES[case]
+    expected = train_two_steps(build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a", **overrides)))
+    actual = train_two_steps(build(kind, models_, tokenizer, dataset, dpo_args(tmp_path / "b", **overrides)))
+    assert_same_training(expected, actual)
+
+
+def test_fused_linear_mode_matches_trl(models_, tokenizer, dataset, tmp_path):
+    if not hasattr(fastdpo, "linear_sequence_logps"):
+        # Until the fused-linear op lands, asking for it must fail clearly, not fall back silently.
+        with pytest.raises(NotImplementedError, match="linear_sequence_logps"):
+            build("fast", models_, tokenizer, dataset, dpo_args(tmp_path), mode="linear")
+        return
+    expected = train_two_steps(build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a")))
+    actual = train_two_steps(build("fast", models_, tokenizer, dataset, dpo_args(tmp_path / "b"), mode="linear"))
+    assert_same_training(expected, actual)
+
+
+# ---- precomputed reference log-probs -------------------------------------------------------------
+def test_precompute_matches_trl(models_, tokenizer, dataset, tmp_path):
+    """fastdpo's precompute pass gives TRL's columns, and training on them matches TRL."""
+    trainers = [build(kind, models_, tokenizer, dataset, dpo_args(tmp_path / kind, precompute_ref_log_probs=True))
+                for kind in ("trl", "fast")]
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        expected, actual = (torch.tensor(t.train_dataset[column]) for t in trainers)
+        torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+    assert_same_training(*(train_two_steps(t) for t in trainers))
+
+
+def policy_logps64(model, batch):
+    """Per-row sum of log p(next token) over completion positions, in float64 from the model's logits."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logp * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize("kind", ["fast", "patch"])
+def test_precomputed_reference_is_used_as_given(kind, models_, tokenizer, dataset, tmp_path):
+    trainer = build(kind, models_, tokenizer, dataset, dpo_args(tmp_path, precompute_ref_log_probs=True))
+    batch = next(iter(trainer.get_train_dataloader()))
+    P = batch["input_ids"].shape[0] // 2
+    g = torch.Generator().manual_seed(3)
+    # Arbitrary reference values: only the columns can explain the loss below.
+    batch["ref_chosen_logps"] = -20 * torch.rand(P, generator=g)
+    batch["ref_rejected_logps"] = -20 * torch.rand(P, generator=g)
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, batch)
+    logps = policy_logps64(trainer.model, batch)
+    d = (logps[:P] - batch["ref_chosen_logps"].double()) - (logps[P:] - batch["ref_rejected_logps"].double())
+    assert loss.item() == pytest.approx(-F.logsigmoid(BETA * d).mean().item(), rel=1e-5)
+    chosen_rewards = BETA * (logps[:P] - batch["ref_chosen_logps"].double())
+    assert trainer._metrics["train"]["rewards/chosen"][-1] == pytest.approx(chosen_rewards.mean().item(), rel=1e-5)
+
+
+# ---- every loss type both libraries have, one batch ----------------------------------------------
+def one_batch_pair(models_, tokenizer, dataset, tmp_path, **overrides):
+    args = dict(label_smoothing=0.1, **overrides)  # exo_pair needs label_smoothing > 0
+    trl_trainer = build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a", **args))
+    fast_trainer = build("fast", models_, tokenizer, dataset, dpo_args(tmp_path / "b", **args))
+    batch = trl_trainer.data_collator([trl_trainer.train_dataset[i] for i in range(4)])  # has the empty prompt
+    assert batch["completion_mask"][:, 0].any()
+    return trl_trainer, fast_trainer, batch
+
+
+def loss_grads_metrics(trainer, batch):
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters()}
+    return loss.item(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def assert_same_step(expected, actual, label=""):
+    (loss_e, grads_e, metrics_e), (loss_a, grads_a, metrics_a) = expected, actual
+    assert loss_a == pytest.approx(loss_e, rel=RTOL, abs=ATOL), label
+    assert set(metrics_a) == set(metrics_e), (label, set(metrics_a) ^ set(metrics_e))
+    for key, value in metrics_e.items():
+        assert metrics_a[key] == pytest.approx(value, rel=RTOL, abs=ATOL), (label, key)
+    for name, g in grads_e.items():
+        assert_close_scaled(grads_a[name], g, f"{label} {name}")
+
+
+def test_every_shared_loss_type_matches_trl(models_, tokenizer, dataset, tmp_path):
+    shared = fast_trl.supported_loss_types()
+    assert {"sigmoid", "sft"} <= set(shared)
+    trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path)
+    for loss_type in shared:
+        for trainer in (trl_trainer, fast_trainer):
+            trainer.loss_types, trainer.loss_weights = [loss_type], [1.0]
+        assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch), loss_type)
+
+
+def test_triton_kernels_match_trl(models_, tokenizer, dataset, tmp_path, monkeypatch):
+    """The same step through the Triton kernels (the interpreter on CPU) instead of the PyTorch twin."""
+    monkeypatch.setenv("FASTDPO_BACKEND", "triton")
+    trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path)
+    assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
+
+
+@pytest.mark.parametrize("scale,softcap", [(1.7, None), (1.7, 3.0), (1.0, 2.0)])
+def test_logit_scale_and_softcap_match_trl(scale, softcap, models_, tokenizer, dataset, tmp_path):
+    """Config-level logit transforms (Cohere's logit_scale, Gemma's final_logit_softcapping) as TRL applies them."""
+    scaled = []
+    for model in models_:
+        model = copy.deepcopy(model)
+        model.config.logit_scale, model.config.final_logit_softcapping = scale, softcap
+        scaled.append(model)
+    trl_trainer, fast_trainer, batch = one_batch_pair(tuple(scaled), tokenizer, dataset, tmp_path)
+    assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
+
+
+# ---- what it refuses -----------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["1.14.2", "1.17.0", "0.19.1", "2.0.0.dev0"])
+def test_unsupported_trl_version_fails_at_import(bad, monkeypatch):
+    monkeypatch.setattr(trl, "__version__", bad)
+    monkeypatch.delitem(sys.modules, "fastdpo.integrations.trl", raising=False)
+    with pytest.raises(ImportError, match=r"trl>=1\.15\.0,<1\.17\.0.*found trl " + bad.replace(".", r"\.")):
+        importlib.import_module("fastdpo.integrations.trl")
+
+
+def test_supported_versions_pass_the_check():
+    for good in ("1.15.0", "1.15.2", "1.16.0", "1.16.3.post1"):
+        fast_trl.check_trl_version(good)
+    fast_trl.check_trl_version(trl.__version__)
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(f_divergence_type="forward_kl"), NotImplementedError, "f_divergence_type"),
+    (dict(use_weighting=True), NotImplementedError, "use_weighting"),
+    (dict(ld_alpha=0.5), NotImplementedError, "ld_alpha"),
+    (dict(loss_type=["no_such_loss"]), ValueError, "no_such_loss"),
+])
+def test_unsupported_options_fail_before_training(overrides, error, match, models_, tokenizer, dataset, tmp_path):
+    with pytest.raises(error, match=match):
+        build("fast", models_, tokenizer, dataset, dpo_args(tmp_path, **overrides))
+
+
+def test_fastdpo_imports_without_trl():
+    code = ("import sys; sys.modules['trl'] = None\n"
+            "import fastdpo, fastdpo.integrations\n"
+            "try:\n    import fastdpo.integrations.trl\nexcept ImportError:\n    print('refused')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "refused"
