@@ -16,6 +16,7 @@ from . import validation as V
 from .logps import sequence_stats
 from .losses import LossConfig, PairLogps, preference_loss
 from .metrics import preference_metrics
+from .packed import check_cu_seqlens
 
 
 def resolve_reference(
@@ -82,6 +83,7 @@ def fused_dpo_loss(
     softcap: float | None = None,
     inplace_backward: bool = False,
     return_metrics: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     **loss_options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DPO-family loss from policy logits without materializing any [tokens x vocab] fp32 copy.
@@ -103,6 +105,9 @@ def fused_dpo_loss(
         inplace_backward: write the logits gradient over the logits (saves one [B, T, V] tensor;
             only safe when nothing else in the backward graph reads the logits).
         return_metrics: also return TRL's metrics (detached batch means).
+        cu_seqlens: for a packed, padding-free batch: logits [1, total_tokens, V] (ref_logits
+            the same), labels and mask [1, total_tokens], and int32/int64 [B + 1] cumulative row
+            lengths (flash-attention's varlen convention); rows are [chosen; rejected] as above.
         **loss_options: extra hyper-parameters of specific loss types (see ``LossConfig``).
 
     Returns:
@@ -112,8 +117,11 @@ def fused_dpo_loss(
                      label_smoothing=label_smoothing, **loss_options)
     V.check_logits(policy_logits, "policy_logits")
     rows = policy_logits.shape[0]
-    V.check_pairs(rows, "policy_logits")
-    common = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+    if cu_seqlens is not None:
+        rows = check_cu_seqlens(cu_seqlens, policy_logits.shape, policy_logits)
+    V.check_pairs(rows, "cu_seqlens" if cu_seqlens is not None else "policy_logits")
+    common = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                  cu_seqlens=cu_seqlens)
     ref_pass = None
     if ref_logits is not None:
         V.check_logits(ref_logits, "ref_logits")
@@ -154,4 +162,4 @@ class FusedDPOLoss(nn.Module):
 
 
 _CALL_KEYS = {"ref_logits", "mask", "ignore_index", "reference_free", "temperature", "softcap",
-              "inplace_backward", "return_metrics"}
+              "inplace_backward", "return_metrics", "cu_seqlens"}

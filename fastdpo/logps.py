@@ -1,47 +1,109 @@
 """Per-sequence log-probs of the labels from logits: the autograd op over the fused kernels.
 
 Data flow: validate -> flat labels (-1 = masked) -> backend forward (per-token log-probs, one
-fp32 logsumexp per token saved) -> per-row sum in PyTorch over [B, T] floats. Autograd turns
-the per-row gradient into a per-token one (an expand), and the backend backward writes the
-logits gradient in one pass.
+fp32 logsumexp per token saved) -> per-row sum in PyTorch over [B, T] floats (or segment sums
+over a packed [1, total_tokens] batch, fastdpo.packed). Autograd turns the per-row gradient into
+a per-token one (an expand), and the backend backward writes the logits gradient in one pass.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from . import validation as V
 from .backend import get_backend
+from .packed import check_cu_seqlens, row_offsets, segment_sums
 
 
-class _TokenLogps(torch.autograd.Function):
-    """logits [B, T, V], flat labels [B*T] -> per-token log-probs [B*T] and score sums [B*T]."""
+# ---- the autograd op, registered as torch custom ops ----
+# Custom ops (rather than a torch.autograd.Function) so that torch.compile(fullgraph=True) sees
+# one opaque call per pass: the kernels, their launch-time checks and the backend choice stay
+# outside the traced graph, and there is no graph break.
 
-    @staticmethod
-    def forward(ctx, logits, labels, inv_temp, softcap, sum_scores, inplace_backward):
-        backend = get_backend(logits.device)
-        logp, lse, zsum = backend.token_logps_forward(
-            logits, labels, inv_temp=inv_temp, softcap=softcap, save_lse=True, sum_scores=sum_scores
-        )
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.backend, ctx.inv_temp, ctx.softcap, ctx.inplace = backend, inv_temp, softcap, inplace_backward
-        zsum = zsum if zsum is not None else logp.new_empty(0)
-        ctx.mark_non_differentiable(zsum)
-        return logp, zsum
+@torch.library.custom_op("fastdpo::token_logps", mutates_args=())
+def token_logps_op(
+    logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, softcap: Optional[float],
+    sum_scores: bool, save_lse: bool, inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, T, V], flat labels [B*T] (-1 = masked) -> log-probs, logsumexp, score sums [B*T].
 
-    @staticmethod
-    def backward(ctx, grad_logp, _grad_zsum):
-        logits, labels, lse = ctx.saved_tensors
-        if grad_logp is None:
-            return None, None, None, None, None, None
-        # In place reuses the logits' storage for their gradient: no second [B, T, V] tensor.
-        grad = ctx.backend.token_logps_backward(
-            logits, labels, lse, grad_logp.contiguous(),
-            inv_temp=ctx.inv_temp, softcap=ctx.softcap, out=logits if ctx.inplace else None,
-        )
-        return grad, None, None, None, None, None
+    lse is empty unless `save_lse`, score sums empty unless `sum_scores`. `inplace_backward` is
+    only read by the backward.
+    """
+    backend = get_backend(logits.device)
+    logp, lse, zsum = backend.token_logps_forward(
+        logits, labels, inv_temp=inv_temp, softcap=softcap, save_lse=save_lse, sum_scores=sum_scores
+    )
+    return logp, (lse if save_lse else logp.new_empty(0)), (zsum if sum_scores else logp.new_empty(0))
+
+
+@token_logps_op.register_fake
+def _(logits, labels, inv_temp, softcap, sum_scores, save_lse, inplace_backward):
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n = labels.shape[0]
+    return (logits.new_empty(n, dtype=acc), logits.new_empty(n if save_lse else 0, dtype=acc),
+            logits.new_empty(n if sum_scores else 0, dtype=acc))
+
+
+@torch.library.custom_op("fastdpo::token_logps_backward", mutates_args=())
+def token_logps_backward_op(
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
+    inv_temp: float, softcap: Optional[float],
+) -> torch.Tensor:
+    """Gradient w.r.t. the logits of sum_n grad_logp[n] * logp[n], as a new [B, T, V] tensor."""
+    return get_backend(logits.device).token_logps_backward(
+        logits, labels, lse, grad_logp, inv_temp=inv_temp, softcap=softcap
+    )
+
+
+@token_logps_backward_op.register_fake
+def _(logits, labels, lse, grad_logp, inv_temp, softcap):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("fastdpo::token_logps_backward_", mutates_args=("logits",))
+def token_logps_backward_inplace_op(
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
+    inv_temp: float, softcap: Optional[float],
+) -> None:
+    """The same gradient written over the logits (no second [B, T, V] tensor)."""
+    get_backend(logits.device).token_logps_backward(
+        logits, labels, lse, grad_logp, inv_temp=inv_temp, softcap=softcap, out=logits
+    )
+
+
+@token_logps_backward_inplace_op.register_fake
+def _(logits, labels, lse, grad_logp, inv_temp, softcap):
+    return None
+
+
+def _setup_token_logps(ctx, inputs, output):
+    logits, labels, inv_temp, softcap, _sum_scores, _save_lse, inplace = inputs
+    _logp, lse, zsum = output
+    ctx.save_for_backward(logits, labels, lse)
+    ctx.inv_temp, ctx.softcap, ctx.inplace = inv_temp, softcap, inplace
+    ctx.mark_non_differentiable(lse, zsum)
+
+
+def _backward_token_logps(ctx, grad_logp, _grad_lse, _grad_zsum):
+    logits, labels, lse = ctx.saved_tensors
+    if grad_logp is None:
+        return None, None, None, None, None, None, None
+    grad_logp = grad_logp.contiguous()
+    if ctx.inplace:
+        # Reuses the logits' storage for their gradient. The op declares the mutation, so autograd
+        # bumps the version counter and any other node that saved the logits fails loudly.
+        token_logps_backward_inplace_op(logits, labels, lse, grad_logp, ctx.inv_temp, ctx.softcap)
+        grad = logits
+    else:
+        grad = token_logps_backward_op(logits, labels, lse, grad_logp, ctx.inv_temp, ctx.softcap)
+    return grad, None, None, None, None, None, None
+
+
+token_logps_op.register_autograd(_backward_token_logps, setup_context=_setup_token_logps)
 
 
 @dataclass
@@ -70,26 +132,40 @@ def sequence_stats(
     softcap: float | None = None,
     sum_scores: bool = False,
     inplace_backward: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     name: str = "logits",
 ) -> SequenceStats:
-    """Validate, then run the fused pass. Differentiable only when `logits` requires grad."""
+    """Validate, then run the fused pass. Differentiable only when `logits` requires grad.
+
+    With `cu_seqlens` the batch is packed ([1, total_tokens, V], see fastdpo.packed) and the
+    results are per packed row.
+    """
     V.check_logits(logits, name)
     V.check_labels(labels, logits.shape[:2], mask)
     V.check_same_device(logits, labels=labels, mask=mask)
     _check_options(temperature, softcap)
     B, T, vocab = logits.shape
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, logits.shape, logits)
     flat = V.token_labels(labels, mask, ignore_index, vocab)
-    counts = (flat >= 0).view(B, T).sum(-1)
-    if logits.requires_grad and torch.is_grad_enabled():
-        logp, zsum = _TokenLogps.apply(logits, flat, 1.0 / temperature, softcap, sum_scores, inplace_backward)
-    else:  # reference pass: nothing saved for a backward
-        backend = get_backend(logits.device)
-        logp, _, zsum = backend.token_logps_forward(
-            logits.detach(), flat, inv_temp=1.0 / temperature, softcap=softcap, save_lse=False, sum_scores=sum_scores
-        )
-    logps = logp.view(B, T).sum(-1)
-    score_sums = zsum.view(B, T).sum(-1).detach() if sum_scores else None
+    row_sums = _row_summer(cu_seqlens, B, T, logits.device)
+    counts = row_sums(flat >= 0)
+    grad = logits.requires_grad and torch.is_grad_enabled()
+    # Under torch.compile the in-place backward would be functionalized into a copy anyway, so
+    # the compiled path always takes the out-of-place backward (same numbers, one [B, T, V] more).
+    inplace = inplace_backward and not torch.compiler.is_compiling()
+    logp, _lse, zsum = token_logps_op(logits, flat, 1.0 / temperature, softcap, sum_scores, grad, inplace)
+    logps = row_sums(logp)
+    score_sums = row_sums(zsum).detach() if sum_scores else None
     return SequenceStats(logps=logps, counts=counts, score_sums=score_sums)
+
+
+def _row_summer(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):
+    """Per-token [B*T] vector -> per-row [rows] sums, for the padded or the packed layout."""
+    if cu_seqlens is None:
+        return lambda x: x.view(B, T).sum(-1)
+    offsets = row_offsets(cu_seqlens, B, T, device)
+    return lambda x: segment_sums(x, offsets)
 
 
 def sequence_logps(
@@ -101,6 +177,7 @@ def sequence_logps(
     temperature: float = 1.0,
     softcap: float | None = None,
     inplace_backward: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of log p(label) over the unmasked positions of each row, in fp32 (fp64 for fp64 logits).
 
@@ -113,12 +190,16 @@ def sequence_logps(
         temperature: scores are ``logits / temperature``.
         softcap: if set, scores are ``softcap * tanh(logits / softcap) / temperature`` (Gemma 2).
         inplace_backward: write the logits gradient into the logits' storage. Only safe when
-            nothing else in the backward graph reads the logits.
+            nothing else in the backward graph reads the logits. Eager only: under
+            torch.compile the out-of-place backward is used.
+        cu_seqlens: for a packed, padding-free batch: logits [1, total_tokens, V], labels and
+            mask [1, total_tokens], and int32/int64 [B + 1] cumulative row lengths
+            (flash-attention's varlen convention). Results are per packed row.
 
     Returns:
         [B] log-prob sums, differentiable w.r.t. ``logits``. Rows with no unmasked position give 0.
     """
     return sequence_stats(
         logits, labels, mask=mask, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, inplace_backward=inplace_backward,
+        softcap=softcap, inplace_backward=inplace_backward, cu_seqlens=cu_seqlens,
     ).logps

@@ -67,8 +67,14 @@ def token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: 
     """Flat int32 labels with every masked position set to -1, after a range check.
 
     The check is one reduction on the host side: a label >= V that reached the kernel would be
-    an out-of-bounds read on the GPU, not an error.
+    an out-of-bounds read on the GPU, not an error. It runs inside a custom op so that
+    torch.compile(fullgraph=True) sees one opaque call rather than data-dependent Python.
     """
+    return _token_labels(labels, mask, ignore_index, vocab)
+
+
+@torch.library.custom_op("fastdpo::token_labels", mutates_args=())
+def _token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int) -> torch.Tensor:
     valid = labels != ignore_index
     if mask is not None:
         if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
@@ -82,3 +88,42 @@ def token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: 
             f"found {int(labels[where])} at position {where}"
         )
     return torch.where(valid, labels, -1).to(torch.int32).reshape(-1)
+
+
+@_token_labels.register_fake
+def _(labels, mask, ignore_index, vocab):
+    return labels.new_empty(labels.numel(), dtype=torch.int32)
+
+
+# ---- fused linear inputs: hidden states [B, T, H], lm_head weight [V, H], bias [V] ----
+
+def check_linear(
+    hidden: object, weight: object, bias: object | None, prefix: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """hidden [B, T, H], weight [V, H] and bias [V] of one float dtype on one device."""
+    h_name, w_name, b_name = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    hidden = check_tensor(hidden, h_name)
+    check_float(hidden, h_name)
+    if hidden.dim() != 3 or hidden.shape[-1] == 0:
+        raise ValueError(f"{h_name} must be [B, T, H] with H >= 1, got shape {tuple(hidden.shape)}")
+    weight = check_tensor(weight, w_name)
+    check_float(weight, w_name)
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"{w_name} must be [V, H] with H = {H} (from {h_name}) and V >= 1, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w_name} is {weight.dtype} but {h_name} is {hidden.dtype}; pass one dtype")
+    _check_device_of(hidden, h_name, weight, w_name)
+    if bias is not None:
+        bias = check_tensor(bias, b_name)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{b_name} must be [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{b_name} is {bias.dtype} but {h_name} is {hidden.dtype}; pass one dtype")
+        _check_device_of(hidden, h_name, bias, b_name)
+    return hidden, weight, bias
+
+
+def _check_device_of(reference: torch.Tensor, ref_name: str, x: torch.Tensor, name: str) -> None:
+    if x.device != reference.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {reference.device}")
