@@ -175,10 +175,10 @@ def test_precomputed_reference_is_used_as_given(kind, models_, tokenizer, datase
 
 
 # ---- every loss type both libraries have, one batch ----------------------------------------------
-def one_batch_pair(models_, tokenizer, dataset, tmp_path, **overrides):
+def one_batch_pair(models_, tokenizer, dataset, tmp_path, fast_options=None, **overrides):
     args = dict(label_smoothing=0.1, **overrides)  # exo_pair needs label_smoothing > 0
     trl_trainer = build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a", **args))
-    fast_trainer = build("fast", models_, tokenizer, dataset, dpo_args(tmp_path / "b", **args))
+    fast_trainer = build("fast", models_, tokenizer, dataset, dpo_args(tmp_path / "b", **args), **(fast_options or {}))
     batch = trl_trainer.data_collator([trl_trainer.train_dataset[i] for i in range(4)])  # has the empty prompt
     assert batch["completion_mask"][:, 0].any()
     return trl_trainer, fast_trainer, batch
@@ -221,16 +221,31 @@ def test_triton_kernels_match_trl(models_, tokenizer, dataset, tmp_path, monkeyp
     assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
 
 
+MODES = ["logits", "linear"] if hasattr(fastdpo, "linear_sequence_logps") else ["logits"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scale,softcap", [(1.7, None), (1.7, 3.0), (1.0, 2.0)])
-def test_logit_scale_and_softcap_match_trl(scale, softcap, models_, tokenizer, dataset, tmp_path):
+def test_logit_scale_and_softcap_match_trl(scale, softcap, mode, models_, tokenizer, dataset, tmp_path):
     """Config-level logit transforms (Cohere's logit_scale, Gemma's final_logit_softcapping) as TRL applies them."""
     scaled = []
     for model in models_:
         model = copy.deepcopy(model)
         model.config.logit_scale, model.config.final_logit_softcapping = scale, softcap
         scaled.append(model)
-    trl_trainer, fast_trainer, batch = one_batch_pair(tuple(scaled), tokenizer, dataset, tmp_path)
+    trl_trainer, fast_trainer, batch = one_batch_pair(tuple(scaled), tokenizer, dataset, tmp_path, dict(mode=mode))
     assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_token_metrics_the_rest_still_match(mode, models_, tokenizer, dataset, tmp_path):
+    """token_metrics=False drops entropy and mean_token_accuracy (an extra pass) and nothing else."""
+    trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path,
+                                                      dict(mode=mode, token_metrics=False))
+    loss_e, grads_e, metrics_e = loss_grads_metrics(trl_trainer, batch)
+    dropped = {k: metrics_e.pop(k) for k in ("entropy", "mean_token_accuracy")}
+    assert len(dropped) == 2
+    assert_same_step((loss_e, grads_e, metrics_e), loss_grads_metrics(fast_trainer, batch), mode)
 
 
 # ---- what it refuses -----------------------------------------------------------------------------

@@ -172,8 +172,6 @@ def _from_logits(hidden, labels, lm_head, scale, softcap, options: HeadOptions, 
 
 
 def _from_linear(hidden, labels, lm_head, scale, softcap, options: HeadOptions, metrics: bool) -> RowStats:
-    import fastdpo
-
     weight, bias = _full(lm_head.weight), _full(lm_head.bias)
     if torch.is_autocast_enabled(hidden.device.type):  # as lm_head(hidden) would run under autocast
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -182,9 +180,9 @@ def _from_linear(hidden, labels, lm_head, scale, softcap, options: HeadOptions, 
     if scale != 1.0:  # (h s) W^T + b s = s (h W^T + b), before the soft-cap
         hidden = hidden * scale
         bias = bias * scale if bias is not None else None
+    logps, score_sums = _linear_rows(hidden, weight, bias, labels, softcap, metrics)
     valid = labels != -100
-    logps = fastdpo.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=-100, softcap=softcap)
-    out = RowStats(logps=logps, counts=valid.sum(-1), vocab=weight.shape[0])
+    out = RowStats(logps=logps, counts=valid.sum(-1), score_sums=score_sums, vocab=weight.shape[0])
     if metrics and options.token_metrics:
         rows = valid.nonzero(as_tuple=True)[0]
         h, targets = hidden[valid].detach(), labels[valid]
@@ -195,11 +193,25 @@ def _from_linear(hidden, labels, lm_head, scale, softcap, options: HeadOptions, 
             return z + b if b is not None else z
 
         scores = functools.partial(_scores, project, 1.0, softcap, 1.0)
-        entropy, top1, sums = scan_scores(scores, targets, weight.shape[0], options.metrics_chunk_bytes, want_sums=True)
+        entropy, top1, sums = scan_scores(scores, targets, weight.shape[0], options.metrics_chunk_bytes,
+                                          want_sums=score_sums is None)
         B = labels.shape[0]
         out.entropy_sums, out.top1_counts = _rows(entropy, rows, B), _rows(top1, rows, B)
-        out.score_sums = _rows(sums, rows, B)
+        if score_sums is None:
+            out.score_sums = _rows(sums, rows, B)
     return out
+
+
+def _linear_rows(hidden, weight, bias, labels, softcap, want_sums: bool):
+    """Per-row log-probs (and score sums when the op offers them in the same pass) without the logits."""
+    import fastdpo
+
+    linear = getattr(fastdpo, "linear", None)
+    stats_fn = getattr(linear, "linear_sequence_stats", None)
+    if stats_fn is not None:
+        stats = stats_fn(hidden, weight, labels, bias=bias, ignore_index=-100, softcap=softcap, sum_scores=want_sums)
+        return stats.logps, stats.score_sums
+    return fastdpo.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=-100, softcap=softcap), None
 
 
 def _full(p: torch.Tensor | None) -> torch.Tensor | None:
