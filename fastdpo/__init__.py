@@ -5,9 +5,11 @@
 """
 
 from .dpo import FusedDPOLoss, fused_dpo_loss
+from .linear import FusedLinearDPOLoss, fused_linear_dpo_loss, linear_sequence_logps
 from .logps import sequence_logps
 from .losses import LOSSES, REFERENCE_FREE, LossConfig
 
 __version__ = "0.1.0"
 
 __all__ = ["fused_dpo_loss", "FusedDPOLoss", "sequence_logps", "LOSSES", "REFERENCE_FREE", "LossConfig"]
+__all__ += ["fused_linear_dpo_loss", "FusedLinearDPOLoss", "linear_sequence_logps"]

@@ -1,0 +1,282 @@
+"""Fused linear DPO: from the last hidden states and the lm_head weight to the loss, never the logits.
+
+    hidden [B, T, H], weight [V, H] (+ bias [V])
+      --valid tokens only, chunk by chunk: cuBLAS matmul -> fused log-prob kernels-->
+    per-row log-probs, token counts, logit sums
+      --> the same PairLogps -> loss (+ TRL metrics) as fused_dpo_loss
+
+Masked tokens (prompt, padding) are dropped before any matmul. The only [tokens x vocab] buffer
+is one chunk of logits in the input dtype (``chunk_size`` tokens, default about 256 MB); besides
+it the pass holds O(N H) floats and the gradients themselves, never [N, V].
+
+Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
+- grad_in_forward (default for every loss whose pair gradients do not depend on other pairs, so
+  all but the aot family): the gradient of each group of pairs is applied while its logits are
+  still in the buffer, so the backward only scales what the forward built. 6 N H V FLOPs, and
+  the chunk is one or more whole pairs (one pair at least: 0.33 GB of bf16 logits for a pair
+  of 1290 valid tokens at V = 128256).
+- recompute (aot, ``grad_in_forward=False``, or ``linear_sequence_logps``): the forward keeps
+  one logsumexp per token and the backward recomputes each chunk's logits. 8 N H V FLOPs, with
+  chunks of any size (a lean setting: small ``chunk_size``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import linear_chunks
+from . import validation as V
+from .dpo import loss_from_rows, resolve_reference
+from .linear_ops import linear_logps, linear_logps_grad_in_forward, loss_spec
+from .logps import SequenceStats, _check_options
+from .losses import LossConfig
+from .packed import check_cu_seqlens, row_offsets, segment_sums
+
+# Losses whose gradient for one pair depends on other pairs' log-probs (they sort over the batch):
+# their gradients cannot be known pair by pair, so they take the recompute path by default.
+COUPLED_LOSSES = frozenset({"aot", "aot_pair", "aot_unpaired"})
+
+
+def _chunk_tokens(chunk_size: int | None, weight: torch.Tensor) -> int:
+    if chunk_size is None:
+        return linear_chunks.default_chunk_tokens(weight.shape[0], weight.dtype)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def _wants_grad(*tensors: torch.Tensor | None) -> tuple[bool, bool, bool]:
+    on = torch.is_grad_enabled()
+    return tuple(bool(on and t is not None and t.requires_grad) for t in tensors)  # type: ignore[return-value]
+
+
+def linear_sequence_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    sum_scores: bool = False,
+    chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    grad_spec: tuple[str, torch.Tensor] | None = None,
+    prefix: str = "",
+) -> SequenceStats:
+    """Validate, then run the fused linear pass: per-row log-probs, counts and score sums.
+
+    `grad_spec` = (loss spec, reference rows) selects the grad-in-forward op for that loss.
+    """
+    hidden, weight, bias = V.check_linear(hidden, weight, bias, prefix)
+    V.check_labels(labels, hidden.shape[:2], mask)
+    V.check_same_device(hidden, labels=labels, mask=mask)
+    _check_options(temperature, softcap)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, hidden.shape, hidden)
+    chunk = _chunk_tokens(chunk_size, weight)
+    B, T, H = hidden.shape
+    flat = V.token_labels(labels, mask, ignore_index, weight.shape[0])
+    offsets = row_offsets(cu_seqlens, B, T, hidden.device)
+    counts = segment_sums(flat >= 0, offsets)
+    flat_hidden = hidden.reshape(B * T, H)
+    want = _wants_grad(hidden, weight, bias)
+    args = (1.0 / temperature, softcap, sum_scores, chunk)
+    if grad_spec is not None and any(want):
+        spec, ref_rows = grad_spec
+        logps, zsum, *_ = linear_logps_grad_in_forward(flat_hidden, weight, bias, flat, offsets, ref_rows, spec,
+                                                       *args, *want)
+    else:
+        logps, zsum, _lse = linear_logps(flat_hidden, weight, bias, flat, offsets, *args)
+    return SequenceStats(logps=logps, counts=counts, score_sums=zsum.detach() if sum_scores else None)
+
+
+def linear_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum of log p(label) over the unmasked positions of each row, from hidden states and lm_head.
+
+    Equal to ``sequence_logps(hidden @ weight.T + bias, labels, ...)`` without the logits.
+
+    Args:
+        hidden: [B, T, H] last hidden states (float32 / bfloat16 / float16 / float64), aligned
+            with the labels: ``labels[:, t]`` is scored by ``hidden[:, t]`` (the caller shifts).
+        weight: [V, H] lm_head weight, the dtype and device of ``hidden``.
+        labels: [B, T] integer; ``ignore_index`` marks skipped positions.
+        bias: optional [V] lm_head bias.
+        mask: optional [B, T] bool or 0/1; positions with 0 are skipped.
+        temperature, softcap: scores are ``softcap * tanh(z / softcap) / temperature``.
+        chunk_size: valid tokens per chunk of logits (default: about 256 MB of logits).
+        cu_seqlens: for a packed batch: hidden [1, total_tokens, H], labels / mask
+            [1, total_tokens], and int32/int64 [B + 1] cumulative row lengths.
+
+    Returns:
+        [B] log-prob sums in fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and
+        bias (the backward recomputes the logits chunk by chunk). Rows with no valid token give 0.
+    """
+    return linear_sequence_stats(
+        hidden, weight, labels, bias=bias, mask=mask, ignore_index=ignore_index, temperature=temperature,
+        softcap=softcap, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+    ).logps
+
+
+def _spec_for(cfg: LossConfig, options: dict[str, Any], grad_in_forward: bool | None) -> str | None:
+    """The loss as a string for the grad-in-forward op, or None to take the recompute path."""
+    if grad_in_forward is None:
+        grad_in_forward = not any(name in COUPLED_LOSSES for name in cfg.types)
+    if not grad_in_forward or not all(_literal(v) for v in options.values()):
+        return None
+    return loss_spec(options)
+
+
+def _literal(value: Any) -> bool:
+    """Values that survive repr -> ast.literal_eval (finite numbers, strings, lists of them)."""
+    if isinstance(value, (list, tuple)):
+        return all(_literal(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, (bool, int, str))
+
+
+def _reference_linear(ref_hidden, ref_weight, ref_bias, weight, bias, hidden):
+    """(ref_hidden, ref_weight, ref_bias) with the defaults: the policy's lm_head when no ref_weight."""
+    if ref_hidden is None:
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight / ref_bias were given without ref_hidden")
+        return None
+    if ref_weight is None:
+        ref_weight, ref_bias = weight, (bias if ref_bias is None else ref_bias)
+    ref_hidden, ref_weight, ref_bias = V.check_linear(ref_hidden, ref_weight, ref_bias, "ref_")
+    if ref_hidden.shape[:2] != hidden.shape[:2]:
+        raise ValueError(
+            f"ref_hidden must be [B, T, H] with B, T = {tuple(hidden.shape[:2])} as hidden, "
+            f"got {tuple(ref_hidden.shape)}"
+        )
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must have V = {weight.shape[0]} rows as weight, got {ref_weight.shape[0]}")
+    V.check_same_device(hidden, ref_hidden=ref_hidden)
+    return ref_hidden, ref_weight, ref_bias
+
+
+def fused_linear_dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str | list[str] = "sigmoid",
+    loss_weights: list[float] | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reference_free: bool = False,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_metrics: bool = False,
+    chunk_size: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    grad_in_forward: bool | None = None,
+    **loss_options: Any,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO-family loss from the policy's last hidden states and lm_head, without the [N, V] logits.
+
+    Same rows, masks, loss types, metrics and errors as :func:`fastdpo.fused_dpo_loss`, with the
+    logits ``hidden @ weight.T + bias`` never materialized beyond one chunk of valid tokens.
+
+    Args:
+        hidden: [B, T, H] with B = 2P rows: rows 0..P-1 chosen, rows P..2P-1 rejected; aligned
+            with the labels (``labels[:, t]`` is scored by ``hidden[:, t]``; shift before calling).
+        weight: [V, H] lm_head weight (same dtype and device as ``hidden``); bias: optional [V].
+        labels: [B, T] integer; ``ignore_index`` marks skipped positions.
+        ref_logps: [B] precomputed reference log-prob sums (detached), or
+        ref_hidden: [B, T, H'] reference hidden states, evaluated forward-only in the same call
+            with ``ref_weight`` [V, H'] and ``ref_bias`` [V] (default: the policy's ``weight`` and
+            ``bias``, the case of a frozen lm_head).
+        mask, beta, loss_type, loss_weights, label_smoothing, reference_free, temperature, softcap,
+        return_metrics, **loss_options: as in :func:`fastdpo.fused_dpo_loss`.
+        chunk_size: valid tokens per chunk of logits (default: about 256 MB of logits). With
+            grad_in_forward a chunk holds whole pairs, one pair at least.
+        cu_seqlens: for a packed batch: hidden (and ref_hidden) [1, total_tokens, H], labels / mask
+            [1, total_tokens], int32/int64 [B + 1] cumulative row lengths; rows as above.
+        grad_in_forward: build the gradients in the forward pass, pair group by pair group
+            (6 N H V FLOPs instead of 8; one backward per call). Default: on unless a loss couples
+            pairs (aot family). Always exact: the backward checks the row gradients it receives
+            and recomputes if they are not the ones the forward assumed.
+
+    Returns:
+        The scalar loss (mean over pairs), or ``(loss, metrics)`` with ``return_metrics=True``.
+    """
+    options = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+                   **loss_options)
+    cfg = LossConfig(**options)
+    hidden, weight, bias = V.check_linear(hidden, weight, bias)
+    rows = hidden.shape[0] if cu_seqlens is None else check_cu_seqlens(cu_seqlens, hidden.shape, hidden)
+    V.check_pairs(rows, "hidden" if cu_seqlens is None else "cu_seqlens")
+    V.check_labels(labels, hidden.shape[:2], mask)  # policy inputs first, before the reference pass
+    V.check_same_device(hidden, labels=labels, mask=mask)
+    common = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                  chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+    reference = _reference_linear(ref_hidden, ref_weight, ref_bias, weight, bias, hidden)
+    ref_pass = None
+    if reference is not None:
+        r_hidden, r_weight, r_bias = reference
+        ref_pass = lambda: linear_sequence_stats(  # noqa: E731
+            r_hidden, r_weight, labels, bias=r_bias, prefix="ref_", **common
+        ).logps
+    ref = resolve_reference(cfg, rows, hidden, ref_logps, reference_free, ref_pass)
+    spec = _spec_for(cfg, options, grad_in_forward)
+    policy = linear_sequence_stats(hidden, weight, labels, bias=bias, sum_scores=return_metrics,
+                                   grad_spec=None if spec is None else (spec, ref), **common)
+    return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
+                          vocab=weight.shape[0], return_metrics=return_metrics)
+
+
+class FusedLinearDPOLoss(nn.Module):
+    """Module form of :func:`fused_linear_dpo_loss`; keyword options are fixed at construction.
+
+        loss_fn = FusedLinearDPOLoss(beta=0.1)
+        loss = loss_fn(hidden, model.lm_head.weight, labels, ref_logps)
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        LossConfig(**{k: v for k, v in options.items() if k not in _CALL_KEYS})  # fail early on bad options
+        self.options = options
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ref_logps: torch.Tensor | None = None,
+        **overrides: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return fused_linear_dpo_loss(hidden, weight, labels, ref_logps, **{**self.options, **overrides})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+_CALL_KEYS = {"bias", "ref_hidden", "ref_weight", "ref_bias", "mask", "ignore_index", "reference_free",
+              "temperature", "softcap", "return_metrics", "chunk_size", "cu_seqlens", "grad_in_forward"}

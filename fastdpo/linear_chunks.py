@@ -1,0 +1,288 @@
+"""The fused linear pass: chunks of valid tokens through cuBLAS and the token log-prob kernels.
+
+Only the valid (unmasked) tokens are gathered, so prompt and padding never reach a matmul. For a
+chunk of them with hidden rows h [C, H], lm_head weight W [V, H] and bias b [V]:
+
+    forward:   z = h W^T + b                        [C, V] in the input dtype, the only
+               logp, lse, zsum = token kernels(z)  [tokens x vocab] buffer (reused chunk to chunk)
+    backward:  with g_t = dLoss / dlogps[row(t)]    (one scalar per row, from the loss)
+               dz = token backward(z, g)            written over z
+               dH[t] = dz W,   dW += dz^T h,   db += sum_t dz
+
+`forward` keeps one fp32 logsumexp per token, and `backward` recomputes z: 8 Nv H V FLOPs in all
+(Nv valid tokens). `forward_with_grads` does the backward's work inside the forward, group of
+pairs by group of pairs, as soon as a group's loss gradient is known, so z is never recomputed:
+6 Nv H V. Both hold one chunk of logits at a time besides the gradients themselves.
+
+dW accumulates over chunks in the weight's dtype (each chunk's GEMM accumulates in fp32 inside
+cuBLAS, then adds into dW with one rounding): an fp32 accumulator would cost 2 x |W| more bytes
+(2.1 GB at V = 128256, H = 4096), more than the whole budget of the pass. With k chunks the
+rounding error is about sqrt(k) half-ulps of the input dtype; db accumulates in fp32 ([V] only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .backend import get_backend
+from .packed import segment_sums
+
+# One chunk of logits (input dtype) stays near this many bytes unless a chunk size is given.
+CHUNK_BYTES = 256 * 2**20
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk so that one [chunk, V] logits buffer is about CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
+
+
+@dataclass
+class Plan:
+    """Where the valid tokens are. Rows are contiguous in the flat layout, so they stay contiguous here."""
+
+    order: torch.Tensor  # [Nv] int64 flat indices of the valid tokens, ascending
+    labels: torch.Tensor  # [Nv] int32 their labels
+    rows: torch.Tensor  # [Nv] int64 their row
+    starts: list[int]  # [B + 1] on the host: row b owns order[starts[b] : starts[b + 1]]
+    starts_t: torch.Tensor  # the same on the device, for segment sums
+
+    @property
+    def num_valid(self) -> int:
+        return self.starts[-1]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.starts_t[1:] - self.starts_t[:-1]
+
+
+def make_plan(labels: torch.Tensor, offsets: torch.Tensor) -> Plan:
+    """labels: flat [N] int32 (-1 = masked); offsets: int64 [B + 1] row offsets into them."""
+    valid = labels >= 0
+    prefix = torch.cat([valid.new_zeros(1, dtype=torch.int64), valid.cumsum(0)])
+    starts_t = prefix[offsets]
+    starts = starts_t.tolist()  # the host learns the chunk layout: one sync per pass
+    order = torch.nonzero(valid).squeeze(1)
+    B = offsets.numel() - 1
+    counts = starts_t[1:] - starts_t[:-1]
+    rows = torch.repeat_interleave(torch.arange(B, device=labels.device), counts, output_size=starts[-1])
+    return Plan(order=order, labels=labels[order], rows=rows, starts=starts, starts_t=starts_t)
+
+
+# ---- chunk layouts: a chunk is a list of [start, end) ranges of positions in plan.order ----
+
+Chunk = list[tuple[int, int]]
+
+
+def token_chunks(plan: Plan, chunk_tokens: int) -> list[Chunk]:
+    """Consecutive valid tokens, `chunk_tokens` at a time (rows may straddle chunks); never empty."""
+    n = plan.num_valid
+    return [[(a, min(a + chunk_tokens, n))] for a in range(0, n, chunk_tokens)]
+
+
+def pair_groups(plan: Plan, chunk_tokens: int) -> list[tuple[list[int], Chunk]]:
+    """Groups of whole pairs (rows i and i + P), as many as fit in `chunk_tokens` (at least one).
+
+    Returns (rows of the group, chunk) for the groups with any valid token. Rows [chosen; rejected]: the chosen rows of pairs i..j-1
+    are one range of positions and their rejected rows another.
+    """
+    s, P = plan.starts, (len(plan.starts) - 1) // 2
+    size = [s[i + 1] - s[i] + s[P + i + 1] - s[P + i] for i in range(P)]
+    groups, i = [], 0
+    while i < P:
+        j, tokens = i + 1, size[i]
+        while j < P and tokens + size[j] <= chunk_tokens:
+            tokens += size[j]
+            j += 1
+        if tokens:  # a group whose rows have no completion token contributes nothing
+            rows = list(range(i, j)) + list(range(P + i, P + j))
+            groups.append((rows, [(s[i], s[j]), (s[P + i], s[P + j])]))
+        i = j
+    return groups
+
+
+def _positions(chunk: Chunk, device: torch.device) -> torch.Tensor | slice:
+    if len(chunk) == 1:
+        return slice(*chunk[0])
+    return torch.cat([torch.arange(a, b, device=device) for a, b in chunk])
+
+
+def _size(chunk: Chunk) -> int:
+    return sum(b - a for a, b in chunk)
+
+
+# ---- the three stages of one chunk ----
+
+@dataclass
+class Options:
+    inv_temp: float
+    softcap: float | None
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """z = h W^T (+ b) into `out`, in the input dtype: cuBLAS on GPU."""
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+@dataclass
+class Grads:
+    """Gradient buffers being filled (None where not wanted)."""
+
+    hidden: torch.Tensor | None  # [N, H], zero on masked rows
+    weight: torch.Tensor | None  # [V, H]
+    bias: torch.Tensor | None  # [V], accumulated in fp32 and cast by `finish`
+    weight_started: bool = False
+
+    def add(self, dz: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> None:
+        """Fold one chunk's logits gradient dz [C, V] into dH, dW and db."""
+        if self.hidden is not None:
+            self.hidden.index_copy_(0, idx, torch.mm(dz, weight))
+        if self.weight is not None:
+            if self.weight_started:
+                self.weight.addmm_(dz.t(), h)
+            else:  # the first chunk writes dW, so it needs no zero fill
+                torch.mm(dz.t(), h, out=self.weight)
+                self.weight_started = True
+        if self.bias is not None:
+            self.bias += dz.sum(0, dtype=self.bias.dtype)
+
+    def finish(self) -> None:
+        if self.weight is not None and not self.weight_started:
+            self.weight.zero_()  # no valid token at all
+
+
+def new_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              want: tuple[bool, bool, bool]) -> Grads:
+    want_h, want_w, want_b = want
+    return Grads(
+        hidden=hidden.new_zeros(hidden.shape) if want_h else None,
+        weight=torch.empty_like(weight, memory_format=torch.contiguous_format) if want_w else None,
+        bias=torch.zeros(weight.shape[0], dtype=acc_dtype(weight.dtype), device=weight.device)
+        if want_b and bias is not None else None,
+    )
+
+
+class _Pass:
+    """The per-chunk work shared by every mode: gather, matmul, kernels, gradient."""
+
+    def __init__(self, plan: Plan, hidden, weight, bias, opts: Options, max_chunk: int):
+        self.plan, self.hidden, self.weight, self.bias, self.opts = plan, hidden, weight, bias, opts
+        self.backend = get_backend(hidden.device)
+        # One logits buffer for the whole pass, sliced per chunk: no allocator churn.
+        self.buf = hidden.new_empty((max(max_chunk, 0), weight.shape[0]))
+
+    def logits(self, chunk: Chunk):
+        pos = _positions(chunk, self.hidden.device)
+        idx = self.plan.order[pos]
+        h = self.hidden.index_select(0, idx)
+        z = _logits(h, self.weight, self.bias, self.buf[: h.shape[0]])
+        return pos, idx, h, z
+
+    def token_forward(self, z: torch.Tensor, pos, sum_scores: bool):
+        return self.backend.token_logps_forward(
+            z.unsqueeze(0), self.plan.labels[pos], inv_temp=self.opts.inv_temp, softcap=self.opts.softcap,
+            save_lse=True, sum_scores=sum_scores,
+        )
+
+    def token_backward_(self, z: torch.Tensor, pos, lse: torch.Tensor, g_tok: torch.Tensor) -> torch.Tensor:
+        """dz over z, in place (each element is read before it is written, softcap included)."""
+        view = z.unsqueeze(0)
+        self.backend.token_logps_backward(
+            view, self.plan.labels[pos], lse, g_tok.contiguous(), inv_temp=self.opts.inv_temp,
+            softcap=self.opts.softcap, out=view,
+        )
+        return z
+
+
+@dataclass
+class ForwardResult:
+    logps: torch.Tensor  # [B] row sums of the label log-probs (fp32, fp64 for fp64 inputs)
+    zsum: torch.Tensor | None  # [B] row sums of sum_v s_tv, when asked
+    lse: torch.Tensor  # [N] per-token logsumexp (0 on masked tokens)
+
+
+def _per_token(plan: Plan, like: torch.Tensor, sum_scores: bool):
+    """Zeroed [Nv] log-prob, logsumexp and (if asked) score-sum vectors in the accumulation dtype."""
+    new = lambda: torch.zeros(plan.num_valid, dtype=acc_dtype(like.dtype), device=like.device)  # noqa: E731
+    return new(), new(), (new() if sum_scores else None)
+
+
+def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum) -> ForwardResult:
+    lse_full = lse.new_zeros(n_tokens)
+    lse_full[plan.order] = lse
+    zrows = segment_sums(zsum, plan.starts_t) if zsum is not None else None
+    return ForwardResult(logps=segment_sums(logp, plan.starts_t), zsum=zrows, lse=lse_full)
+
+
+def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, chunk_tokens: int) -> ForwardResult:
+    """Row log-probs (and score sums), saving one logsumexp per token for `backward`."""
+    chunks = token_chunks(plan, chunk_tokens)
+    run = _Pass(plan, hidden, weight, bias, opts, max((_size(c) for c in chunks), default=0))
+    logp, lse, zsum = _per_token(plan, hidden, sum_scores)
+    for chunk in chunks:
+        pos, _idx, _h, z = run.logits(chunk)
+        lp, ls, zs = run.token_forward(z, pos, sum_scores)
+        logp[pos], lse[pos] = lp, ls
+        if sum_scores:
+            zsum[pos] = zs
+    return _finish_forward(plan, hidden.shape[0], logp, lse, zsum)
+
+
+def backward(plan: Plan, hidden, weight, bias, opts: Options, lse: torch.Tensor, grad_rows: torch.Tensor,
+             chunk_tokens: int, grads: Grads) -> Grads:
+    """Recompute each chunk's logits, turn them into dz in place, fold dz into `grads`."""
+    chunks = token_chunks(plan, chunk_tokens)
+    run = _Pass(plan, hidden, weight, bias, opts, max((_size(c) for c in chunks), default=0))
+    lse_valid = lse[plan.order]
+    g_valid = grad_rows.to(lse.dtype)[plan.rows]
+    for chunk in chunks:
+        pos, idx, h, z = run.logits(chunk)
+        dz = run.token_backward_(z, pos, lse_valid[pos], g_valid[pos])
+        grads.add(dz, h, idx, weight)
+    grads.finish()
+    return grads
+
+
+def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, chunk_tokens: int,
+                       loss_grad: Callable[[torch.Tensor], torch.Tensor], grads: Grads):
+    """`forward` plus the gradients, computed while each group's logits are still in the buffer.
+
+    `loss_grad(rows)` is dLoss/dlogps [B] at per-row log-probs `rows` [B]; it is called once per
+    group, with the rows not computed yet holding placeholders. So the gradient used for a group
+    is exact when a pair's gradient depends on that pair alone (every loss that does not sort or
+    otherwise couple pairs); the caller verifies that guess against the true gradient.
+
+    Returns (ForwardResult, guess [B]: the row gradients the buffers were built with).
+    """
+    acc = acc_dtype(hidden.dtype)
+    groups = pair_groups(plan, chunk_tokens)
+    run = _Pass(plan, hidden, weight, bias, opts, max((_size(c) for _, c in groups), default=0))
+    logp, lse, zsum = _per_token(plan, hidden, sum_scores)
+    counts = plan.counts.to(acc)
+    # Rows not computed yet hold a placeholder of -1 nat per token (finite for every loss); rows
+    # without a valid token are exactly 0 and are never in a group.
+    done = counts == 0
+    current = -counts
+    guess = torch.zeros_like(current)
+    for rows, chunk in groups:
+        pos, idx, h, z = run.logits(chunk)
+        lp, ls, zs = run.token_forward(z, pos, sum_scores)
+        logp[pos], lse[pos] = lp, ls
+        if sum_scores:
+            zsum[pos] = zs
+        done[rows] = True
+        current = torch.where(done, segment_sums(logp, plan.starts_t), current)
+        g = loss_grad(current)
+        guess[rows] = g[rows]
+        dz = run.token_backward_(z, pos, ls, g.to(acc)[plan.rows[pos]])
+        grads.add(dz, h, idx, weight)
+    grads.finish()
+    return _finish_forward(plan, hidden.shape[0], logp, lse, zsum), guess

@@ -1,0 +1,246 @@
+"""Autograd ops of the fused linear path, registered as torch custom ops.
+
+Two forward ops, both from hidden states [N, H] (flattened), lm_head weight [V, H], optional bias,
+flat labels [N] (-1 = masked) and row offsets [B + 1] to per-row log-prob sums [B]:
+
+- ``fastdpo::linear_logps``: forward only keeps one logsumexp per token; its backward
+  (``fastdpo::linear_logps_backward``) recomputes the logits chunk by chunk. Any loss. 8 Nv H V.
+- ``fastdpo::linear_logps_grad_in_forward``: also builds the gradients of hidden / weight / bias
+  during the forward, with the loss gradient of each group of pairs as soon as that group is done
+  (the loss configuration travels as a string). Its backward (``..._finish_``) checks that the true
+  row gradient is that guess times a scalar (the upstream gradient of the loss) and scales the
+  buffers in place; if not (a loss that couples pairs, a loss changed after the call), it
+  recomputes them exactly as the first op would. 6 Nv H V.
+
+Custom ops keep torch.compile(fullgraph=True) graphs whole: the chunk loops, host syncs and kernel
+launches run inside opaque calls whose output shapes the fake implementations give.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Optional
+
+import torch
+
+from . import linear_chunks as C
+from .losses import LossConfig
+
+Tensor = torch.Tensor
+
+
+def _opts(inv_temp: float, softcap: Optional[float]) -> C.Options:
+    return C.Options(inv_temp=inv_temp, softcap=softcap)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _grad_outputs(grads: C.Grads, hidden: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient buffers as op outputs: unwanted ones are empty tensors; db in the bias dtype."""
+    dh = grads.hidden if grads.hidden is not None else _empty(hidden)
+    dw = grads.weight if grads.weight is not None else _empty(hidden)
+    db = grads.bias.to(bias.dtype) if grads.bias is not None else _empty(hidden)
+    return dh, dw, db
+
+
+def _fake_grads(hidden, weight, want_h, want_w, want_b, has_bias):
+    return (hidden.new_empty(hidden.shape if want_h else (0,)),
+            weight.new_empty(weight.shape if want_w else (0,)),
+            weight.new_empty((weight.shape[0],) if want_b and has_bias else (0,)))
+
+
+def _fake_forward(hidden, weight, offsets, sum_scores):
+    acc = C.acc_dtype(hidden.dtype)
+    B = offsets.shape[0] - 1
+    return (hidden.new_empty(B, dtype=acc), hidden.new_empty(B if sum_scores else 0, dtype=acc),
+            hidden.new_empty(hidden.shape[0], dtype=acc))
+
+
+# ---- recompute: forward keeps the logsumexp, backward recomputes the logits ----
+
+@torch.library.custom_op("fastdpo::linear_logps", mutates_args=())
+def linear_logps(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
+    inv_temp: float, softcap: Optional[float], sum_scores: bool, chunk_tokens: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> row log-probs [B], row score sums [B] (empty unless `sum_scores`), logsumexp [N]."""
+    plan = C.make_plan(labels, offsets)
+    out = C.forward(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores, chunk_tokens)
+    return out.logps, (out.zsum if sum_scores else _empty(out.logps)), out.lse
+
+
+@linear_logps.register_fake
+def _(hidden, weight, bias, labels, offsets, inv_temp, softcap, sum_scores, chunk_tokens):
+    return _fake_forward(hidden, weight, offsets, sum_scores)
+
+
+@torch.library.custom_op("fastdpo::linear_logps_backward", mutates_args=())
+def linear_logps_backward(
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
+    lse: Tensor, inv_temp: float, softcap: Optional[float], chunk_tokens: int,
+    want_hidden: bool, want_weight: bool, want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> d hidden [N, H], d weight [V, H], d bias [V]; each empty when not wanted."""
+    plan = C.make_plan(labels, offsets)
+    grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
+    C.backward(plan, hidden, weight, bias, _opts(inv_temp, softcap), lse, grad_rows, chunk_tokens, grads)
+    return _grad_outputs(grads, hidden, bias)
+
+
+@linear_logps_backward.register_fake
+def _(grad_rows, hidden, weight, bias, labels, offsets, lse, inv_temp, softcap, chunk_tokens,
+      want_hidden, want_weight, want_bias):
+    return _fake_grads(hidden, weight, want_hidden, want_weight, want_bias, bias is not None)
+
+
+def _setup_recompute(ctx, inputs, output):
+    hidden, weight, bias, labels, offsets, inv_temp, softcap, _sum_scores, chunk_tokens = inputs
+    _logps, zsum, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse)
+    ctx.opts = (inv_temp, softcap, chunk_tokens)
+    ctx.mark_non_differentiable(zsum, lse)
+
+
+def _backward_recompute(ctx, grad_rows, _grad_zsum, _grad_lse):
+    hidden, weight, bias, labels, offsets, lse = ctx.saved_tensors
+    want = ctx.needs_input_grad[:3]
+    if grad_rows is None or not any(want):
+        return (None,) * 9
+    dh, dw, db = linear_logps_backward(grad_rows, hidden, weight, bias, labels, offsets, lse, *ctx.opts,
+                                       want[0], want[1], want[2] and bias is not None)
+    return _pick(want, dh, dw, db) + (None,) * 6
+
+
+def _pick(want, dh, dw, db):
+    return (dh if want[0] else None, dw if want[1] else None, db if want[2] else None)
+
+
+linear_logps.register_autograd(_backward_recompute, setup_context=_setup_recompute)
+
+
+# ---- gradients in the forward, for losses whose pair gradients do not depend on other pairs ----
+
+def loss_spec(options: dict) -> str:
+    """The loss configuration as one string (a custom op argument); `loss_grad_fn` reads it back."""
+    return repr(sorted(options.items()))
+
+
+def loss_grad_fn(spec: str, ref_rows: Tensor, counts: Tensor):
+    """dLoss/dlogps [B] at given row log-probs, for the loss that `spec` describes."""
+    from .dpo import loss_from_rows  # dpo imports this package's logps; import late, no cycle
+
+    cfg = LossConfig(**dict(ast.literal_eval(spec)))
+
+    # torch.func.grad, not torch.autograd.grad: a custom op's implementation runs below the
+    # autograd dispatch key, where plain autograd records nothing; the functorch transform works.
+    return torch.func.grad(lambda rows: loss_from_rows(rows, ref_rows, counts, cfg))
+
+
+@torch.library.custom_op("fastdpo::linear_logps_grad_in_forward", mutates_args=())
+def linear_logps_grad_in_forward(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, ref_rows: Tensor,
+    spec: str, inv_temp: float, softcap: Optional[float], sum_scores: bool, chunk_tokens: int,
+    want_hidden: bool, want_weight: bool, want_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> row log-probs, row score sums, logsumexp [N], the row gradients guessed [B], a 'used'
+    flag [1], and the gradients of hidden, weight, bias for that guess."""
+    plan = C.make_plan(labels, offsets)
+    grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
+    acc = C.acc_dtype(hidden.dtype)
+    loss_grad = loss_grad_fn(spec, ref_rows.detach(), plan.counts.to(acc))
+    out, guess = C.forward_with_grads(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores,
+                                      chunk_tokens, loss_grad, grads)
+    used = torch.zeros(1, dtype=torch.int32, device=hidden.device)
+    return (out.logps, (out.zsum if sum_scores else _empty(out.logps)), out.lse, guess, used,
+            *_grad_outputs(grads, hidden, bias))
+
+
+@linear_logps_grad_in_forward.register_fake
+def _(hidden, weight, bias, labels, offsets, ref_rows, spec, inv_temp, softcap, sum_scores, chunk_tokens,
+      want_hidden, want_weight, want_bias):
+    logps, zsum, lse = _fake_forward(hidden, weight, offsets, sum_scores)
+    return (logps, zsum, lse, torch.empty_like(logps), hidden.new_empty(1, dtype=torch.int32),
+            *_fake_grads(hidden, weight, want_hidden, want_weight, want_bias, bias is not None))
+
+
+# Relative mismatch allowed between the true row gradient and (scale x guess): the two come from
+# the same loss code on the same numbers, so they differ by rounding only.
+_GUESS_TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
+
+
+def guess_scale(grad_rows: Tensor, guess: Tensor, counts: Tensor) -> float | None:
+    """s with grad_rows = s * guess on every row that has a valid token, or None if there is none."""
+    rows = counts > 0
+    a, g = grad_rows.double()[rows], guess.double()[rows]
+    if a.numel() == 0:
+        return 1.0
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
+        return None
+    gg = float((g * g).sum())
+    if gg == 0.0:
+        return 1.0 if not bool(a.any()) else None
+    s = float((a * g).sum()) / gg
+    tol = _GUESS_TOL.get(guess.dtype, 1e-5)
+    if float((a - s * g).abs().max()) > tol * float(a.abs().max()):
+        return None
+    return 1.0 if abs(s - 1.0) <= tol else s
+
+
+@torch.library.custom_op(
+    "fastdpo::linear_logps_grad_in_forward_finish_", mutates_args=("used", "d_hidden", "d_weight", "d_bias")
+)
+def linear_logps_finish_(
+    grad_rows: Tensor, guess: Tensor, used: Tensor, d_hidden: Tensor, d_weight: Tensor, d_bias: Tensor,
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, lse: Tensor,
+    inv_temp: float, softcap: Optional[float], chunk_tokens: int,
+) -> None:
+    """Turn the gradients built for `guess` into the gradients for `grad_rows`, in place."""
+    if int(used[0]):
+        raise RuntimeError(
+            "fused_linear_dpo_loss(grad_in_forward=True) supports one backward per call; "
+            "pass grad_in_forward=False to backward through the same graph twice"
+        )
+    used.fill_(1)
+    plan = C.make_plan(labels, offsets)
+    s = guess_scale(grad_rows, guess, plan.counts)
+    bufs = [t for t in (d_hidden, d_weight, d_bias) if t.numel()]
+    if s is None:  # the guess does not explain the true gradient: recompute it exactly
+        grads = C.Grads(hidden=d_hidden.zero_() if d_hidden.numel() else None,
+                        weight=d_weight if d_weight.numel() else None,
+                        bias=torch.zeros_like(d_bias, dtype=C.acc_dtype(d_bias.dtype)) if d_bias.numel() else None)
+        C.backward(plan, hidden, weight, bias, _opts(inv_temp, softcap), lse, grad_rows, chunk_tokens, grads)
+        if grads.bias is not None:
+            d_bias.copy_(grads.bias)
+    elif s != 1.0:
+        for t in bufs:
+            t.mul_(s)
+
+
+@linear_logps_finish_.register_fake
+def _(grad_rows, guess, used, d_hidden, d_weight, d_bias, hidden, weight, bias, labels, offsets, lse,
+      inv_temp, softcap, chunk_tokens):
+    return None
+
+
+def _setup_grad_in_forward(ctx, inputs, output):
+    hidden, weight, bias, labels, offsets, _ref, _spec, inv_temp, softcap, _ss, chunk_tokens, *_want = inputs
+    _logps, zsum, lse, guess, used, dh, dw, db = output
+    ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db)
+    ctx.opts = (inv_temp, softcap, chunk_tokens)
+    ctx.mark_non_differentiable(zsum, lse, guess, used, dh, dw, db)
+
+
+def _backward_grad_in_forward(ctx, grad_rows, *_unused):
+    hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db = ctx.saved_tensors
+    want = ctx.needs_input_grad[:3]
+    if not any(want):
+        return (None,) * 14
+    if grad_rows is None:
+        grad_rows = torch.zeros_like(guess)
+    linear_logps_finish_(grad_rows, guess, used, dh, dw, db, hidden, weight, bias, labels, offsets, lse, *ctx.opts)
+    return _pick(want, dh, dw, db) + (None,) * 11
+
+
+linear_logps_grad_in_forward.register_autograd(_backward_grad_in_forward, setup_context=_setup_grad_in_forward)

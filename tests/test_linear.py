@@ -1,0 +1,290 @@
+"""Fused linear DPO (hidden states + lm_head in, no [N, V] logits) against the materialized float64 reference."""
+
+import pytest
+import torch
+
+import fastdpo
+import fastdpo.linear_chunks
+from reference64 import assert_close_rel, dpo_sigmoid64, scores64, seq_logps64, valid_mask
+
+GRAD_MODES = {"grad_in_forward": True, "recompute": False}
+
+
+def make_batch(P, T, H, V, dtype, device, bias=True, empty_row=None):
+    """hidden [2P, T, H], weight [V, H], bias [V], labels, a prompt + padding mask (optionally one empty row)."""
+    hidden = torch.randn(2 * P, T, H, device=device).to(dtype)
+    weight = (torch.randn(V, H, device=device) / H**0.5 * 3).to(dtype)
+    b = torch.randn(V, device=device).to(dtype) if bias else None
+    labels = torch.randint(0, V, (2 * P, T), device=device)
+    mask = torch.ones(2 * P, T, dtype=torch.bool, device=device)
+    mask[:, : T // 3] = False
+    mask[torch.arange(2 * P), torch.randint(T // 3, T, (2 * P,))] = False
+    if empty_row is not None:
+        mask[empty_row] = False
+    return hidden, weight, b, labels, mask
+
+
+def leaves(*tensors, dtype=None):
+    return [None if t is None else (t.to(dtype) if dtype else t.clone()).requires_grad_() for t in tensors]
+
+
+def logits64(hidden, weight, bias):
+    z = hidden @ weight.T
+    return z + bias if bias is not None else z
+
+
+def check_grads(got, want, rel, names=("hidden", "weight", "bias")):
+    for g, w, name in zip(got, want, names):
+        if w is None:
+            continue
+        assert g.grad is not None, f"no gradient for {name}"
+        assert_close_rel(g.grad, w.grad, rel, f"grad {name}")
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_logps_metrics_grads(backend, device, mode, bias, dtype):
+    """Sigmoid DPO with metrics, several chunks, one row without completion tokens, V = 131."""
+    beta, P = 0.2, 3
+    hidden, weight, b, labels, mask = make_batch(P, 7, 16, 131, dtype, device, bias=bias, empty_row=4)
+    ref = -30 * torch.rand(2 * P, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    loss, metrics = fastdpo.fused_linear_dpo_loss(
+        h, w, labels, ref, bias=bb, mask=mask, beta=beta, return_metrics=True, chunk_size=5,
+        grad_in_forward=GRAD_MODES[mode])
+    loss.backward()
+
+    h64, w64, b64 = leaves(hidden, weight, b, dtype=torch.float64)
+    z64 = logits64(h64, w64, b64)
+    logps64 = seq_logps64(z64, labels, mask)
+    loss64 = dpo_sigmoid64(logps64, ref, beta)
+    loss64.backward()
+    rel = 2e-6 if dtype == torch.float32 else 1e-12
+    assert_close_rel(loss, loss64, rel, "loss")
+    assert_close_rel(metrics["logps/chosen"], logps64[:P].mean(), rel, "logps/chosen")
+    assert_close_rel(metrics["logps/rejected"], logps64[P:].mean(), rel, "logps/rejected")
+    valid = valid_mask(labels, mask)
+    zsum = (scores64(z64.detach()) * valid.unsqueeze(-1)).sum((1, 2))
+    V = weight.shape[0]
+    assert_close_rel(metrics["logits/chosen"], zsum[:P].sum() / (valid[:P].sum() * V), rel, "logits/chosen")
+    assert_close_rel(metrics["logits/rejected"], zsum[P:].sum() / (valid[P:].sum() * V), rel, "logits/rejected")
+    rewards = beta * (logps64.detach() - ref.double())
+    assert_close_rel(metrics["rewards/margins"], (rewards[:P] - rewards[P:]).mean(), rel, "rewards/margins")
+    check_grads((h, w, bb), (h64, w64, b64), 1e-5 if dtype == torch.float32 else 1e-11)
+    assert torch.all(h.grad[~valid] == 0), "masked positions must get exactly zero gradient"
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_softcap_temperature(backend, device, mode):
+    hidden, weight, b, labels, mask = make_batch(2, 6, 12, 67, torch.float64, device)
+    ref = -20 * torch.rand(4, device=device)
+    opts = dict(temperature=0.7, softcap=4.0)
+    h, w, bb = leaves(hidden, weight, b)
+    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, bias=bb, mask=mask, chunk_size=4,
+                                         grad_in_forward=GRAD_MODES[mode], **opts)
+    (3.0 * loss).backward()  # an upstream gradient other than 1
+    h64, w64, b64 = leaves(hidden, weight, b)
+    loss64 = dpo_sigmoid64(seq_logps64(logits64(h64, w64, b64), labels, mask, **opts), ref, 0.1)
+    (3.0 * loss64).backward()
+    assert_close_rel(loss, loss64, 1e-12, "loss")
+    check_grads((h, w, bb), (h64, w64, b64), 1e-11)
+
+
+def test_linear_sequence_logps(backend, device):
+    """Per-row log-probs and their gradients for an arbitrary upstream gradient (no loss)."""
+    hidden, weight, b, labels, mask = make_batch(2, 6, 10, 45, torch.float32, device, empty_row=1)
+    h, w, bb = leaves(hidden, weight, b)
+    logps = fastdpo.linear_sequence_logps(h, w, labels, bias=bb, mask=mask, chunk_size=3, softcap=6.0)
+    up = torch.randn(4, device=device)
+    (logps * up).sum().backward()
+    h64, w64, b64 = leaves(hidden, weight, b, dtype=torch.float64)
+    logps64 = seq_logps64(logits64(h64, w64, b64), labels, mask, softcap=6.0)
+    (logps64 * up.double()).sum().backward()
+    assert logps.dtype == torch.float32
+    assert_close_rel(logps, logps64, 1e-6, "logps")
+    assert logps[1].item() == 0.0
+    check_grads((h, w, bb), (h64, w64, b64), 1e-5)
+
+
+@pytest.mark.parametrize("loss_type,weights,mode", [
+    ("ipo", None, "grad_in_forward"),
+    (["sigmoid", "sft"], [1.0, 0.5], "grad_in_forward"),  # RPO: the NLL term's gradient uses all counts
+    ("orpo", None, "grad_in_forward"),
+    ("aot", None, "grad_in_forward"),  # couples pairs: the backward must notice and recompute
+    ("aot", None, "recompute"),
+])
+def test_other_losses_match_from_logits(backend, device, loss_type, weights, mode):
+    """Any loss: the same loss and gradients as fused_dpo_loss on the materialized float64 logits."""
+    hidden, weight, b, labels, mask = make_batch(4, 5, 8, 29, torch.float64, device, bias=False)
+    ref = -15 * torch.rand(8, device=device)
+    opts = dict(loss_type=loss_type, loss_weights=weights, mask=mask, beta=0.3)
+    needs_ref = loss_type not in ("orpo",)
+    ref = ref if needs_ref else None
+    h, w = leaves(hidden, weight)
+    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, chunk_size=4, grad_in_forward=GRAD_MODES[mode], **opts)
+    loss.backward()
+    h64, w64 = leaves(hidden, weight)
+    loss64 = fastdpo.fused_dpo_loss(h64 @ w64.T, labels, ref, **opts)
+    loss64.backward()
+    assert_close_rel(loss, loss64, 1e-12, "loss")
+    check_grads((h, w), (h64, w64), 1e-11)
+
+
+def test_grad_in_forward_does_not_recompute(device, monkeypatch):
+    """The 6NHV path: for a pairwise loss the backward only scales, it never recomputes logits."""
+    hidden, weight, b, labels, mask = make_batch(2, 6, 8, 33, torch.float32, device)
+    h, w, bb = leaves(hidden, weight, b)
+    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, torch.zeros(4, device=device), bias=bb, mask=mask,
+                                         chunk_size=4)
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("the backward recomputed the logits")
+
+    monkeypatch.setattr(fastdpo.linear_chunks, "backward", recompute)
+    (0.5 * loss).backward()
+    assert h.grad is not None and w.grad is not None and bb.grad is not None
+
+
+def test_grad_in_forward_single_backward(device):
+    hidden, weight, b, labels, mask = make_batch(1, 4, 8, 17, torch.float32, device)
+    h, w = leaves(hidden, weight)
+    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, torch.zeros(2, device=device), mask=mask)
+    loss.backward(retain_graph=True)
+    # Eager autograd's version check catches it first; compiled graphs reach the op's own check.
+    with pytest.raises(RuntimeError, match="one backward per call|modified by an inplace operation"):
+        loss.backward()
+    h2, w2 = leaves(hidden, weight)
+    loss2 = fastdpo.fused_linear_dpo_loss(h2, w2, labels, torch.zeros(2, device=device), mask=mask,
+                                          grad_in_forward=False)
+    loss2.backward(retain_graph=True)
+    loss2.backward()  # the recompute path supports it
+    assert_close_rel(h2.grad, 2 * h.grad, 1e-6, "twice the gradient")
+
+
+def test_frozen_lm_head(backend, device):
+    """LoRA-style: only hidden requires grad; weight and bias get none."""
+    hidden, weight, b, labels, mask = make_batch(2, 5, 8, 23, torch.float32, device)
+    h = hidden.clone().requires_grad_()
+    for mode in GRAD_MODES.values():
+        h.grad = None
+        fastdpo.fused_linear_dpo_loss(h, weight, labels, torch.zeros(4, device=device), bias=b, mask=mask,
+                                      grad_in_forward=mode).backward()
+        h64, w64 = hidden.double().requires_grad_(), weight.double()
+        dpo_sigmoid64(seq_logps64(logits64(h64, w64, b.double()), labels, mask), torch.zeros(4), 0.1).backward()
+        assert_close_rel(h.grad, h64.grad, 1e-5, "grad hidden")
+        assert weight.grad is None and b.grad is None
+
+
+def test_bfloat16(backend, device):
+    """bf16 hidden / weight: logits rounded to bf16 once per chunk, everything else in fp32."""
+    hidden, weight, b, labels, mask = make_batch(2, 6, 16, 50, torch.bfloat16, device)
+    ref = -20 * torch.rand(4, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    loss, metrics = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, bias=bb, mask=mask, chunk_size=4,
+                                                  return_metrics=True)
+    loss.backward()
+    h64, w64, b64 = leaves(hidden, weight, b, dtype=torch.float64)
+    logps64 = seq_logps64(logits64(h64, w64, b64), labels, mask)
+    loss64 = dpo_sigmoid64(logps64, ref, 0.1)
+    loss64.backward()
+    assert metrics["logps/chosen"].dtype == torch.float32
+    assert_close_rel(metrics["logps/chosen"], logps64[:2].mean(), 2e-2, "logps/chosen")
+    assert_close_rel(loss, loss64, 2e-2, "loss")
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    check_grads((h, w, bb), (h64, w64, b64), 3e-2)
+
+
+def test_reference_from_hidden(backend, device):
+    """ref_hidden / ref_weight / ref_bias give the same loss as precomputed ref_logps, and no gradient."""
+    hidden, weight, b, labels, mask = make_batch(2, 5, 8, 31, torch.float64, device)
+    ref_hidden = hidden + torch.randn_like(hidden)
+    ref_weight = (weight + 0.1 * torch.randn_like(weight)).requires_grad_()
+    ref_logps = seq_logps64(logits64(ref_hidden, ref_weight.detach(), None), labels, mask)
+    a = fastdpo.fused_linear_dpo_loss(hidden, weight, labels, bias=b, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                      mask=mask, chunk_size=3)
+    expected = fastdpo.fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=b, mask=mask)
+    assert_close_rel(a, expected, 1e-12, "ref_hidden + ref_weight (no ref bias)")
+    # Without ref_weight the policy's lm_head (weight and bias) scores the reference.
+    shared = seq_logps64(logits64(ref_hidden, weight, b), labels, mask)
+    c = fastdpo.fused_linear_dpo_loss(hidden, weight, labels, bias=b, ref_hidden=ref_hidden, mask=mask)
+    assert_close_rel(c, fastdpo.fused_linear_dpo_loss(hidden, weight, labels, shared, bias=b, mask=mask),
+                     1e-12, "ref_hidden with the policy's lm_head")
+    assert ref_weight.grad is None
+
+
+def test_masked_tokens_never_reach_a_matmul(device, monkeypatch):
+    """Every logits chunk holds only valid tokens, at most chunk_size of them (no [N, V] buffer)."""
+    hidden, weight, b, labels, mask = make_batch(3, 8, 8, 19, torch.float32, device)
+    seen = []
+    real = fastdpo.linear_chunks._logits
+
+    def spy(h, w, bias, out):
+        seen.append(h.shape[0])
+        return real(h, w, bias, out)
+
+    monkeypatch.setattr(fastdpo.linear_chunks, "_logits", spy)
+    valid = int(valid_mask(labels, mask).sum())
+    h = hidden.clone().requires_grad_()
+    fastdpo.linear_sequence_logps(h, weight, labels, mask=mask, chunk_size=5).sum().backward()
+    assert sum(seen) == 2 * valid and max(seen) <= 5  # forward + recompute, valid tokens only
+    seen.clear()
+    h.grad = None
+    fastdpo.fused_linear_dpo_loss(h, weight, labels, torch.zeros(6, device=device), mask=mask,
+                                  chunk_size=5).backward()
+    assert sum(seen) == valid  # grad_in_forward: the logits are made once
+
+
+def test_module_matches_function(device):
+    hidden, weight, b, labels, mask = make_batch(2, 4, 8, 21, torch.float32, device)
+    ref = -5 * torch.rand(4, device=device)
+    module = fastdpo.FusedLinearDPOLoss(beta=0.2, label_smoothing=0.1, chunk_size=3)
+    a = module(hidden, weight, labels, ref, bias=b, mask=mask)
+    f = fastdpo.fused_linear_dpo_loss(hidden, weight, labels, ref, bias=b, mask=mask, beta=0.2,
+                                      label_smoothing=0.1, chunk_size=3)
+    assert torch.equal(a, f)
+    assert "beta=0.2" in repr(module)
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        fastdpo.FusedLinearDPOLoss(loss_type="nope")
+
+
+def _bad(**over):
+    hidden, weight, labels = torch.randn(4, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (4, 3))
+    args = dict(hidden=hidden, weight=weight, labels=labels, ref_logps=torch.zeros(4))
+    args.update(over)
+    return lambda: fastdpo.fused_linear_dpo_loss(**args)
+
+
+ERRORS = {
+    "hidden 2-d": (_bad(hidden=torch.randn(4, 8)), ValueError, r"hidden must be \[B, T, H\]"),
+    "weight H": (_bad(weight=torch.randn(11, 7)), ValueError, r"weight must be \[V, H\] with H = 8"),
+    "weight dtype": (_bad(weight=torch.randn(11, 8, dtype=torch.float64)), TypeError, "weight is torch.float64"),
+    "bias shape": (_bad(bias=torch.randn(10)), ValueError, r"bias must be \[V\] = \(11,\)"),
+    "bias dtype": (_bad(bias=torch.randn(11, dtype=torch.float64)), TypeError, "bias is torch.float64"),
+    "weight device": (_bad(weight=torch.randn(11, 8, device="meta")), ValueError, "weight is on meta"),
+    "integer hidden": (_bad(hidden=torch.zeros(4, 3, 8, dtype=torch.long)), TypeError, "hidden must be float"),
+    "odd rows": (_bad(hidden=torch.randn(3, 3, 8), labels=torch.zeros(3, 3, dtype=torch.long),
+                      ref_logps=torch.zeros(3)), ValueError, "even number of rows"),
+    "labels shape": (_bad(labels=torch.zeros(4, 2, dtype=torch.long)), ValueError, "labels must be"),
+    "label too large": (_bad(labels=torch.full((4, 3), 11)), ValueError, r"\[0, 11\)"),
+    "ref_weight alone": (_bad(ref_weight=torch.randn(11, 8)), ValueError, "without ref_hidden"),
+    "ref_hidden shape": (_bad(ref_logps=None, ref_hidden=torch.randn(4, 2, 8)), ValueError, "ref_hidden must be"),
+    "ref_weight vocab": (_bad(ref_logps=None, ref_hidden=torch.randn(4, 3, 8), ref_weight=torch.randn(12, 8)),
+                         ValueError, "ref_weight must have V = 11"),
+    "both references": (_bad(ref_hidden=torch.randn(4, 3, 8)), ValueError, "not both"),
+    "no reference": (_bad(ref_logps=None), ValueError, "needs a reference"),
+    "chunk_size": (_bad(chunk_size=0), ValueError, "chunk_size must be a positive"),
+    "softcap": (_bad(softcap=0.0), ValueError, "softcap must be > 0"),
+    "unknown loss": (_bad(loss_type="nope"), ValueError, "unknown loss_type"),
+}
+
+
+@pytest.mark.parametrize("name", ERRORS)
+def test_bad_input_raises_before_any_matmul(name, monkeypatch):
+    def launched(*args, **kwargs):
+        raise AssertionError("a matmul ran before the input was rejected")
+
+    monkeypatch.setattr(fastdpo.linear_chunks, "_logits", launched)
+    fn, error, message = ERRORS[name]
+    with pytest.raises(error, match=message):
+        fn()
