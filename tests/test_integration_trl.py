@@ -126,15 +126,21 @@ def test_two_steps_match_trl(case, models_, tokenizer, dataset, tmp_path):
     assert_same_training(expected, actual)
 
 
-def test_fused_linear_mode_matches_trl(models_, tokenizer, dataset, tmp_path):
+def test_fused_linear_mode_matches_trl(models_, tokenizer, dataset, tmp_path, monkeypatch):
     if not hasattr(fastdpo, "linear_sequence_logps"):
         # Until the fused-linear op lands, asking for it must fail clearly, not fall back silently.
         with pytest.raises(NotImplementedError, match="linear_sequence_logps"):
             build("fast", models_, tokenizer, dataset, dpo_args(tmp_path), mode="linear")
         return
+    from fastdpo import linear_chunks
+
+    recomputed = []
+    recompute = linear_chunks.backward
+    monkeypatch.setattr(linear_chunks, "backward", lambda *a, **k: recomputed.append(1) or recompute(*a, **k))
     expected = train_two_steps(build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a")))
     actual = train_two_steps(build("fast", models_, tokenizer, dataset, dpo_args(tmp_path / "b"), mode="linear"))
     assert_same_training(expected, actual)
+    assert not recomputed  # the gradients were built in the forward (6 N H V), not recomputed (8 N H V)
 
 
 # ---- precomputed reference log-probs -------------------------------------------------------------

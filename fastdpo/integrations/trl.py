@@ -167,12 +167,17 @@ class FastDPOMixin:
         model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        policy = self._fastdpo_rows(model, model_kwargs, labels, "policy")
+        # The reference first: in "linear" mode the policy pass can then build its gradients in the forward.
         if self.precompute_ref_logps:
-            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(policy.logps.device)
+            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         else:
             ref_model = self.model if self.ref_model is None else self.ref_model
             ref = self._fastdpo_reference(ref_model, model_kwargs, labels)
+        extra = {}
+        if self.fastdpo_options.mode == "linear" and (spec := self._fastdpo_grad_spec()) is not None:
+            extra["fastdpo_grad"] = (spec, ref.detach().float())
+        policy = self._fastdpo_rows(model, {**model_kwargs, **extra}, labels, "policy")
+        ref = ref.to(policy.logps.device)
         loss = self._fastdpo_loss(policy, ref, completion_mask)
         self._fastdpo_log(mode, policy, ref, inputs)
         if not return_outputs:
@@ -194,6 +199,28 @@ class FastDPOMixin:
             term = loss_from_rows(policy.logps, ref, counts.to(policy.logps.device), cfg) * weight
             loss = term if loss is None else loss + term
         return loss
+
+    def _fastdpo_grad_spec(self) -> str | None:
+        """TRL's whole loss as one fastdpo loss spec, for gradients in the forward; None when it is not one.
+
+        A spec that is off for a batch (IPO's count of an unscored first completion token) only costs
+        speed: the op's backward sees the mismatch and recomputes exactly.
+        """
+        try:
+            from fastdpo.linear import COUPLED_LOSSES
+            from fastdpo.linear_ops import loss_spec
+        except ImportError:
+            return None
+        names = [fastdpo_loss_name(t) for t in self.loss_types]
+        smoothed = {t in SMOOTHED for t in self.loss_types if t in SMOOTHED or t == "sigmoid"}
+        if any(n in COUPLED_LOSSES for n in names) or (self.label_smoothing and len(smoothed) > 1):
+            return None  # pairs coupled by sorting, or eps read by some types and not others
+        cfg = self._fastdpo_config(self.loss_types[0])
+        options = dict(loss_type=names, loss_weights=list(self.loss_weights), beta=self.beta,
+                       label_smoothing=self.label_smoothing if smoothed == {True} else 0.0,
+                       **{f.name: getattr(cfg, f.name) for f in fields(LossConfig)
+                          if f.init and f.name not in _CORE_FIELDS})
+        return loss_spec(options)
 
     def _fastdpo_config(self, loss_type: str) -> LossConfig:
         name = fastdpo_loss_name(loss_type)
