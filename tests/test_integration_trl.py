@@ -287,3 +287,31 @@ def test_fastdpo_imports_without_trl():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "refused"
+
+
+# ---- evaluation and PEFT go through the same head ------------------------------------------------
+def test_evaluate_matches_trl(models_, tokenizer, dataset, tmp_path):
+    results = []
+    for kind in ("trl", "fast"):
+        policy, ref = (copy.deepcopy(m) for m in models_)
+        cls = FastDPOTrainer if kind == "fast" else DPOTrainer
+        trainer = cls(model=policy, ref_model=ref, args=dpo_args(tmp_path / kind, per_device_eval_batch_size=4),
+                      train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+        results.append({k: v for k, v in trainer.evaluate().items() if "runtime" not in k and "per_second" not in k})
+    assert set(results[1]) == set(results[0]) and "eval_rewards/margins" in results[0]
+    for key, value in results[0].items():
+        assert results[1][key] == pytest.approx(value, rel=RTOL, abs=ATOL), key
+
+
+def test_lora_without_ref_model_matches_trl(models_, tokenizer, dataset, tmp_path):
+    """PEFT: the reference is the policy with its adapter disabled, as in TRL."""
+    from peft import LoraConfig
+
+    runs = []
+    for kind in ("trl", "fast"):
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        common = dict(model=copy.deepcopy(models_[0]), args=dpo_args(tmp_path / kind), train_dataset=dataset,
+                      processing_class=tokenizer, peft_config=lora)
+        trainer = FastDPOTrainer(**common) if kind == "fast" else DPOTrainer(**common)
+        runs.append(train_two_steps(trainer))
+    assert_same_training(*runs)
