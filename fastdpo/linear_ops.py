@@ -19,6 +19,8 @@ launches run inside opaque calls whose output shapes the fake implementations gi
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -133,9 +135,44 @@ def loss_grad_fn(spec: str, ref_rows: Tensor, counts: Tensor):
 
     cfg = LossConfig(**dict(ast.literal_eval(spec)))
 
-    # torch.func.grad, not torch.autograd.grad: a custom op's implementation runs below the
-    # autograd dispatch key, where plain autograd records nothing; the functorch transform works.
-    return torch.func.grad(lambda rows: loss_from_rows(rows, ref_rows, counts, cfg))
+    def grad(rows: Tensor) -> Tensor:
+        with _plain_autograd():
+            x = rows.detach().requires_grad_(True)
+            loss = loss_from_rows(x, ref_rows, counts, cfg)
+            (g,) = torch.autograd.grad(loss, x, allow_unused=True)
+        return g if g is not None else torch.zeros_like(rows)
+
+    return grad
+
+
+@contextlib.contextmanager
+def _plain_autograd():
+    """Eager autograd inside a custom op's implementation.
+
+    A custom op runs below the autograd dispatch key (eager), and inside a compiled graph's
+    runtime below nearly every key, with torch's own dispatch modes on the stack: there autograd
+    records nothing (and functorch transforms fail). The loss gradient needs plain autograd on a
+    few [B] tensors, so this clears the thread's dispatch-key sets and modes for that span and
+    restores them after. Private torch APIs, used the same way by torch's own eval_frame and
+    higher-order ops (torch 2.4+).
+    """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    include, exclude = _default_dispatch_keys()
+    with _disable_current_modes(), torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+@functools.lru_cache(maxsize=1)
+def _default_dispatch_keys():
+    """A fresh thread's key sets: BackendSelect and ADInplaceOrView included, autocast excluded."""
+    K = torch._C.DispatchKey
+    include = torch._C.DispatchKeySet(K.BackendSelect) | torch._C.DispatchKeySet(K.ADInplaceOrView)
+    exclude = include - include
+    for name in dir(K):
+        if name.startswith("Autocast"):
+            exclude = exclude | torch._C.DispatchKeySet(getattr(K, name))
+    return include, exclude
 
 
 @torch.library.custom_op("fastdpo::linear_logps_grad_in_forward", mutates_args=())
