@@ -22,7 +22,6 @@ table to --out and prints the table.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
