@@ -1,0 +1,112 @@
+"""Checkpoints that a crash cannot corrupt, and the final save_pretrained model.
+
+    run_dir/checkpoints/step-00000020/   model (safetensors), optimizer, scheduler, RNG per rank
+                                         (accelerate's save_state) + trainer_state.json
+    run_dir/checkpoints/latest           the name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary directory and renamed into place only once every
+rank has finished writing; `latest` is then replaced atomically. A crash at any point leaves the
+previous `latest` pointing at a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE = "trainer_state.json"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = checkpoint_root(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    path = checkpoint_root(run_dir) / pointer.read_text().strip()
+    return path if (path / STATE).is_file() else None
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE).read_text())
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
+    """Save the prepared model / optimizer / scheduler and `state` as checkpoint step-<state['step']>."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / STATE, state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a save): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(root / LATEST, final.name)
+        _prune(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
+    """Restore everything save_checkpoint saved; returns the trainer state."""
+    accelerator.load_state(str(checkpoint))
+    return read_state(checkpoint)
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_final_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path:
+    """save_pretrained (safetensors) + tokenizer, loadable by AutoModelForCausalLM.from_pretrained.
+
+    A LoRA policy is merged into its base first, so the result needs neither peft nor the base."""
+    from .model import is_peft
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    unwrapped = accelerator.unwrap_model(model)
+    if is_peft(unwrapped):
+        unwrapped = unwrapped.merge_and_unload()
+        state_dict = unwrapped.state_dict() if accelerator.is_main_process else None
+    else:
+        state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    accelerator.wait_for_everyone()
+    return out_dir

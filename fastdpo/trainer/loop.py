@@ -1,0 +1,426 @@
+"""DPOTrainer: setup, the training step, eval, checkpoints.
+
+    trainer = DPOTrainer(TrainConfig(...))   # checks options, data and model source; loads no model
+    summary = trainer.train()                # warm-up (optional) -> DPO steps -> final eval and save
+
+One optimizer step is `train_step`: micro-batches -> forward -> loss -> backward, then clip, step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint, save_final_model, write_json_atomic
+from .config import ConfigError, TrainConfig, check, resolve
+from .data import PairLoader, prepare_data, sharded_batches
+from .logs import RunLog, peak_memory_gb
+from .loss import LossFn, sft_loss
+from .model import check_model_source, frozen_copy, load_model, load_tokenizer, weight_dtype
+from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
+
+WARMUP_DIR = "warmup"  # the policy after the supervised warm-up: the starting point of DPO
+FINAL_DIR = "final"
+
+
+class DPOTrainer:
+    """DPO training of a causal LM with fastdpo's losses, on one process or many (Accelerate)."""
+
+    def __init__(self, cfg: TrainConfig | None = None) -> None:
+        cfg = resolve(cfg or TrainConfig())
+        check(cfg)
+        quiet_libraries()
+        self.accelerator = make_accelerator()
+        self.cfg = cfg = dataclasses.replace(cfg, run_dir=self._same_on_all_ranks(cfg.run_dir))
+        self.device = self.accelerator.device
+        self.autocast = use_autocast(cfg, self.device)
+        self.log = RunLog(cfg.run_dir, enabled=self.accelerator.is_main_process, progress_bar=cfg.progress_bar)
+        self.resume_from = self._check_run_dir()
+        check_model_source(cfg.model)
+        self.tokenizer = load_tokenizer(cfg)
+        self.data = prepare_data(cfg, self.tokenizer)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.loader = PairLoader(self.data.train, cfg.batch_size, world=world, rank=rank, seed=cfg.seed,
+                                 pad_id=self.tokenizer.pad_token_id)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.loader.per_epoch / cfg.grad_accum))
+        self.loss_fn = LossFn(cfg, self.autocast)
+        self.model = None  # built by setup()
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Setup: warm-up, policy, reference, optimizer, resume
+
+    def setup(self) -> None:
+        """Build the policy, reference, optimizer and schedule (and restore a checkpoint)."""
+        if self.model is not None:
+            return
+        cfg, acc = self.cfg, self.accelerator
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+        self._report_start()
+        start = self._warm_up() if cfg.sft_steps else cfg.model
+        if start is None:
+            return  # interrupted during the warm-up
+        model = load_model(start, cfg, self.tokenizer, weight_dtype(cfg, self.device.type == "cuda"))
+        frozen = frozen_copy(model).to(self.device) if cfg.ref == "copy" else None
+        key = cache_key(model, self._splits(), self._ref_settings(start)) if cfg.ref == "precompute" else None
+        self.model = acc.prepare(model)
+        self.optimizer, self.scheduler = acc.prepare(*make_optimizer(self.model, cfg.learning_rate, cfg,
+                                                                     self.total_steps))
+        self.reference = self._make_reference(frozen, key)
+        if self.resume_from is not None:
+            self.step = load_checkpoint(acc, self.resume_from)["step"]
+            self.log.truncate_after(self.step)
+            self.log.info(f"resumed from {self.resume_from} at step {self.step}")
+        self._saved_step = self.step
+        self._evaluated_step = -1
+
+    def _make_reference(self, frozen, key: str | None) -> Reference:
+        cfg = self.cfg
+        if cfg.ref == "copy":
+            return ModelReference(frozen, self.autocast)
+        if cfg.ref == "adapter":
+            return AdapterReference(self.model, self.autocast)
+        if cfg.ref == "precompute":
+            cache = Path(cfg.ref_cache_dir or default_cache_dir()) / f"{key}.pt"
+            hit = cache.is_file()
+            ref = precompute(self.model, self.accelerator, self._splits(), cache, batch_size=cfg.batch_size,
+                             pad_id=self.tokenizer.pad_token_id, autocast=self.autocast)
+            self.log.info(f"reference log-probs {'loaded from' if hit else 'precomputed into'} {cache}")
+            return ref
+        return Reference()
+
+    def _splits(self) -> dict[str, list]:
+        return {"train": self.data.train, "eval": self.data.eval}
+
+    def _ref_settings(self, start: str) -> dict[str, Any]:
+        import fastdpo
+
+        return {"model": start, "autocast": self.autocast, "fastdpo": fastdpo.__version__}
+
+    def _warm_up(self) -> str | None:
+        """Supervised warm-up on the chosen answers; its result is saved under run_dir/warmup and
+        is the starting policy (and so the reference) of DPO. Reused when it is already there."""
+        cfg, acc = self.cfg, self.accelerator
+        snapshot = Path(cfg.run_dir) / WARMUP_DIR
+        if (snapshot / "config.json").is_file():
+            return str(snapshot)
+        model = load_model(cfg.model, cfg, self.tokenizer, weight_dtype(cfg, self.device.type == "cuda"))
+        model = acc.prepare(model)
+        optimizer, scheduler = acc.prepare(*make_optimizer(model, cfg.sft_learning_rate, cfg, cfg.sft_steps))
+        self.log.start_bar(cfg.sft_steps, 0, "warm-up")
+        with StopOnSignal() as stop:
+            for step in range(cfg.sft_steps):
+                if stop.requested(acc):
+                    self.log.close_bar()
+                    self.log.info("interrupted during the warm-up; nothing saved")
+                    return None
+                model.train()
+                total = 0.0
+                for micro in range(cfg.grad_accum):
+                    batch = self.loader.batch(step * cfg.grad_accum + micro).to(self.device)
+                    with acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext():
+                        loss = sft_loss(model, batch, self.autocast)
+                        acc.backward(loss / cfg.grad_accum)
+                    total += loss.item() / cfg.grad_accum
+                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.sft_steps:
+                    self.log.write({"step": 0, "sft_step": step + 1, "sft_loss": total,
+                                    "lr": scheduler.get_last_lr()[0]})
+                self.log.advance({"sft_loss": total})
+        self.log.close_bar()
+        save_final_model(acc, model, self.tokenizer, snapshot)
+        acc.free_memory()  # forget the warm-up's wrapped model and optimizer
+        return str(snapshot)
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+
+    def train(self) -> dict[str, Any]:
+        """Run to --max-steps (or until Ctrl-C / SIGTERM, which saves a checkpoint first)."""
+        t0 = time.perf_counter()
+        with cpu_threads(self.cfg.cpu_threads if self.device.type == "cpu" else 0):
+            summary = self._train()
+        summary["seconds"] = time.perf_counter() - t0
+        return summary
+
+    def _train(self) -> dict[str, Any]:
+        self.setup()
+        if self.model is None:
+            return {"step": 0, "interrupted": True}
+        window, interrupted = Window(), False
+        self.log.start_bar(self.total_steps, self.step, "dpo")
+        with StopOnSignal() as stop:
+            while self.step < self.total_steps and not (interrupted := stop.requested(self.accelerator)):
+                t = time.perf_counter()
+                stats = self.train_step()
+                self.step += 1
+                window.add(stats, time.perf_counter() - t)
+                self._after_step(window, stats)
+        self.log.close_bar()
+        return self._finish(interrupted)
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step over --grad-accum micro-batches; returns their mean metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        self.model.train()
+        totals: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch = self.loader.batch(self.step * cfg.grad_accum + micro).to(self.device)
+            ref_logps = self.reference.logps(batch, "train")
+            with acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else nullcontext():
+                loss, metrics = self.loss_fn(self.model, batch, ref_logps)
+                acc.backward(loss / cfg.grad_accum)
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                totals[name] = totals.get(name, 0.0) + value.float() / cfg.grad_accum
+            tokens += int(batch.attention_mask.sum())
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**totals, "grad_norm": torch.as_tensor(grad_norm, dtype=torch.float32), "tokens": tokens}
+
+    def _after_step(self, window: "Window", stats: dict) -> None:
+        cfg = self.cfg
+        if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+            record = window.flush(self.accelerator)
+            self.log.write({"step": self.step, "epoch": self.loader.epoch_of(self.step * cfg.grad_accum),
+                            "lr": self.scheduler.get_last_lr()[0], **record,
+                            "peak_memory_gb": peak_memory_gb(self.device)})
+        self.log.advance({"loss": float(stats["loss"]), "acc": float(stats.get("rewards/accuracies", math.nan)),
+                          "tok/s": window.last_rate * self.accelerator.num_processes})
+        if self.data.eval and cfg.eval_steps and self.step % cfg.eval_steps == 0:
+            self.evaluate()
+        if cfg.save_steps and self.step % cfg.save_steps == 0:
+            self.save()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and TRL metrics over every eval pair (pair-weighted, across all ranks)."""
+        acc = self.accelerator
+        self.model.eval()
+        sums: torch.Tensor | float = 0.0
+        names: list[str] = []
+        for batch, n in sharded_batches(self.data.eval, self.cfg.batch_size, world=acc.num_processes,
+                                        rank=acc.process_index, pad_id=self.tokenizer.pad_token_id):
+            batch = batch.to(self.device)
+            loss, metrics = self.loss_fn(self.model, batch, self.reference.logps(batch, "eval"))
+            names = ["loss", *sorted(metrics)]
+            values = torch.stack([loss.float(), *(metrics[k].float() for k in names[1:]), torch.ones_like(loss)])
+            sums = sums + values * n  # batch means weighted by pairs; the last slot counts pairs
+        self.model.train()
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums, "sum")
+        sums = sums.tolist()
+        record = {f"eval_{k}": v / sums[-1] for k, v in zip(names, sums[:-1])}
+        self.log.write({"step": self.step, **record})
+        self.log.info(f"step {self.step}: eval loss {record['eval_loss']:.4f}, reward accuracy "
+                      f"{record.get('eval_rewards/accuracies', math.nan):.3f}, margin "
+                      f"{record.get('eval_rewards/margins', math.nan):.3f}")
+        self._evaluated_step = self.step
+        self.last_eval = record
+        return record
+
+    def save(self) -> Path:
+        """Checkpoint now (atomic; see checkpoint.py)."""
+        cfg = self.cfg
+        state = {"step": self.step, "micro_batches": self.step * cfg.grad_accum,
+                 "global_micro_batch": self.loader.global_batch, "grad_accum": cfg.grad_accum,
+                 "total_steps": self.total_steps, "config": cfg.to_dict()}
+        path = save_checkpoint(self.accelerator, cfg.run_dir, state, cfg.save_total_limit)
+        self._saved_step = self.step
+        return path
+
+    def _finish(self, interrupted: bool) -> dict[str, Any]:
+        summary: dict[str, Any] = {"step": self.step, "interrupted": interrupted}
+        if self._saved_step != self.step or interrupted:
+            summary["checkpoint"] = str(self.save())
+        if interrupted:
+            self.log.info(f"interrupted at step {self.step}; checkpoint saved to {summary['checkpoint']}; "
+                          f"continue with --resume --run-dir {self.cfg.run_dir}")
+            return summary
+        if self.data.eval and self._evaluated_step != self.step:
+            self.evaluate()
+        summary["eval"] = getattr(self, "last_eval", {})
+        summary["final_model"] = str(save_final_model(self.accelerator, self.model, self.tokenizer,
+                                                      Path(self.cfg.run_dir) / FINAL_DIR))
+        self.log.info(f"model saved to {summary['final_model']}")
+        return summary
+
+    # ------------------------------------------------------------------------------------------
+    # Start-up checks and reports
+
+    def _check_run_dir(self) -> Path | None:
+        """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs."""
+        cfg = self.cfg
+        latest = latest_checkpoint(cfg.run_dir)
+        if not cfg.resume:
+            if latest is not None or (Path(cfg.run_dir) / "metrics.jsonl").exists():
+                raise ConfigError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, "
+                                  "or choose another --run-dir")
+            return None
+        if latest is None:
+            raise ConfigError(f"--resume: no checkpoint in {Path(cfg.run_dir) / 'checkpoints'}")
+        state = read_state(latest)
+        global_batch = cfg.batch_size * self.accelerator.num_processes
+        if (state["global_micro_batch"], state["grad_accum"]) != (global_batch, cfg.grad_accum):
+            raise ConfigError(f"--resume: {latest} was trained with {state['global_micro_batch']} pairs per "
+                              f"micro-batch x {state['grad_accum']} accumulation, now {global_batch} x "
+                              f"{cfg.grad_accum}; resume with the same global batch")
+        return latest
+
+    def _report_start(self) -> None:
+        cfg, acc, data = self.cfg, self.accelerator, self.data
+        global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
+        facts = {"processes": acc.num_processes, "per_device_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                 "global_batch": global_batch, "total_steps": self.total_steps, "train_pairs": len(data.train),
+                 "eval_pairs": len(data.eval), "skipped_invalid": data.skipped_invalid,
+                 "dropped_too_long": data.dropped_too_long, "device": str(self.device), "autocast_bf16": self.autocast}
+        if acc.is_main_process:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(cfg.run_dir) / "config.json", cfg.to_dict())
+        self.log.write({"step": self.step if self.resume_from is None else read_state(self.resume_from)["step"],
+                        "event": "resume" if self.resume_from else "start", **facts})
+        self.log.info(f"fastdpo: {acc.num_processes} process(es) on {self.device}, {cfg.batch_size} pairs per device "
+                      f"x {acc.num_processes} x {cfg.grad_accum} accumulation = global batch {global_batch} pairs; "
+                      f"{self.total_steps} steps; {len(data.train)} train / {len(data.eval)} eval pairs")
+        if data.skipped_invalid or data.dropped_too_long:
+            self.log.info(f"skipped {data.skipped_invalid} malformed rows; dropped {data.dropped_too_long} pairs whose "
+                          f"prompt fills --max-length {cfg.max_length}")
+
+    def _same_on_all_ranks(self, value: str) -> str:
+        """The main process's value (the default run_dir holds a timestamp)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """Run with `n` torch threads (0: leave torch's setting), restoring it afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def quiet_libraries() -> None:
+    """Hide transformers' per-save progress bars, and the notes of both libraries about tied
+    weights (saved once, tied again on load)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+
+
+def make_accelerator():
+    """Accelerate for placement and DDP / FSDP / DeepSpeed; mixed precision is our own autocast,
+    because accelerate's would also cast the outputs to fp32: the [tokens x vocab] logits copy
+    that fastdpo exists to avoid."""
+    from accelerate import Accelerator
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # step_scheduler_with_optimizer=False: one scheduler step per optimizer step, whatever the
+    # number of processes (accelerate would otherwise step it once per process).
+    return Accelerator(mixed_precision=None if deepspeed else "no", step_scheduler_with_optimizer=False)
+
+
+def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.mixed_precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return cfg.mixed_precision == "bf16"
+
+
+def make_optimizer(model, lr: float, cfg: TrainConfig, steps: int):
+    """AdamW over the trainable parameters, with linear warm-up then the chosen decay."""
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.is_cuda for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    return optimizer, scheduler
+
+
+class Window:
+    """Metrics summed over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.seconds, self.tokens, self.last_rate = 0, 0.0, 0, 0.0
+
+    def add(self, stats: dict, seconds: float) -> None:
+        for name, value in stats.items():
+            if name != "tokens":
+                self.sums[name] = self.sums.get(name, 0.0) + value.detach().float().cpu()
+        self.steps += 1
+        self.seconds += seconds
+        self.tokens += stats["tokens"]
+        self.last_rate = stats["tokens"] / max(seconds, 1e-9)
+
+    def flush(self, accelerator) -> dict[str, float]:
+        """Means over the window and over the ranks; tokens/s over all ranks."""
+        names = sorted(self.sums)
+        values = torch.stack([self.sums[n] for n in names] + [torch.tensor(float(self.tokens))])
+        values[:-1] /= self.steps
+        if accelerator.num_processes > 1:
+            values = accelerator.reduce(values.to(accelerator.device), "sum").cpu()
+            values[:-1] /= accelerator.num_processes
+        record = dict(zip(names, values[:-1].tolist()))
+        record["tokens/s"] = values[-1].item() / max(self.seconds, 1e-9)
+        self.__init__()
+        return record
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, so that a
+    checkpoint can be saved; a second Ctrl-C aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "StopOnSignal":
+        self.flag = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))  # the next one is not caught
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, accelerator) -> bool:
+        """True once any rank got a signal (all ranks must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.flag
+        flag = torch.tensor([float(self.flag)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item() > 0)

@@ -1,0 +1,132 @@
+"""Models and tokenizers: the embedded tiny Llama or any AutoModelForCausalLM, with optional LoRA.
+
+`check_model_source` runs before anything heavy, so a missing model fails in one line at start.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import embedded
+from .config import EMBEDDED_MODEL, ConfigError, TrainConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_source(name: str) -> None:
+    """Fail with a one-line reason unless `name` is the embedded model, a model directory, or a
+    Hub model whose config can be fetched (the config only: no weights are read)."""
+    if name == EMBEDDED_MODEL:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model path {name} has no config.json (expected a save_pretrained directory)")
+        return
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ConfigError(f"model path not found: {name}")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001 - any failure means the name does not resolve
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model {name!r} is not a local path and could not be found on the Hub ({reason})") from None
+
+
+def load_tokenizer(cfg: TrainConfig):
+    """The tokenizer of --tokenizer or the model; padding falls back to EOS when there is no pad token."""
+    name = cfg.tokenizer or cfg.model
+    if name == EMBEDDED_MODEL:
+        tokenizer = embedded.build_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"cannot load the tokenizer of {name} ({str(e).strip().splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def weight_dtype(cfg: TrainConfig, on_gpu: bool) -> torch.dtype:
+    """--dtype auto: bf16 for a frozen LoRA base on GPU; otherwise float32, so that AdamW's small
+    updates are not rounded away (compute still runs in bf16 under autocast on GPU)."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    return torch.bfloat16 if on_gpu and cfg.lora_r and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_model(source: str, cfg: TrainConfig, tokenizer, dtype: torch.dtype):
+    """The policy from `source` (the embedded model, a path or a Hub name), ready to train."""
+    if source == EMBEDDED_MODEL:
+        model = embedded.build_model(tokenizer, cfg.seed).to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(source), dtype=dtype)
+    model.config.use_cache = False  # no KV cache in training
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r:
+        model = add_lora(model, cfg)
+    return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout makes the policy's log-probs noisy against the reference's; DPO turns it off."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0  # HF attention applies this functionally
+
+
+def add_lora(model, cfg: TrainConfig):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("--lora-r needs peft: pip install 'fastdpo[lora]'") from None
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    return get_peft_model(model, lora)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
+
+
+def frozen_copy(model):
+    """A no-grad, eval-mode copy of the (unwrapped) policy: the --ref copy reference."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def output_head(model) -> nn.Module:
+    """The LM head (lm_head) whose weight the fused linear loss multiplies with the hidden states."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ConfigError("--loss-impl fused_linear needs a model with an output embedding (lm_head)")
+    return head
+
+
+def final_softcap(model) -> float | None:
+    """Gemma-style final logit soft-capping, which the fused linear loss must reproduce."""
+    config = getattr(model, "config", None)
+    for name in ("logit_scale", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise ConfigError(f"--loss-impl fused_linear does not support models with {name}; use --loss-impl fused")
+    return getattr(config, "final_logit_softcapping", None)
