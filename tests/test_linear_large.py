@@ -1,0 +1,78 @@
+"""Fused linear DPO at ANCHORS.md's shapes A and C on a GPU (a small shape on CPU, same checks).
+
+Log-probs against float64 (of the same bf16 inputs), gradients against the fp32 eager method, and
+the memory bound of the issue: extra memory (gradients included) stays near |dW| + |dH| + one
+chunk of logits, never [N, V].
+"""
+
+import pytest
+import torch
+
+import fastdpo
+from reference64 import assert_close_rel
+from test_linear import assert_rel_to_max
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# name -> (P, T, H, V)
+SHAPES = {"A": (4, 1024, 4096, 128256), "C": (4, 2048, 3584, 151936)} if HAS_CUDA else {"small": (2, 64, 32, 1000)}
+
+
+def anchor_batch(P, T, H, V, dtype=torch.bfloat16):
+    hidden = torch.randn(2 * P, T, H, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, H, device=DEVICE) * 4 / H**0.5).to(dtype)
+    labels = torch.randint(0, V, (2 * P, T), device=DEVICE)
+    mask = torch.ones(2 * P, T, dtype=torch.bool, device=DEVICE)
+    mask[:, : T // 4] = False  # prompt
+    for row, pad in enumerate(torch.randint(0, T // 4 + 1, (2 * P,)).tolist()):
+        mask[row, T - pad :] = False  # right padding
+    return hidden, weight, labels, mask
+
+
+def logps64(hidden, weight, labels, mask, rows=512):
+    B, T, _ = hidden.shape
+    w = weight.double()
+    out = torch.zeros(B, dtype=torch.float64, device=hidden.device)
+    for b in range(B):
+        for t0 in range(0, T, rows):
+            s = hidden[b, t0 : t0 + rows].double() @ w.t()
+            lp = s.gather(1, labels[b, t0 : t0 + rows, None]).squeeze(1) - torch.logsumexp(s, 1)
+            out[b] += (lp * mask[b, t0 : t0 + rows]).sum()
+    return out
+
+
+def eager_fp32_grads(hidden, weight, labels, mask, ref, beta):
+    h, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    z = (h @ w.t()).log_softmax(-1)
+    lp = (z.gather(-1, labels[..., None]).squeeze(-1) * mask).sum(-1)
+    P = lp.shape[0] // 2
+    d = (lp[:P] - ref[:P]) - (lp[P:] - ref[P:])
+    return torch.autograd.grad(-torch.nn.functional.logsigmoid(beta * d).mean(), (h, w))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["grad_in_forward", "recompute"])
+def test_anchor_shape(shape, grad_in_forward):
+    P, T, H, V = SHAPES[shape]
+    hidden, weight, labels, mask = anchor_batch(P, T, H, V)
+    ref = -2000 * torch.rand(2 * P, device=DEVICE)
+    with torch.no_grad():
+        got = fastdpo.linear_sequence_logps(hidden, weight, labels, mask=mask)
+    assert_close_rel(got, logps64(hidden, weight, labels, mask), 1e-3, "logps (bf16 logits)")
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, mask=mask, beta=0.1, grad_in_forward=grad_in_forward)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    if HAS_CUDA:
+        extra = torch.cuda.max_memory_allocated() - base
+        grads = (dh.numel() + dw.numel()) * 2
+        chunk = 256 * 2**20 if not grad_in_forward else 2 * T * V * 2  # one chunk: at most a pair
+        assert extra < grads + chunk + 0.1 * 2**30, f"extra memory {extra / 1e9:.2f} GB"
+    del h, w
+    want_h, want_w = eager_fp32_grads(hidden, weight, labels, mask, ref, 0.1)
+    assert_rel_to_max(dh, want_h, 3e-2, "grad hidden")
+    assert_rel_to_max(dw, want_w, 3e-2, "grad weight")
