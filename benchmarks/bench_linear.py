@@ -84,20 +84,21 @@ def cce_impls() -> dict:
     }
 
 
-def implementations(only: set[str] | None, lean_chunk: int) -> dict[str, dict[str, Callable]]:
-    """name -> {"step": loss(h, w, y, m, ref), "ref": logps(h, w, y, m)}."""
+def implementations(only: set[str] | None, lean_chunk: int, chunk: int | None) -> dict[str, dict[str, Callable]]:
+    """name -> {"step": loss(h, w, y, m, ref), "ref": logps(h, w, y, m)}; `chunk` tunes fastdpo's default."""
     compiled_logps = torch.compile(eager_logps)
     impls = {
         "eager": {"step": lambda h, w, y, m, r: dpo_from_logps(eager_logps(h, w, y, m), r), "ref": eager_logps},
         "compile": {"step": torch.compile(lambda h, w, y, m, r: dpo_from_logps(eager_logps(h, w, y, m), r)),
                     "ref": compiled_logps},
         "fastdpo": {
-            "step": lambda h, w, y, m, r: fastdpo.fused_linear_dpo_loss(h, w, y, r, mask=m, beta=BETA),
-            "ref": lambda h, w, y, m: fastdpo.linear_sequence_logps(h, w, y, mask=m),
+            "step": lambda h, w, y, m, r: fastdpo.fused_linear_dpo_loss(h, w, y, r, mask=m, beta=BETA,
+                                                                        chunk_size=chunk),
+            "ref": lambda h, w, y, m: fastdpo.linear_sequence_logps(h, w, y, mask=m, chunk_size=chunk),
         },
         "fastdpo-recompute": {
             "step": lambda h, w, y, m, r: fastdpo.fused_linear_dpo_loss(h, w, y, r, mask=m, beta=BETA,
-                                                                        grad_in_forward=False),
+                                                                        grad_in_forward=False, chunk_size=chunk),
         },
         "fastdpo-lean": {
             "step": lambda h, w, y, m, r: fastdpo.fused_linear_dpo_loss(h, w, y, r, mask=m, beta=BETA,
@@ -203,6 +204,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--no-mask", action="store_true", help="every token is a completion token")
     p.add_argument("--lean-chunk", type=int, default=256, help="tokens per chunk of fastdpo-lean")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="tokens per chunk of fastdpo and fastdpo-recompute (default: fastdpo's, ~256 MB of logits)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -224,12 +227,13 @@ def main(argv=None) -> None:
         shapes[f"P{P}xT{T}xH{H}xV{V}"] = (P, T, H, V)
     if not shapes:
         shapes["tiny"] = (2, 64, 64, 1000)
-    impls = implementations(set(args.impls.split(",")) if args.impls else None, args.lean_chunk)
+    impls = implementations(set(args.impls.split(",")) if args.impls else None, args.lean_chunk, args.chunk_size)
     rate = common.matmul_rate(device)
     meta = {
         "device": common.device_name(device), "torch": torch.__version__, "triton": _triton_version(),
         "date": datetime.date.today().isoformat(), "bandwidth_tbs": common.copy_bandwidth(device) / 1e12,
         "matmul_tflops": rate / 1e12, "dtype": args.dtype, "masked": not args.no_mask,
+        "chunk_size": args.chunk_size, "lean_chunk": args.lean_chunk,
     }
     print(f"{meta['device']}: matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
     results = []

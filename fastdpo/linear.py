@@ -18,6 +18,12 @@ Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
 - recompute (aot, ``grad_in_forward=False``, or ``linear_sequence_logps``): the forward keeps
   one logsumexp per token and the backward recomputes each chunk's logits. 8 N H V FLOPs, with
   chunks of any size (a lean setting: small ``chunk_size``).
+
+Why no mode that keeps chunk logits from the forward to the backward: it saves the recomputation
+only for the chunks it keeps, so 6 N H V needs all valid logits kept (1.3 GB more at ANCHORS.md's
+shape A, 2.4 GB with the gradients), while grad_in_forward reaches 6 N H V holding one chunk.
+Keeping logits would only pay for losses that couple pairs (aot), which are rare.
+(N counts valid tokens throughout: masked ones never reach a matmul.)
 """
 
 from __future__ import annotations
