@@ -255,7 +255,8 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
                        loss_grad: Callable[[torch.Tensor], torch.Tensor], grads: Grads):
     """`forward` plus the gradients, computed while each group's logits are still in the buffer.
 
-    `loss_grad(rows)` is dLoss/dlogps [B] at per-row log-probs `rows` [B]; it is called once per
+    `loss_grad(rows)` is dLoss/dlogps [B] at per-row log-probs `rows` [B] (or None when it cannot
+    be computed: that group's guess is NaN and the backward recomputes); it is called once per
     group, with the rows not computed yet holding placeholders. So the gradient used for a group
     is exact when a pair's gradient depends on that pair alone (every loss that does not sort or
     otherwise couple pairs); the caller verifies that guess against the true gradient.
@@ -268,7 +269,7 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     logp, lse, zsum = _per_token(plan, hidden, sum_scores)
     counts = plan.counts.to(acc)
     # Rows not computed yet hold a placeholder of -1 nat per token (finite for every loss); rows
-    # without a valid token are exactly 0 and are never in a group.
+    # without a valid token hold their true value, 0, from the start.
     done = counts == 0
     current = -counts
     guess = torch.zeros_like(current)
@@ -281,6 +282,9 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
         done[rows] = True
         current = torch.where(done, segment_sums(logp, plan.starts_t), current)
         g = loss_grad(current)
+        if g is None:  # no gradient available here: a NaN guess makes the backward recompute
+            guess[rows] = float("nan")
+            continue
         guess[rows] = g[rows]
         dz = run.token_backward_(z, pos, ls, g.to(acc)[plan.rows[pos]])
         grads.add(dz, h, idx, weight)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -135,11 +136,16 @@ def loss_grad_fn(spec: str, ref_rows: Tensor, counts: Tensor):
 
     cfg = LossConfig(**dict(ast.literal_eval(spec)))
 
-    def grad(rows: Tensor) -> Tensor:
-        with _plain_autograd():
-            x = rows.detach().requires_grad_(True)
-            loss = loss_from_rows(x, ref_rows, counts, cfg)
-            (g,) = torch.autograd.grad(loss, x, allow_unused=True)
+    def grad(rows: Tensor) -> Tensor | None:
+        try:
+            with _plain_autograd():
+                x = rows.detach().requires_grad_(True)
+                loss = loss_from_rows(x, ref_rows, counts, cfg)
+                (g,) = torch.autograd.grad(loss, x, allow_unused=True)
+        except Exception as exc:  # a torch without the private APIs below: the backward recomputes
+            warnings.warn(f"fastdpo: no loss gradient inside the forward ({exc!r}); the backward recomputes "
+                          "the logits (8NHV instead of 6NHV)", RuntimeWarning, stacklevel=2)
+            return None
         return g if g is not None else torch.zeros_like(rows)
 
     return grad

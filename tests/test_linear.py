@@ -1,5 +1,7 @@
 """Fused linear DPO (hidden states + lm_head in, no [N, V] logits) against the materialized float64 reference."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -152,6 +154,28 @@ def test_grad_in_forward_does_not_recompute(device, monkeypatch):
     monkeypatch.setattr(fastdpo.linear_chunks, "backward", recompute)
     (0.5 * loss).backward()
     assert h.grad is not None and w.grad is not None and bb.grad is not None
+
+
+def test_no_loss_gradient_in_forward_falls_back(device, monkeypatch):
+    """If the loss gradient cannot be taken inside the op, the backward recomputes: same numbers."""
+    import fastdpo.linear_ops
+
+    def broken():
+        raise RuntimeError("no private dispatch APIs here")
+
+    hidden, weight, b, labels, mask = make_batch(2, 6, 8, 29, torch.float64, device)
+    ref = -10 * torch.rand(4, device=device)
+    grads = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(fastdpo.linear_ops, "_plain_autograd", broken)
+        h, w = leaves(hidden, weight)
+        with pytest.warns(RuntimeWarning, match="recomputes") if patch else contextlib.nullcontext():
+            loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, mask=mask, chunk_size=4)
+        loss.backward()
+        grads.append((h.grad, w.grad))
+    assert_rel_to_max(grads[1][0], grads[0][0], 1e-12, "grad hidden")
+    assert_rel_to_max(grads[1][1], grads[0][1], 1e-12, "grad weight")
 
 
 def test_grad_in_forward_single_backward(device):
