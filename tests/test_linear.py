@@ -102,14 +102,16 @@ def test_softcap_temperature(backend, device, mode):
 
 
 def test_linear_sequence_logps(backend, device):
-    """Per-row log-probs and their gradients for an arbitrary upstream gradient (no loss)."""
-    hidden, weight, b, labels, mask = make_batch(2, 6, 10, 45, torch.float32, device, empty_row=1)
+    """Per-row log-probs and their gradients for an arbitrary upstream gradient (no loss), from a
+    non-contiguous slice of the hidden states."""
+    hidden, weight, b, labels, mask = make_batch(2, 7, 10, 45, torch.float32, device, empty_row=1)
+    labels, mask = labels[:, 1:], mask[:, 1:]  # shifted: hidden[:, :-1] scores labels[:, 1:]
     h, w, bb = leaves(hidden, weight, b)
-    logps = fastdpo.linear_sequence_logps(h, w, labels, bias=bb, mask=mask, chunk_size=3, softcap=6.0)
+    logps = fastdpo.linear_sequence_logps(h[:, :-1], w, labels, bias=bb, mask=mask, chunk_size=3, softcap=6.0)
     up = torch.randn(4, device=device)
     (logps * up).sum().backward()
     h64, w64, b64 = leaves(hidden, weight, b, dtype=torch.float64)
-    logps64 = seq_logps64(logits64(h64, w64, b64), labels, mask, softcap=6.0)
+    logps64 = seq_logps64(logits64(h64[:, :-1], w64, b64), labels, mask, softcap=6.0)
     (logps64 * up.double()).sum().backward()
     assert logps.dtype == torch.float32
     assert_close_rel(logps, logps64, 1e-6, "logps")
