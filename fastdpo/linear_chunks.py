@@ -89,8 +89,9 @@ def token_chunks(plan: Plan, chunk_tokens: int) -> list[Chunk]:
 def pair_groups(plan: Plan, chunk_tokens: int) -> list[tuple[list[int], Chunk]]:
     """Groups of whole pairs (rows i and i + P), as many as fit in `chunk_tokens` (at least one).
 
-    Returns (rows of the group, chunk) for the groups with any valid token. Rows [chosen; rejected]: the chosen rows of pairs i..j-1
-    are one range of positions and their rejected rows another.
+    Returns (rows of the group, chunk) for the groups with any valid token. Rows are [chosen;
+    rejected], so the chosen rows of pairs i..j-1 are one range of positions and their rejected
+    rows another.
     """
     s, P = plan.starts, (len(plan.starts) - 1) // 2
     size = [s[i + 1] - s[i] + s[P + i + 1] - s[P + i] for i in range(P)]
