@@ -24,7 +24,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_che
 from .config import ConfigError, TrainConfig, check, resolve
 from .data import PairLoader, prepare_data, sharded_batches
 from .logs import RunLog, peak_memory_gb
-from .loss import LossFn, sft_loss
+from .loss import LossFn, sft_nll
 from .model import check_model_source, frozen_copy, load_model, load_tokenizer, weight_dtype
 from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
 
@@ -115,6 +115,47 @@ class DPOTrainer:
         snapshot = Path(cfg.run_dir) / WARMUP_DIR
         if (snapshot / "config.json").is_file():
             return str(snapshot)
+        model = acc.prepare(load_model(cfg.model, cfg, self.tokenizer, weight_dtype(cfg, self.device.type == "cuda")))
+        optimizer, scheduler = acc.prepare(*make_optimizer(model, cfg.sft_learning_rate, cfg, cfg.sft_steps))
+        self.log.start_bar(cfg.sft_steps, 0, "warm-up")
+        with StopOnSignal() as stop:
+            for step in range(cfg.sft_steps):
+                if stop.requested(acc):
+                    self.log.close_bar()
+                    self.log.info("interrupted during the warm-up; nothing saved")
+                    return None
+                loss = self._sft_step(model, optimizer, scheduler, step)
+                if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.sft_steps:
+                    self.log.write({"step": 0, "sft_step": step + 1, "sft_loss": loss, "lr": scheduler.get_last_lr()[0]})
+                self.log.advance({"sft_loss": loss})
+        self.log.close_bar()
+        save_final_model(acc, model, self.tokenizer, snapshot)
+        acc.free_memory()  # forget the warm-up's wrapped model and optimizer
+        return str(snapshot)
+
+    def _sft_step(self, model, optimizer, scheduler, step: int) -> float:
+        """One warm-up step; returns the token-mean NLL over the global batch."""
+        cfg, acc = self.cfg, self.accelerator
+        model.train()
+        loss = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = self.loader.batch(step * cfg.grad_accum + micro).to(self.device)
+            with acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext():
+                nll, tokens = sft_nll(model, batch, self.autocast)
+                # Divide by the tokens of the whole global micro-batch, times the world size that
+                # DDP's gradient average divides out again: the token mean of a single process.
+                tokens = self._sum(tokens).clamp(min=1)
+                acc.backward(nll / tokens * acc.num_processes / cfg.grad_accum)
+            loss += (self._sum(nll.detach()) / tokens).item() / cfg.grad_accum
+        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the processes."""
+        return self.accelerator.reduce(x, "sum") if self.accelerator.num_processes > 1 else x
         model = load_model(cfg.model, cfg, self.tokenizer, weight_dtype(cfg, self.device.type == "cuda"))
         model = acc.prepare(model)
         optimizer, scheduler = acc.prepare(*make_optimizer(model, cfg.sft_learning_rate, cfg, cfg.sft_steps))
@@ -130,9 +171,13 @@ class DPOTrainer:
                 for micro in range(cfg.grad_accum):
                     batch = self.loader.batch(step * cfg.grad_accum + micro).to(self.device)
                     with acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext():
-                        loss = sft_loss(model, batch, self.autocast)
-                        acc.backward(loss / cfg.grad_accum)
-                    total += loss.item() / cfg.grad_accum
+                        nll, tokens = sft_nll(model, batch, self.autocast)
+                        # Divide by the tokens of the whole global micro-batch (times the world size,
+                        # which DDP's gradient average divides out): the same token mean as one process.
+                        tokens = acc.reduce(tokens, "sum").clamp(min=1) if acc.num_processes > 1 else tokens.clamp(min=1)
+                        acc.backward(nll / tokens * acc.num_processes / cfg.grad_accum)
+                    nll = acc.reduce(nll.detach(), "sum") if acc.num_processes > 1 else nll.detach()
+                    total += nll.item() / tokens.item() / cfg.grad_accum
                 acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
                 optimizer.step()
                 scheduler.step()

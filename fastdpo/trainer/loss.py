@@ -89,13 +89,13 @@ def sequence_logps(model, batch: Batch, autocast: bool) -> torch.Tensor:
     return fastdpo.sequence_logps(logits, batch.labels[:, 1:])
 
 
-def sft_loss(model, batch: Batch, autocast: bool) -> torch.Tensor:
-    """Token-mean NLL of the chosen rows (the first half): the supervised warm-up."""
+def sft_nll(model, batch: Batch, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the chosen rows (the first half) and their token count: the supervised warm-up."""
     P = batch.pairs
     logits = forward(model, Batch(batch.input_ids[:P], batch.attention_mask[:P], batch.labels[:P], batch.index),
                      autocast)[:, :-1]
     labels = batch.labels[:P, 1:]
-    return -fastdpo.sequence_logps(logits, labels).sum() / (labels != -100).sum().clamp(min=1)
+    return -fastdpo.sequence_logps(logits, labels).sum(), (labels != -100).sum()
 
 
 def unwrap(model):

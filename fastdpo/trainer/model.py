@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,10 +76,19 @@ def load_model(source: str, cfg: TrainConfig, tokenizer, dtype: torch.dtype):
     if cfg.disable_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if cfg.lora_r:
         model = add_lora(model, cfg)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing, non-reentrant (works with frozen inputs, e.g. under LoRA)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -98,7 +108,9 @@ def add_lora(model, cfg: TrainConfig):
     targets = cfg.lora_target_modules
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                       target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def is_peft(model) -> bool:

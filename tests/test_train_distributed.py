@@ -1,0 +1,54 @@
+"""Two CPU processes (gloo) through `accelerate launch` match one process at the same global batch."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import pytest
+import torch
+from train_helpers import final_weights, run_cli, step_records, tiny_config
+
+from fastdpo.trainer import DPOTrainer
+from fastdpo.trainer.logs import read_metrics
+
+STEPS, GLOBAL_BATCH = 4, 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("ref", ["copy", "precompute"])
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path, ref):
+    common = dict(max_steps=STEPS, sft_steps=2, eval_steps=2, max_train_pairs=64, max_eval_pairs=13, ref=ref)
+    DPOTrainer(tiny_config(tmp_path / "one", batch_size=GLOBAL_BATCH, **common)).train()
+
+    cfg = tiny_config(tmp_path / "two", batch_size=GLOBAL_BATCH // 2, **common)
+    # accelerate's CPU multi-process path: torchrun-style workers (--multi_gpu) told to use the
+    # CPU and gloo (ACCELERATE_USE_CPU); `--cpu` alone would expect an MPI launcher.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "fastdpo.train"]
+    flags = ["--run-dir", cfg.run_dir, "--batch-size", str(cfg.batch_size), "--max-steps", str(STEPS),
+             "--sft-steps", "2", "--eval-steps", "2", "--max-train-pairs", "64", "--max-eval-pairs", "13",
+             "--logging-steps", "1", "--ref", ref, "--ref-cache-dir", str(tmp_path / "cache2"), "--no-progress-bar"]
+    result = run_cli(launch + flags, env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    start = read_metrics(cfg.run_dir)[0]
+    assert (start["processes"], start["per_device_batch"], start["global_batch"]) == (2, 4, GLOBAL_BATCH)
+    one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert two[step][name] == pytest.approx(one[step][name], rel=1e-4, abs=1e-6), (step, name)
+    evals = [[r for r in read_metrics(d) if "eval_loss" in r] for d in (tmp_path / "one", tmp_path / "two")]
+    assert [r["step"] for r in evals[1]] == [2, 4]  # 13 eval pairs: uneven shards, each pair counted once
+    for a, b in zip(*evals):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
+        assert b["eval_rewards/accuracies"] == pytest.approx(a["eval_rewards/accuracies"], abs=1e-6)
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -1,0 +1,133 @@
+"""Bad input fails at start, in one line, before any model loads (or, with --skip-invalid, is counted)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from train_helpers import tiny_config, write_jsonl
+
+from fastdpo import cli
+from fastdpo.trainer import ConfigError, DataError, DPOTrainer, loop
+from fastdpo.trainer.logs import read_metrics
+
+GOOD = {"prompt": "sort: ba\n", "chosen": "ab", "rejected": "ba"}
+
+
+@pytest.fixture(autouse=True)
+def no_model_loads(monkeypatch):
+    """Any model load in these tests is a failure: every error must come before one."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(loop, "load_model", refuse)
+
+
+def start(tmp_path, **options):
+    return DPOTrainer(tiny_config(tmp_path / "run", **options))
+
+
+BAD_ROWS = [
+    ("{not json", "invalid JSON"),
+    (json.dumps({"chosen": "ab", "rejected": "ba"}), "missing field 'prompt'"),
+    (json.dumps({"prompt": "sort: ba\n", "rejected": "ba"}), "missing field 'chosen'"),
+    (json.dumps({**GOOD, "chosen": ""}), "empty field 'chosen'"),
+    (json.dumps({**GOOD, "rejected": 3}), "field 'rejected' must be a string, got a number"),
+    (json.dumps({**GOOD, "prompt": [{"role": "user"}]}), "needs a string 'content'"),
+    (json.dumps([1, 2]), "expected an object"),
+    (json.dumps({"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]}),
+     "share no leading messages"),
+]
+
+
+@pytest.mark.parametrize("line, reason", BAD_ROWS, ids=[r for _, r in BAD_ROWS])
+def test_malformed_row_names_file_and_row(tmp_path, line, reason):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, GOOD, line, GOOD])
+    with pytest.raises(DataError) as e:
+        start(tmp_path, dataset=str(path))
+    message = str(e.value)
+    assert f"{path} row 3: " in message and reason in message and "\n" not in message
+
+
+def test_malformed_json_file_names_the_line(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"},\n {"prompt": ]')
+    with pytest.raises(DataError, match=r"data.json: invalid JSON at line 2"):
+        start(tmp_path, dataset=str(path))
+
+
+def test_skip_invalid_skips_and_counts(tmp_path, monkeypatch):
+    rows = [GOOD] * 8 + [line for line, _ in BAD_ROWS]
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    trainer = start(tmp_path, dataset=str(path), skip_invalid=True)
+    assert len(trainer.data.train) == 8 and trainer.data.skipped_invalid == len(BAD_ROWS)
+    trainer._report_start()  # the start record of metrics.jsonl carries the count
+    assert read_metrics(trainer.cfg.run_dir)[0]["skipped_invalid"] == len(BAD_ROWS)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", None])
+def test_empty_dataset(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content or "")
+    if content is None:  # only malformed rows, all skipped: empty as well
+        write_jsonl(path, ["{bad"])
+    with pytest.raises(DataError, match="the dataset is empty"):
+        start(tmp_path, dataset=str(path), skip_invalid=True)
+
+
+def test_missing_dataset_path(tmp_path):
+    with pytest.raises(DataError, match="dataset not found"):
+        start(tmp_path, dataset=str(tmp_path / "nope.jsonl"))
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(ConfigError, match="model path not found: .*nope"):
+        start(tmp_path, model=str(tmp_path / "nope"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        start(tmp_path, model=str(tmp_path / "empty_dir"))
+
+
+def test_unknown_loss_type(tmp_path):
+    with pytest.raises(ConfigError, match="unknown loss_type 'sigmoidd'"):
+        start(tmp_path, loss_type="sigmoidd")
+    with pytest.raises(ConfigError, match="unknown option 'gama'"):
+        start(tmp_path, loss_type="simpo", loss_options={"gama": 1.0})
+
+
+@pytest.mark.parametrize("options, reason", [
+    (dict(ref="none", loss_type="sigmoid"), "--ref none conflicts with --loss-type sigmoid"),
+    (dict(ref="none", loss_type="simpo,ipo"), "--ref none conflicts"),
+    (dict(ref="adapter"), "--ref adapter needs LoRA"),
+    (dict(ref="adapter", lora_r=4, sft_steps=3), "--ref adapter conflicts with --sft-steps"),
+    (dict(eval_split="test", eval_fraction=0.1), "--eval-split and --eval-fraction conflict"),
+    (dict(inplace_backward=True, loss_impl="reference"), "--inplace-backward applies to --loss-impl fused only"),
+    (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(resume=True, run_dir=""), "--resume needs --run-dir"),
+])
+def test_conflicting_options(tmp_path, options, reason):
+    cfg = dataclasses.replace(tiny_config(tmp_path / "run"), **options)
+    with pytest.raises(ConfigError) as e:
+        DPOTrainer(cfg)
+    assert reason in str(e.value)
+
+
+def test_run_dir_holding_a_run_needs_resume(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        start(tmp_path)
+    with pytest.raises(ConfigError, match="--resume: no checkpoint"):
+        start(tmp_path, resume=True)
+
+
+def test_cli_reports_one_line_and_exit_code_2(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, '{"prompt": 1}'])
+    code = cli.main(["train", "--dataset", str(path), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"fastdpo train: error: {path} row 2: field 'prompt' must be a string or a list " \
+        "of messages, got a number (pass --skip-invalid to skip such rows)"
+    assert cli.main(["train", "--model", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r2")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

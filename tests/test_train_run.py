@@ -1,0 +1,148 @@
+"""Trainer runs on the embedded model: learning, reference modes, loss paths, models by path, formats."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from train_helpers import final_weights, tiny_config, train_losses, write_jsonl
+
+import fastdpo
+from fastdpo.trainer import ConfigError, DPOTrainer, embedded
+from fastdpo.trainer.logs import read_metrics
+from fastdpo.trainer.plot import plot_run
+
+LOG2 = math.log(2.0)
+
+
+def run(run_dir, **options) -> dict:
+    return DPOTrainer(tiny_config(run_dir, **options)).train()
+
+
+def test_shortened_default_run_learns(tmp_path):
+    """The embedded default with fewer steps: reward accuracy and margins rise on held-out pairs."""
+    from fastdpo.trainer import TrainConfig
+
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"), sft_steps=80, max_steps=40, eval_steps=20,
+                      max_eval_pairs=200, progress_bar=False)
+    summary = DPOTrainer(cfg).train()
+    records = read_metrics(cfg.run_dir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert train[0]["rewards/margins"] < evals[0]["eval_rewards/margins"] < evals[1]["eval_rewards/margins"]
+    assert train[0]["rewards/accuracies"] < 0.9 <= evals[1]["eval_rewards/accuracies"]
+    assert train[-1]["loss"] < train[0]["loss"] < LOG2 + 1e-6
+    assert summary["eval"] == {k: v for k, v in evals[-1].items() if k != "step"}
+    for name in ("lr", "grad_norm", "tokens/s", "peak_memory_gb", "logps/chosen", "logits/rejected"):
+        assert name in train[-1]
+    assert plot_run(cfg.run_dir).stat().st_size > 10_000
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(summary["final_model"])
+    assert AutoTokenizer.from_pretrained(summary["final_model"]).chat_template == embedded.CHAT_TEMPLATE
+    saved = final_weights(cfg.run_dir)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved)
+
+
+def test_reference_modes_give_the_same_first_step_loss(tmp_path):
+    firsts = {}
+    for ref in ("copy", "precompute", "adapter"):
+        run(tmp_path / f"lora-{ref}", ref=ref, lora_r=4, max_steps=1)
+        firsts[ref] = train_losses(tmp_path / f"lora-{ref}")[0]
+    # the same reference as a frozen copy (copy), a table (precompute), the LoRA base (adapter)
+    assert firsts["copy"] == firsts["precompute"] == firsts["adapter"] == pytest.approx(LOG2, abs=1e-6)
+    for ref in ("none", "copy", "precompute"):  # a reference-free loss ignores the reference
+        run(tmp_path / f"simpo-{ref}", ref=ref, loss_type="simpo", max_steps=1)
+        firsts[f"simpo-{ref}"] = train_losses(tmp_path / f"simpo-{ref}")[0]
+    assert firsts["simpo-none"] == firsts["simpo-copy"] == firsts["simpo-precompute"]
+
+
+def test_precomputed_reference_is_cached_by_model_data_and_settings(tmp_path):
+    cache = tmp_path / "ref_cache"
+    run(tmp_path / "a", ref="precompute", max_steps=3)
+    assert len(list(cache.glob("*.pt"))) == 1
+    run(tmp_path / "b", ref="precompute", max_steps=3)  # same model, data, settings: a cache hit
+    assert len(list(cache.glob("*.pt"))) == 1
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    run(tmp_path / "c", ref="precompute", max_steps=1, seed=7)  # other weights
+    run(tmp_path / "d", ref="precompute", max_steps=1, max_length=20)  # other tokens
+    assert len(list(cache.glob("*.pt"))) == 3
+    run(tmp_path / "e", ref="copy", max_steps=3)
+    assert train_losses(tmp_path / "e") == pytest.approx(train_losses(tmp_path / "a"), rel=1e-6)
+
+
+def test_loss_implementations_agree(tmp_path):
+    run(tmp_path / "fused", loss_impl="fused", max_steps=3)
+    run(tmp_path / "reference", loss_impl="reference", max_steps=3)
+    assert train_losses(tmp_path / "fused") == pytest.approx(train_losses(tmp_path / "reference"), rel=1e-5)
+    a, b = final_weights(tmp_path / "fused"), final_weights(tmp_path / "reference")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    if hasattr(fastdpo, "fused_linear_dpo_loss"):
+        run(tmp_path / "linear", loss_impl="fused_linear", max_steps=3)
+        assert train_losses(tmp_path / "linear") == pytest.approx(train_losses(tmp_path / "fused"), rel=1e-5)
+    else:
+        with pytest.raises(ConfigError, match="needs fastdpo.fused_linear_dpo_loss"):
+            run(tmp_path / "linear", loss_impl="fused_linear")
+
+
+def test_every_loss_type_trains(tmp_path):
+    from fastdpo.losses import LOSSES, REFERENCE_FREE
+
+    needs = {"exo_pair": dict(label_smoothing=1e-3)}  # EXO takes log(eps)
+    for name in sorted(LOSSES):
+        run(tmp_path / name, loss_type=name, max_steps=1, ref="none" if name in REFERENCE_FREE else "copy",
+            max_train_pairs=8, max_eval_pairs=4, **needs.get(name, {}))
+        assert math.isfinite(train_losses(tmp_path / name)[0]), name
+
+
+def test_a_model_saved_with_save_pretrained_trains_by_path(tmp_path):
+    tokenizer = embedded.build_tokenizer()
+    model = embedded.build_model(tokenizer, seed=42)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    # The same weights and tokens by path as embedded: the same run.
+    run(tmp_path / "by_path", model=str(tmp_path / "model"), learning_rate=1e-3, batch_size=4, max_steps=3)
+    run(tmp_path / "embedded", max_steps=3)
+    assert train_losses(tmp_path / "by_path") == pytest.approx(train_losses(tmp_path / "embedded"), rel=1e-6)
+
+
+def test_gradient_checkpointing_and_accumulation_match_the_plain_step(tmp_path):
+    run(tmp_path / "plain", batch_size=8, max_steps=3)
+    run(tmp_path / "ckpt", batch_size=8, max_steps=3, gradient_checkpointing=True)
+    run(tmp_path / "accum", batch_size=4, grad_accum=2, max_steps=3)
+    plain = final_weights(tmp_path / "plain")
+    for other in ("ckpt", "accum"):
+        assert train_losses(tmp_path / other) == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-5)
+        weights = final_weights(tmp_path / other)
+        assert all(torch.allclose(weights[k], plain[k], atol=1e-5) for k in plain), other
+
+
+def test_conversational_and_minimind_datasets_train(tmp_path):
+    rows = embedded.make_split("test")[:16]
+    conversational = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                       "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                       "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+    minimind = [{"chosen": c["prompt"] + c["chosen"], "rejected": c["prompt"] + c["rejected"]} for c in conversational]
+    for name, data in (("conversational", conversational), ("minimind", minimind)):
+        path = write_jsonl(tmp_path / f"{name}.jsonl", data)
+        run(tmp_path / name, dataset=str(path), eval_fraction=0.25, max_steps=2)
+        assert train_losses(tmp_path / name)[0] == pytest.approx(LOG2, abs=1e-6)
+    assert train_losses(tmp_path / "conversational") == train_losses(tmp_path / "minimind")
+    (tmp_path / "data.json").write_text(json.dumps(conversational))
+    run(tmp_path / "json", dataset=str(tmp_path / "data.json"), eval_fraction=0.25, max_steps=2)
+    assert train_losses(tmp_path / "json") == train_losses(tmp_path / "conversational")
+
+
+def test_lora_final_model_is_merged_for_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    summary = run(tmp_path / "lora", lora_r=4, ref="adapter", max_steps=3, learning_rate=1e-2)
+    assert not any("lora" in k for k in final_weights(tmp_path / "lora"))
+    merged = AutoModelForCausalLM.from_pretrained(summary["final_model"])
+    base = embedded.build_model(embedded.build_tokenizer(), seed=42)
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed and all("proj" in k for k in changed)  # only the LoRA-adapted linears moved
