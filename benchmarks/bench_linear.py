@@ -205,7 +205,7 @@ def parse_args(argv=None):
     p.add_argument("--no-mask", action="store_true", help="every token is a completion token")
     p.add_argument("--lean-chunk", type=int, default=256, help="tokens per chunk of fastdpo-lean")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="tokens per chunk of fastdpo and fastdpo-recompute (default: fastdpo's, ~256 MB of logits)")
+                   help="tokens per chunk of fastdpo and fastdpo-recompute (default: fastdpo's, ~512 MiB of logits)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -6,15 +6,15 @@
       --> the same PairLogps -> loss (+ TRL metrics) as fused_dpo_loss
 
 Masked tokens (prompt, padding) are dropped before any matmul. The only [tokens x vocab] buffer
-is one chunk of logits in the input dtype (``chunk_size`` tokens, default about 256 MB); besides
+is one chunk of logits in the input dtype (``chunk_size`` tokens, default about 512 MiB); besides
 it the pass holds O(N H) floats and the gradients themselves, never [N, V].
 
 Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
 - grad_in_forward (default for every loss whose pair gradients do not depend on other pairs, so
   all but the aot family): the gradient of each group of pairs is applied while its logits are
-  still in the buffer, so the backward only scales what the forward built. 6 N H V FLOPs, and
-  the chunk is one or more whole pairs (one pair at least: 0.33 GB of bf16 logits for a pair
-  of 1290 valid tokens at V = 128256).
+  still in the buffer, so the backward only scales what the forward built. 6 N H V FLOPs, with
+  chunks of whole pairs (0.33 GB of bf16 logits for a pair of 1290 valid tokens at V = 128256);
+  a pair longer than ``chunk_size`` is forwarded in pieces and recomputed (8 N H V for it).
 - recompute (aot, ``grad_in_forward=False``, or ``linear_sequence_logps``): the forward keeps
   one logsumexp per token and the backward recomputes each chunk's logits. 8 N H V FLOPs, with
   chunks of any size (a lean setting: small ``chunk_size``).
@@ -128,7 +128,7 @@ def linear_sequence_logps(
         bias: optional [V] lm_head bias.
         mask: optional [B, T] bool or 0/1; positions with 0 are skipped.
         temperature, softcap: scores are ``softcap * tanh(z / softcap) / temperature``.
-        chunk_size: valid tokens per chunk of logits (default: about 256 MB of logits).
+        chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits).
         cu_seqlens: for a packed batch: hidden [1, total_tokens, H], labels / mask
             [1, total_tokens], and int32/int64 [B + 1] cumulative row lengths.
 
@@ -221,8 +221,8 @@ def fused_linear_dpo_loss(
             ``bias``, the case of a frozen lm_head).
         mask, beta, loss_type, loss_weights, label_smoothing, reference_free, temperature, softcap,
         return_metrics, **loss_options: as in :func:`fastdpo.fused_dpo_loss`.
-        chunk_size: valid tokens per chunk of logits (default: about 256 MB of logits). With
-            grad_in_forward a chunk holds whole pairs, one pair at least.
+        chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits). With
+            grad_in_forward a chunk holds whole pairs; a longer pair costs a recomputation.
         cu_seqlens: for a packed batch: hidden (and ref_hidden) [1, total_tokens, H], labels / mask
             [1, total_tokens], int32/int64 [B + 1] cumulative row lengths; rows as above.
         grad_in_forward: build the gradients in the forward pass, pair group by pair group

@@ -12,7 +12,9 @@ chunk of them with hidden rows h [C, H], lm_head weight W [V, H] and bias b [V]:
 `forward` keeps one fp32 logsumexp per token, and `backward` recomputes z: 8 Nv H V FLOPs in all
 (Nv valid tokens). `forward_with_grads` does the backward's work inside the forward, group of
 pairs by group of pairs, as soon as a group's loss gradient is known, so z is never recomputed:
-6 Nv H V. Both hold one chunk of logits at a time besides the gradients themselves.
+6 Nv H V. A single pair longer than a chunk is the exception: it is done in chunks, forward then
+recompute (8 Nv H V for that pair), so that both hold at most one chunk of logits at a time
+besides the gradients themselves, however long the rows.
 
 dW accumulates over chunks in the weight's dtype (each chunk's GEMM accumulates in fp32 inside
 cuBLAS, then adds into dW with one rounding): an fp32 accumulator would cost 2 x |W| more bytes
@@ -31,7 +33,9 @@ from .backend import get_backend
 from .packed import segment_sums
 
 # One chunk of logits (input dtype) stays near this many bytes unless a chunk size is given.
-CHUNK_BYTES = 256 * 2**20
+# 512 MiB holds a whole pair of ANCHORS.md's shape A (2 x 1024 tokens x 128256, bf16), which the
+# grad-in-forward path needs for 6 N H V; a tuning knob, to be set by measurement.
+CHUNK_BYTES = 512 * 2**20
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -106,6 +110,20 @@ def pair_groups(plan: Plan, chunk_tokens: int) -> list[tuple[list[int], Chunk]]:
             groups.append((rows, [(s[i], s[j]), (s[P + i], s[P + j])]))
         i = j
     return groups
+
+
+def split(chunk: Chunk, chunk_tokens: int) -> list[Chunk]:
+    """Cut a chunk into consecutive pieces of at most `chunk_tokens` positions."""
+    pieces, piece, size = [], [], 0
+    for a, b in chunk:
+        while a < b:
+            take = min(b - a, chunk_tokens - size)
+            piece.append((a, a + take))
+            size, a = size + take, a + take
+            if size == chunk_tokens:
+                pieces.append(piece)
+                piece, size = [], 0
+    return pieces + ([piece] if piece else [])
 
 
 def _positions(chunk: Chunk, device: torch.device) -> torch.Tensor | slice:
@@ -266,7 +284,7 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     """
     acc = acc_dtype(hidden.dtype)
     groups = pair_groups(plan, chunk_tokens)
-    run = _Pass(plan, hidden, weight, bias, opts, max((_size(c) for _, c in groups), default=0))
+    run = _Pass(plan, hidden, weight, bias, opts, min(chunk_tokens, max((_size(c) for _, c in groups), default=0)))
     logp, lse, zsum = _per_token(plan, hidden, sum_scores)
     counts = plan.counts.to(acc)
     # Rows not computed yet hold a placeholder of -1 nat per token (finite for every loss); rows
@@ -275,11 +293,15 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     current = -counts
     guess = torch.zeros_like(current)
     for rows, chunk in groups:
-        pos, idx, h, z = run.logits(chunk)
-        lp, ls, zs = run.token_forward(z, pos, sum_scores)
-        logp[pos], lse[pos] = lp, ls
-        if sum_scores:
-            zsum[pos] = zs
+        # A group fits in one chunk unless it is a single pair longer than a chunk: then its
+        # pieces are forwarded first and recomputed for the gradient.
+        pieces = split(chunk, chunk_tokens)
+        for piece in pieces:
+            pos, idx, h, z = run.logits(piece)
+            lp, ls, zs = run.token_forward(z, pos, sum_scores)
+            logp[pos], lse[pos] = lp, ls
+            if sum_scores:
+                zsum[pos] = zs
         done[rows] = True
         current = torch.where(done, segment_sums(logp, plan.starts_t), current)
         g = loss_grad(current)
@@ -287,7 +309,11 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
             guess[rows] = float("nan")
             continue
         guess[rows] = g[rows]
-        dz = run.token_backward_(z, pos, ls, g.to(acc)[plan.rows[pos]])
-        grads.add(dz, h, idx, weight)
+        g_valid = g.to(acc)[plan.rows]
+        for piece in pieces:
+            if len(pieces) > 1:
+                pos, idx, h, z = run.logits(piece)
+            dz = run.token_backward_(z, pos, lse[pos], g_valid[pos])
+            grads.add(dz, h, idx, weight)
     grads.finish()
     return _finish_forward(plan, hidden.shape[0], logp, lse, zsum), guess

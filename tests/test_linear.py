@@ -54,14 +54,18 @@ def check_grads(got, want, rel, names=("hidden", "weight", "bias")):
 @pytest.mark.parametrize("mode", GRAD_MODES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_loss_logps_metrics_grads(backend, device, mode, bias, dtype):
-    """Sigmoid DPO with metrics, several chunks, one row without completion tokens, V = 131."""
+@pytest.mark.parametrize("chunk", [5, 12], ids=["pairs-split", "pair-groups"])
+def test_loss_logps_metrics_grads(backend, device, mode, bias, dtype, chunk):
+    """Sigmoid DPO with metrics, several chunks, one row without completion tokens, V = 131.
+
+    Rows have 4 valid tokens: chunks of 5 split every pair (grad_in_forward recomputes them);
+    chunks of 12 hold whole pairs, the first two together (the second has the empty row)."""
     beta, P = 0.2, 3
     hidden, weight, b, labels, mask = make_batch(P, 7, 16, 131, dtype, device, bias=bias, empty_row=4)
     ref = -30 * torch.rand(2 * P, device=device)
     h, w, bb = leaves(hidden, weight, b)
     loss, metrics = fastdpo.fused_linear_dpo_loss(
-        h, w, labels, ref, bias=bb, mask=mask, beta=beta, return_metrics=True, chunk_size=5,
+        h, w, labels, ref, bias=bb, mask=mask, beta=beta, return_metrics=True, chunk_size=chunk,
         grad_in_forward=GRAD_MODES[mode])
     loss.backward()
 
@@ -262,11 +266,16 @@ def test_masked_tokens_never_reach_a_matmul(device, monkeypatch):
     h = hidden.clone().requires_grad_()
     fastdpo.linear_sequence_logps(h, weight, labels, mask=mask, chunk_size=5).sum().backward()
     assert sum(seen) == 2 * valid and max(seen) <= 5  # forward + recompute, valid tokens only
-    seen.clear()
-    h.grad = None
-    fastdpo.fused_linear_dpo_loss(h, weight, labels, torch.zeros(6, device=device), mask=mask,
-                                  chunk_size=5).backward()
-    assert sum(seen) == valid  # grad_in_forward: the logits are made once
+    pair = int(valid_mask(labels, mask).view(2, 3, 8).sum((0, 2)).max())  # valid tokens of the longest pair
+    for chunk in (pair, 5):
+        seen.clear()
+        fastdpo.fused_linear_dpo_loss(h, weight, labels, torch.zeros(6, device=device), mask=mask,
+                                      chunk_size=chunk).backward()
+        assert max(seen) <= chunk
+        if chunk == pair:
+            assert sum(seen) == valid  # grad_in_forward: the logits are made once
+        else:  # pairs longer than a chunk are forwarded in pieces, then recomputed
+            assert valid < sum(seen) <= 2 * valid
 
 
 def test_module_matches_function(device):

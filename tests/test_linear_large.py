@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastdpo
+import fastdpo.linear_chunks
 from reference64 import assert_close_rel
 from test_linear import assert_rel_to_max
 
@@ -70,7 +71,7 @@ def test_anchor_shape(shape, grad_in_forward):
     if HAS_CUDA:
         extra = torch.cuda.max_memory_allocated() - base
         grads = (dh.numel() + dw.numel()) * 2
-        chunk = 256 * 2**20 if not grad_in_forward else 2 * T * V * 2  # one chunk: at most a pair
+        chunk = fastdpo.linear_chunks.CHUNK_BYTES
         assert extra < grads + chunk + 0.1 * 2**30, f"extra memory {extra / 1e9:.2f} GB"
     del h, w
     want_h, want_w = eager_fp32_grads(hidden, weight, labels, mask, ref, 0.1)
