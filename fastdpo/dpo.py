@@ -103,7 +103,8 @@ def fused_dpo_loss(
         reference_free: use a zero reference (no ref_logps / ref_logits).
         temperature, softcap: scores are ``softcap * tanh(z / softcap) / temperature``.
         inplace_backward: write the logits gradient over the logits (saves one [B, T, V] tensor;
-            only safe when nothing else in the backward graph reads the logits).
+            only safe when nothing else in the backward graph reads the logits). Eager only:
+            under torch.compile the out-of-place backward runs (same numbers).
         return_metrics: also return TRL's metrics (detached batch means).
         cu_seqlens: for a packed, padding-free batch: logits [1, total_tokens, V] (ref_logits
             the same), labels and mask [1, total_tokens], and int32/int64 [B + 1] cumulative row
