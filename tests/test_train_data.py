@@ -9,8 +9,17 @@ import torch
 from train_helpers import tiny_config, write_jsonl
 
 from fastdpo.trainer import embedded
-from fastdpo.trainer.data import (Encoder, Pair, PairLoader, collate, find_sources, load_pairs, prepare_data,
-                                  sharded_batches, to_pair)
+from fastdpo.trainer.data import (
+    Encoder,
+    Pair,
+    PairLoader,
+    collate,
+    find_sources,
+    load_pairs,
+    prepare_data,
+    sharded_batches,
+    to_pair,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from train_helpers import final_weights, tiny_config, train_losses, write_jsonl
 
 import fastdpo
+from fastdpo import cli
 from fastdpo.trainer import ConfigError, DPOTrainer, embedded
 from fastdpo.trainer.logs import read_metrics
 from fastdpo.trainer.plot import plot_run
@@ -39,6 +40,7 @@ def test_shortened_default_run_learns(tmp_path):
     for name in ("lr", "grad_norm", "tokens/s", "peak_memory_gb", "logps/chosen", "logits/rejected"):
         assert name in train[-1]
     assert plot_run(cfg.run_dir).stat().st_size > 10_000
+    assert cli.main(["plot", cfg.run_dir, "--out", str(tmp_path / "c.png")]) == 0 and (tmp_path / "c.png").is_file()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

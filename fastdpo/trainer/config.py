@@ -42,7 +42,8 @@ class TrainConfig:
     model: str = _opt(EMBEDDED_MODEL, "Hub name or local path of an AutoModelForCausalLM; "
                       f"'{EMBEDDED_MODEL}' builds the embedded tiny Llama (random weights)")
     tokenizer: str = _opt("", "tokenizer name or path (default: the model's)")
-    dtype: str = _opt("auto", "weight dtype; auto = bfloat16 for a frozen LoRA base on GPU, else float32", choices=DTYPES)
+    dtype: str = _opt("auto", "weight dtype; auto = bfloat16 for a frozen LoRA base on GPU, else float32",
+                      choices=DTYPES)
     mixed_precision: str = _opt("auto", "bf16 autocast; auto = on for GPUs that support it", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward")
     disable_dropout: bool = _opt(True, "set every dropout to 0 (as TRL does for DPO)")
@@ -63,7 +64,8 @@ class TrainConfig:
     skip_invalid: bool = _opt(False, "skip malformed rows (counted in the log) instead of stopping")
 
     # Reference and loss
-    ref: str = _opt("copy", "reference: frozen copy, precomputed log-probs, LoRA base (adapter), or none", choices=REF_MODES)
+    ref: str = _opt("copy", "reference: frozen copy, precomputed log-probs, LoRA base (adapter), or none",
+                    choices=REF_MODES)
     ref_cache_dir: str = _opt("", "where --ref precompute caches log-probs (default ~/.cache/fastdpo/ref_logps)")
     loss_type: str = _opt("sigmoid", "a fastdpo loss name, or several joined by commas")
     loss_impl: str = _opt("fused", "fused (from logits), fused_linear (from hidden states), or reference "
@@ -96,7 +98,8 @@ class TrainConfig:
     logging_steps: int = _opt(10, "log metrics every N steps")
     eval_steps: Optional[int] = _opt(None, "evaluate every N steps and at the end (default 50 embedded, "
                                      "200 otherwise; 0 = only at the end)")
-    save_steps: int = _opt(500, "checkpoint every N steps (and always at the end and on Ctrl-C; 0 = never periodically)")
+    save_steps: int = _opt(500, "checkpoint every N steps (and always at the end and on Ctrl-C; "
+                           "0 = never periodically)")
     save_total_limit: int = _opt(2, "checkpoints kept (0 = all)")
     resume: bool = _opt(False, "continue from the latest checkpoint in --run-dir")
     progress_bar: bool = _opt(True, "show a tqdm progress bar")

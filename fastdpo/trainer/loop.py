@@ -14,17 +14,24 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint, save_final_model, write_json_atomic
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+    save_final_model,
+    write_json_atomic,
+)
 from .config import ConfigError, TrainConfig, check, resolve
 from .data import PairLoader, prepare_data, sharded_batches
 from .logs import RunLog, peak_memory_gb
-from .loss import LossFn, sft_nll
+from .loss import LossFn, loss_config, sft_nll
 from .model import check_model_source, frozen_copy, load_model, load_tokenizer, weight_dtype
 from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
 
@@ -39,22 +46,27 @@ class DPOTrainer:
         cfg = resolve(cfg or TrainConfig())
         check(cfg)
         quiet_libraries()
-        self.accelerator = make_accelerator()
+        self.accelerator = make_accelerator(cfg.grad_accum)
         self.cfg = cfg = dataclasses.replace(cfg, run_dir=self._same_on_all_ranks(cfg.run_dir))
         self.device = self.accelerator.device
         self.autocast = use_autocast(cfg, self.device)
         self.log = RunLog(cfg.run_dir, enabled=self.accelerator.is_main_process, progress_bar=cfg.progress_bar)
         self.resume_from = self._check_run_dir()
+        check_distributed(cfg, self.accelerator)
         check_model_source(cfg.model)
-        self.tokenizer = load_tokenizer(cfg)
-        self.data = prepare_data(cfg, self.tokenizer)
+        with self.accelerator.main_process_first():  # one download per machine, then the cache
+            self.tokenizer = load_tokenizer(cfg)
+            self.data = prepare_data(cfg, self.tokenizer)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         self.loader = PairLoader(self.data.train, cfg.batch_size, world=world, rank=rank, seed=cfg.seed,
                                  pad_id=self.tokenizer.pad_token_id)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.loader.per_epoch / cfg.grad_accum))
         self.loss_fn = LossFn(cfg, self.autocast)
+        # A reference-free loss never reads the reference: do not spend a model copy or a pass on one.
+        self.ref_mode = cfg.ref if loss_config(cfg).needs_reference else "none"
         self.model = None  # built by setup()
         self.step = 0
+        self.accelerator.wait_for_everyone()  # every rank has checked the run dir before any writes to it
 
     # ------------------------------------------------------------------------------------------
     # Setup: warm-up, policy, reference, optimizer, resume
@@ -72,8 +84,8 @@ class DPOTrainer:
         if start is None:
             return  # interrupted during the warm-up
         model = load_model(start, cfg, self.tokenizer, weight_dtype(cfg, self.device.type == "cuda"))
-        frozen = frozen_copy(model).to(self.device) if cfg.ref == "copy" else None
-        key = cache_key(model, self._splits(), self._ref_settings(start)) if cfg.ref == "precompute" else None
+        frozen = frozen_copy(model).to(self.device) if self.ref_mode == "copy" else None
+        key = cache_key(model, self._splits(), self._ref_settings(start)) if self.ref_mode == "precompute" else None
         self.model = acc.prepare(model)
         self.optimizer, self.scheduler = acc.prepare(*make_optimizer(self.model, cfg.learning_rate, cfg,
                                                                      self.total_steps))
@@ -87,11 +99,11 @@ class DPOTrainer:
 
     def _make_reference(self, frozen, key: str | None) -> Reference:
         cfg = self.cfg
-        if cfg.ref == "copy":
+        if self.ref_mode == "copy":
             return ModelReference(frozen, self.autocast)
-        if cfg.ref == "adapter":
+        if self.ref_mode == "adapter":
             return AdapterReference(self.model, self.autocast)
-        if cfg.ref == "precompute":
+        if self.ref_mode == "precompute":
             cache = Path(cfg.ref_cache_dir or default_cache_dir()) / f"{key}.pt"
             hit = cache.is_file()
             ref = precompute(self.model, self.accelerator, self._splits(), cache, batch_size=cfg.batch_size,
@@ -126,7 +138,8 @@ class DPOTrainer:
                     return None
                 loss = self._sft_step(model, optimizer, scheduler, step)
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.sft_steps:
-                    self.log.write({"step": 0, "sft_step": step + 1, "sft_loss": loss, "lr": scheduler.get_last_lr()[0]})
+                    self.log.write({"step": 0, "sft_step": step + 1, "sft_loss": loss,
+                                    "lr": scheduler.get_last_lr()[0]})
                 self.log.advance({"sft_loss": loss})
         self.log.close_bar()
         save_final_model(acc, model, self.tokenizer, snapshot)
@@ -140,56 +153,23 @@ class DPOTrainer:
         loss = 0.0
         for micro in range(cfg.grad_accum):
             batch = self.loader.batch(step * cfg.grad_accum + micro).to(self.device)
-            with acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext():
+            with acc.accumulate(model):
                 nll, tokens = sft_nll(model, batch, self.autocast)
                 # Divide by the tokens of the whole global micro-batch, times the world size that
                 # DDP's gradient average divides out again: the token mean of a single process.
                 tokens = self._sum(tokens).clamp(min=1)
-                acc.backward(nll / tokens * acc.num_processes / cfg.grad_accum)
+                acc.backward(nll / tokens * acc.num_processes)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             loss += (self._sum(nll.detach()) / tokens).item() / cfg.grad_accum
-        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-        optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         return loss
 
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the processes."""
         return self.accelerator.reduce(x, "sum") if self.accelerator.num_processes > 1 else x
-        model = load_model(cfg.model, cfg, self.tokenizer, weight_dtype(cfg, self.device.type == "cuda"))
-        model = acc.prepare(model)
-        optimizer, scheduler = acc.prepare(*make_optimizer(model, cfg.sft_learning_rate, cfg, cfg.sft_steps))
-        self.log.start_bar(cfg.sft_steps, 0, "warm-up")
-        with StopOnSignal() as stop:
-            for step in range(cfg.sft_steps):
-                if stop.requested(acc):
-                    self.log.close_bar()
-                    self.log.info("interrupted during the warm-up; nothing saved")
-                    return None
-                model.train()
-                total = 0.0
-                for micro in range(cfg.grad_accum):
-                    batch = self.loader.batch(step * cfg.grad_accum + micro).to(self.device)
-                    with acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext():
-                        nll, tokens = sft_nll(model, batch, self.autocast)
-                        # Divide by the tokens of the whole global micro-batch (times the world size,
-                        # which DDP's gradient average divides out): the same token mean as one process.
-                        tokens = acc.reduce(tokens, "sum").clamp(min=1) if acc.num_processes > 1 else tokens.clamp(min=1)
-                        acc.backward(nll / tokens * acc.num_processes / cfg.grad_accum)
-                    nll = acc.reduce(nll.detach(), "sum") if acc.num_processes > 1 else nll.detach()
-                    total += nll.item() / tokens.item() / cfg.grad_accum
-                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.sft_steps:
-                    self.log.write({"step": 0, "sft_step": step + 1, "sft_loss": total,
-                                    "lr": scheduler.get_last_lr()[0]})
-                self.log.advance({"sft_loss": total})
-        self.log.close_bar()
-        save_final_model(acc, model, self.tokenizer, snapshot)
-        acc.free_memory()  # forget the warm-up's wrapped model and optimizer
-        return str(snapshot)
 
     # ------------------------------------------------------------------------------------------
     # Training
@@ -227,16 +207,19 @@ class DPOTrainer:
         for micro in range(cfg.grad_accum):
             batch = self.loader.batch(self.step * cfg.grad_accum + micro).to(self.device)
             ref_logps = self.reference.logps(batch, "train")
-            with acc.no_sync(self.model) if micro < cfg.grad_accum - 1 else nullcontext():
+            # accumulate(): gradients sync, and the optimizer steps, on the last micro-batch only;
+            # backward() divides the loss by --grad-accum.
+            with acc.accumulate(self.model):
                 loss, metrics = self.loss_fn(self.model, batch, ref_logps)
-                acc.backward(loss / cfg.grad_accum)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 totals[name] = totals.get(name, 0.0) + value.float() / cfg.grad_accum
             tokens += int(batch.attention_mask.sum())
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
-        self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return {**totals, "grad_norm": torch.as_tensor(grad_norm, dtype=torch.float32), "tokens": tokens}
 
     def _after_step(self, window: "Window", stats: dict) -> None:
@@ -342,7 +325,10 @@ class DPOTrainer:
                         "event": "resume" if self.resume_from else "start", **facts})
         self.log.info(f"fastdpo: {acc.num_processes} process(es) on {self.device}, {cfg.batch_size} pairs per device "
                       f"x {acc.num_processes} x {cfg.grad_accum} accumulation = global batch {global_batch} pairs; "
-                      f"{self.total_steps} steps; {len(data.train)} train / {len(data.eval)} eval pairs")
+                      f"{self.total_steps} steps; {len(data.train)} train / {len(data.eval)} eval pairs; "
+                      f"run dir {cfg.run_dir}")
+        if self.ref_mode != cfg.ref:
+            self.log.info(f"--loss-type {cfg.loss_type} reads no reference: --ref {cfg.ref} is not used")
         if data.skipped_invalid or data.dropped_too_long:
             self.log.info(f"skipped {data.skipped_invalid} malformed rows; dropped {data.dropped_too_long} pairs whose "
                           f"prompt fills --max-length {cfg.max_length}")
@@ -380,16 +366,29 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
-def make_accelerator():
-    """Accelerate for placement and DDP / FSDP / DeepSpeed; mixed precision is our own autocast,
-    because accelerate's would also cast the outputs to fp32: the [tokens x vocab] logits copy
-    that fastdpo exists to avoid."""
+def make_accelerator(grad_accum: int):
+    """Accelerate for placement, accumulation and DDP / FSDP / DeepSpeed. Mixed precision is our
+    own autocast, because accelerate's would also cast the outputs to fp32: the [tokens x vocab]
+    logits copy that fastdpo exists to avoid."""
     from accelerate import Accelerator
 
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    # step_scheduler_with_optimizer=False: one scheduler step per optimizer step, whatever the
-    # number of processes (accelerate would otherwise step it once per process).
-    return Accelerator(mixed_precision=None if deepspeed else "no", step_scheduler_with_optimizer=False)
+    # step_scheduler_with_optimizer=False: we step the scheduler once per optimizer step (accelerate
+    # would step it once per process and per micro-batch).
+    return Accelerator(mixed_precision=None if deepspeed else "no", gradient_accumulation_steps=grad_accum,
+                       step_scheduler_with_optimizer=False)
+
+
+def check_distributed(cfg: TrainConfig, accelerator) -> None:
+    """Options that cannot work under the chosen distributed engine."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and cfg.loss_impl == "fused_linear":
+        raise ConfigError("--loss-impl fused_linear reads lm_head.weight outside the forward, which FSDP / DeepSpeed "
+                          "shard; use --loss-impl fused there")
+    if sharded and cfg.ref in ("copy", "adapter") and loss_config(cfg).needs_reference:
+        raise ConfigError(f"--ref {cfg.ref} runs an unsharded model beside FSDP / DeepSpeed; use --ref precompute")
 
 
 def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:

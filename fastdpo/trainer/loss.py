@@ -44,8 +44,9 @@ class LossFn:
     def __init__(self, cfg: TrainConfig, autocast: bool) -> None:
         self.impl = cfg.loss_impl
         losses = loss_config(cfg)
-        self.options: dict[str, Any] = dict(beta=cfg.beta, loss_type=losses.loss_type, label_smoothing=cfg.label_smoothing,
-                                            return_metrics=True, **cfg.loss_options)
+        self.options: dict[str, Any] = dict(beta=cfg.beta, loss_type=losses.loss_type,
+                                            label_smoothing=cfg.label_smoothing, return_metrics=True,
+                                            **cfg.loss_options)
         if cfg.inplace_backward:
             self.options["inplace_backward"] = True
         self.autocast = autocast

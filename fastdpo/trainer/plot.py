@@ -29,7 +29,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not (run_dir / METRICS).is_file():
         raise FileNotFoundError(f"{run_dir / METRICS} not found (is {run_dir} a fastdpo run directory?)")
     records = read_metrics(run_dir)
-    panels = [(title, names) for title, names in PANELS if any(_series(records, n)[0] for n in names + [f"eval_{n}" for n in names])]
+    panels = [(title, names) for title, names in PANELS
+              if any(_series(records, prefix + n)[0] for n in names for prefix in ("", "eval_"))]
     if not panels:
         raise ValueError(f"{run_dir / METRICS} holds no training metrics yet")
     cols = 4
@@ -37,10 +38,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, (title, names) in zip(axes.flat, panels):
         for name in names:
+            color = None  # a metric and its eval_ twin share a color: solid train, dashed eval
             for prefix, style in (("", "-"), ("eval_", "o--")):
                 steps, values = _series(records, prefix + name)
                 if steps:
-                    ax.plot(steps, values, style, markersize=3, label=prefix + name)
+                    (line,) = ax.plot(steps, values, style, color=color, markersize=3, label=prefix + name)
+                    color = line.get_color()
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
