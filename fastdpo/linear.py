@@ -39,12 +39,9 @@ from . import validation as V
 from .dpo import loss_from_rows, resolve_reference
 from .linear_ops import linear_logps, linear_logps_grad_in_forward, loss_spec
 from .logps import SequenceStats, _check_options
-from .losses import LossConfig
+from .losses import COUPLED_LOSSES, LossConfig
 from .packed import check_cu_seqlens, row_offsets, segment_sums
 
-# Losses whose gradient for one pair depends on other pairs' log-probs (they sort over the batch):
-# their gradients cannot be known pair by pair, so they take the recompute path by default.
-COUPLED_LOSSES = frozenset({"aot", "aot_pair", "aot_unpaired"})
 
 
 def _chunk_tokens(chunk_size: int | None, weight: torch.Tensor) -> int:

@@ -160,12 +160,16 @@ LOSSES: dict[str, LossFn] = {}
 CHECKS: dict[str, Callable[[LossConfig], None]] = {}
 REFERENCE_FREE: set[str] = set()
 NLL_TERMS: set[str] = set()  # losses whose value includes the chosen NLL (reported as nll_loss)
+# Losses whose gradient for one pair depends on other pairs' log-probs (they sort over the batch):
+# the fused-linear path cannot finish their gradients pair by pair, so it recomputes for them.
+COUPLED_LOSSES: set[str] = set()
 # Reference-free losses whose trainer in TRL (CPO, ORPO) logs rewards = beta * policy log-probs:
 # "sum" for sequence sums, "mean" for length-normalized ones. Read by metrics.preference_metrics.
 POLICY_REWARDS: dict[str, str] = {}
 
 
-def register(name: str, *, reference_free: bool = False, nll: bool = False, check=None, rewards: str | None = None):
+def register(name: str, *, reference_free: bool = False, nll: bool = False, check=None, rewards: str | None = None,
+             couples_pairs: bool = False):
     """Add a loss function to the registry under `name`.
 
     Args:
@@ -174,6 +178,7 @@ def register(name: str, *, reference_free: bool = False, nll: bool = False, chec
         check: ``check(cfg)`` raising ValueError for invalid hyper-parameters, run by LossConfig.
         rewards: ``"sum"`` or ``"mean"`` for reference-free losses whose TRL trainer logs
             rewards/* as beta times the policy's (summed or length-normalized) log-probs.
+        couples_pairs: one pair's loss depends on other pairs of the batch (e.g. through a sort).
     """
     if rewards not in (None, "sum", "mean"):
         raise ValueError(f"rewards must be None, 'sum' or 'mean', got {rewards!r}")
@@ -188,6 +193,8 @@ def register(name: str, *, reference_free: bool = False, nll: bool = False, chec
             CHECKS[name] = check
         if rewards is not None:
             POLICY_REWARDS[name] = rewards
+        if couples_pairs:
+            COUPLED_LOSSES.add(name)
         return fn
 
     return wrap
@@ -361,7 +368,7 @@ def discopop_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     return (1 - s) * -F.logsigmoid(z) + s * torch.exp(-z)
 
 
-@register("aot")
+@register("aot", couples_pairs=True)
 def aot_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """AOT, paired (Melnyk et al., 2024, arXiv:2406.05882): first-order stochastic dominance through
     the batch-sorted margins.  delta_(i) = sort(c - r)_(i) - sort(c0 - r0)_(i), then the smoothed
@@ -373,8 +380,8 @@ def aot_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     return smoothed_logistic(cfg.beta * (policy - reference), cfg.label_smoothing)
 
 
-@register("aot_unpaired")
-@register("aot_pair")
+@register("aot_unpaired", couples_pairs=True)
+@register("aot_pair", couples_pairs=True)
 def aot_pair_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """AOT, unpaired (Melnyk et al., 2024, arXiv:2406.05882): chosen and rejected log-ratios sorted
     separately, delta_(i) = sort(dc)_(i) - sort(dr)_(i), then the smoothed logistic loss of beta delta.

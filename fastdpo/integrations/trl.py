@@ -207,7 +207,7 @@ class FastDPOMixin:
         speed: the op's backward sees the mismatch and recomputes exactly.
         """
         try:
-            from fastdpo.linear import COUPLED_LOSSES
+            from fastdpo.losses import COUPLED_LOSSES
             from fastdpo.linear_ops import loss_spec
         except ImportError:
             return None
