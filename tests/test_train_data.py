@@ -145,3 +145,34 @@ def test_sharded_batches_cover_every_pair_once(tok):
         seen += [i for b, n in batches for i in b.index.tolist()[:n]]
     assert steps[0] == steps[1] and sorted(seen) == list(range(11))
     assert isinstance(batches[-1][0].input_ids, torch.Tensor)
+
+
+def test_hub_datasets_load_through_datasets(tmp_path, monkeypatch):
+    """A Hub name goes through datasets (stubbed here: CI is offline); its test split is the eval split."""
+    import datasets
+
+    rows = embedded.make_split("test")[:24]
+    hub = {"train": datasets.Dataset.from_list(rows[:16]), "test": datasets.Dataset.from_list(rows[16:])}
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name: list(hub))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: hub[split])
+    data = prepare_data(tiny_config(tmp_path / "run", dataset="someone/prefs", max_eval_pairs=0),
+                        embedded.build_tokenizer())
+    assert (len(data.train), len(data.eval)) == (16, 8)
+
+
+def test_unknown_hub_names_fail_in_one_line(tmp_path, monkeypatch):
+    import datasets
+    import transformers
+
+    from fastdpo.trainer import ConfigError, DataError, DPOTrainer
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", offline)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(DataError, match=r"^dataset 'someone/prefs' is not a local path and could not be found on "
+                                        r"the Hub \(We couldn't connect to 'https://huggingface.co'.\)$"):
+        prepare_data(tiny_config(tmp_path / "run", dataset="someone/prefs"), embedded.build_tokenizer())
+    with pytest.raises(ConfigError, match=r"^model 'someone/model' is not a local path and could not be found"):
+        DPOTrainer(tiny_config(tmp_path / "run", model="someone/model"))

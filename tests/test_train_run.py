@@ -84,8 +84,11 @@ def test_loss_implementations_agree(tmp_path):
     a, b = final_weights(tmp_path / "fused"), final_weights(tmp_path / "reference")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     if hasattr(fastdpo, "fused_linear_dpo_loss"):
-        run(tmp_path / "linear", loss_impl="fused_linear", max_steps=3)
-        assert train_losses(tmp_path / "linear") == pytest.approx(train_losses(tmp_path / "fused"), rel=1e-5)
+        for ref in ("copy", "precompute"):  # the reference is scored from hidden states as well
+            run(tmp_path / f"linear-{ref}", loss_impl="fused_linear", ref=ref, max_steps=3)
+            assert train_losses(tmp_path / f"linear-{ref}") == pytest.approx(train_losses(tmp_path / "fused"), rel=1e-5)
+            c = final_weights(tmp_path / f"linear-{ref}")
+            assert all(torch.allclose(a[k], c[k], atol=1e-5) for k in a)
     else:
         with pytest.raises(ConfigError, match="needs fastdpo.fused_linear_dpo_loss"):
             run(tmp_path / "linear", loss_impl="fused_linear")

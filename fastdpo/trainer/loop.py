@@ -99,15 +99,16 @@ class DPOTrainer:
 
     def _make_reference(self, frozen, key: str | None) -> Reference:
         cfg = self.cfg
+        linear = cfg.loss_impl == "fused_linear"  # score the reference without logits too
         if self.ref_mode == "copy":
-            return ModelReference(frozen, self.autocast)
+            return ModelReference(frozen, self.autocast, linear)
         if self.ref_mode == "adapter":
-            return AdapterReference(self.model, self.autocast)
+            return AdapterReference(self.model, self.autocast, linear)
         if self.ref_mode == "precompute":
             cache = Path(cfg.ref_cache_dir or default_cache_dir()) / f"{key}.pt"
             hit = cache.is_file()
             ref = precompute(self.model, self.accelerator, self._splits(), cache, batch_size=cfg.batch_size,
-                             pad_id=self.tokenizer.pad_token_id, autocast=self.autocast)
+                             pad_id=self.tokenizer.pad_token_id, autocast=self.autocast, linear=linear)
             self.log.info(f"reference log-probs {'loaded from' if hit else 'precomputed into'} {cache}")
             return ref
         return Reference()
@@ -118,7 +119,8 @@ class DPOTrainer:
     def _ref_settings(self, start: str) -> dict[str, Any]:
         import fastdpo
 
-        return {"model": start, "autocast": self.autocast, "fastdpo": fastdpo.__version__}
+        return {"model": start, "autocast": self.autocast, "linear": self.cfg.loss_impl == "fused_linear",
+                "fastdpo": fastdpo.__version__}
 
     def _warm_up(self) -> str | None:
         """Supervised warm-up on the chosen answers; its result is saved under run_dir/warmup and

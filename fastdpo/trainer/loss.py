@@ -84,10 +84,17 @@ def forward(model, batch: Batch, autocast: bool, *, hidden: bool = False) -> tor
 
 
 @torch.no_grad()
-def sequence_logps(model, batch: Batch, autocast: bool) -> torch.Tensor:
-    """Per-row summed completion log-probs [2P] (fp32): what a reference contributes."""
-    logits = forward(model, batch, autocast)[:, :-1]
-    return fastdpo.sequence_logps(logits, batch.labels[:, 1:])
+def sequence_logps(model, batch: Batch, autocast: bool, *, linear: bool = False) -> torch.Tensor:
+    """Per-row summed completion log-probs [2P] (fp32): what a reference contributes. With
+    `linear`, from the hidden states and lm_head, never building the logits (--loss-impl fused_linear)."""
+    labels = batch.labels[:, 1:]
+    if linear:
+        hidden = forward(model, batch, autocast, hidden=True)[:, :-1]
+        head = output_head(unwrap(model))
+        bias = None if head.bias is None else head.bias.to(hidden.dtype)
+        return fastdpo.linear_sequence_logps(hidden, head.weight.to(hidden.dtype), labels, bias=bias,
+                                             softcap=final_softcap(unwrap(model)))
+    return fastdpo.sequence_logps(forward(model, batch, autocast)[:, :-1], labels)
 
 
 def sft_nll(model, batch: Batch, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:

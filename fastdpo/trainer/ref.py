@@ -28,20 +28,20 @@ class Reference:
 
 
 class ModelReference(Reference):
-    """--ref copy: a separate frozen model."""
+    """--ref copy: a separate frozen model (`linear`: scored from hidden states, no logits)."""
 
-    def __init__(self, model, autocast: bool) -> None:
-        self.model, self.autocast = model, autocast
+    def __init__(self, model, autocast: bool, linear: bool) -> None:
+        self.model, self.autocast, self.linear = model, autocast, linear
 
     def logps(self, batch: Batch, split: str) -> torch.Tensor:
-        return sequence_logps(self.model, batch, self.autocast)
+        return sequence_logps(self.model, batch, self.autocast, linear=self.linear)
 
 
 class AdapterReference(Reference):
     """--ref adapter: the policy itself with its LoRA adapters switched off."""
 
-    def __init__(self, policy, autocast: bool) -> None:
-        self.policy, self.autocast = policy, autocast
+    def __init__(self, policy, autocast: bool, linear: bool) -> None:
+        self.policy, self.autocast, self.linear = policy, autocast, linear
 
     def logps(self, batch: Batch, split: str) -> torch.Tensor:
         peft_model = unwrap(self.policy)
@@ -49,7 +49,7 @@ class AdapterReference(Reference):
         peft_model.eval()
         try:
             with peft_model.disable_adapter():
-                return sequence_logps(peft_model, batch, self.autocast)
+                return sequence_logps(peft_model, batch, self.autocast, linear=self.linear)
         finally:
             peft_model.train(was_training)
 
@@ -66,7 +66,7 @@ class PrecomputedReference(Reference):
 
 
 def precompute(policy, accelerator, splits: dict[str, list[Encoded]], cache_file: Path, *,
-               batch_size: int, pad_id: int, autocast: bool) -> PrecomputedReference:
+               batch_size: int, pad_id: int, autocast: bool, linear: bool) -> PrecomputedReference:
     """Load the cached tables, or compute them with the (prepared) policy and cache them."""
     if cache_file.is_file():
         return PrecomputedReference(torch.load(cache_file, map_location="cpu"))
@@ -78,7 +78,7 @@ def precompute(policy, accelerator, splits: dict[str, list[Encoded]], cache_file
         for batch, n in sharded_batches(data, batch_size, world=accelerator.num_processes,
                                         rank=accelerator.process_index, pad_id=pad_id):
             batch = batch.to(accelerator.device)
-            lp = sequence_logps(policy, batch, autocast)
+            lp = sequence_logps(policy, batch, autocast, linear=linear)
             P = batch.pairs
             table[batch.index[:n]] = torch.stack([lp[:P], lp[P:]], dim=1)[:n]
         # Each rank filled its own disjoint rows; the sum assembles the whole table everywhere.
