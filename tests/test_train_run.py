@@ -151,3 +151,14 @@ def test_lora_final_model_is_merged_for_transformers(tmp_path):
     base = embedded.build_model(embedded.build_tokenizer(), seed=42)
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all("proj" in k for k in changed)  # only the LoRA-adapted linears moved
+
+
+@pytest.mark.parametrize("impl", ["fused", "fused_linear"])
+def test_the_kernels_serve_the_trainer(tmp_path, backend, impl):
+    """The trainer's shifted (non-contiguous) batches through both backends (conftest's `backend`:
+    the PyTorch twin, and the Triton kernels, interpreted on CPU) match the pure-PyTorch loss."""
+    if impl == "fused_linear" and not hasattr(fastdpo, "fused_linear_dpo_loss"):
+        pytest.skip("this fastdpo build has no fused_linear_dpo_loss")
+    run(tmp_path / impl, loss_impl=impl, max_steps=2, max_eval_pairs=4)
+    run(tmp_path / "reference", loss_impl="reference", max_steps=2, max_eval_pairs=4)
+    assert train_losses(tmp_path / impl) == pytest.approx(train_losses(tmp_path / "reference"), rel=1e-5)
