@@ -214,7 +214,7 @@ class DPOTrainer:
             with acc.accumulate(self.model):
                 loss, metrics = self.loss_fn(self.model, batch, ref_logps)
                 acc.backward(loss)
-                if acc.sync_gradients:
+                if acc.sync_gradients:  # (DeepSpeed clips inside backward and reports no norm here)
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -222,7 +222,8 @@ class DPOTrainer:
                 totals[name] = totals.get(name, 0.0) + value.float() / cfg.grad_accum
             tokens += int(batch.attention_mask.sum())
         self.scheduler.step()
-        return {**totals, "grad_norm": torch.as_tensor(grad_norm, dtype=torch.float32), "tokens": tokens}
+        grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm, dtype=torch.float32)
+        return {**totals, "grad_norm": grad_norm, "tokens": tokens}
 
     def _after_step(self, window: "Window", stats: dict) -> None:
         cfg = self.cfg
@@ -357,14 +358,13 @@ def cpu_threads(n: int):
 
 
 def quiet_libraries() -> None:
-    """Hide transformers' per-save progress bars, and the notes of both libraries about tied
-    weights (saved once, tied again on load)."""
+    """Hide transformers' progress bars for every save and load, and accelerate's note about tied
+    weights (saved once, tied again on load) at every checkpoint."""
     import logging
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
