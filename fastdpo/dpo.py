@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import validation as V
-from .logps import sequence_stats
+from .logps import _check_options, layout_stats, token_layout
 from .losses import LossConfig, PairLogps, preference_loss
 from .metrics import preference_metrics
 from .packed import check_cu_seqlens
@@ -121,9 +121,7 @@ def fused_dpo_loss(
     if cu_seqlens is not None:
         rows = check_cu_seqlens(cu_seqlens, policy_logits.shape, policy_logits)
     V.check_pairs(rows, "cu_seqlens" if cu_seqlens is not None else "policy_logits")
-    common = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                  cu_seqlens=cu_seqlens)
-    ref_pass = None
+    _check_options(temperature, softcap)
     if ref_logits is not None:
         V.check_logits(ref_logits, "ref_logits")
         if ref_logits.shape != policy_logits.shape:
@@ -131,12 +129,16 @@ def fused_dpo_loss(
                 f"ref_logits must match policy_logits {tuple(policy_logits.shape)}, got {tuple(ref_logits.shape)}"
             )
         V.check_same_device(policy_logits, ref_logits=ref_logits)
-        # Validate the policy inputs before the reference kernel runs.
-        V.check_labels(labels, policy_logits.shape[:2], mask)
-        ref_pass = lambda: sequence_stats(ref_logits, labels, name="ref_logits", **common).logps  # noqa: E731
+    # Labels, mask and row layout are checked and prepared once, for both passes.
+    layout = token_layout(policy_logits, labels, mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
+                          name="policy_logits")
+    scores = dict(temperature=temperature, softcap=softcap)
+    ref_pass = None
+    if ref_logits is not None:
+        ref_pass = lambda: layout_stats(ref_logits, layout, name="ref_logits", **scores).logps  # noqa: E731
     ref = resolve_reference(cfg, rows, policy_logits, ref_logps, reference_free, ref_pass)
-    policy = sequence_stats(policy_logits, labels, sum_scores=return_metrics,
-                            inplace_backward=inplace_backward, name="policy_logits", **common)
+    policy = layout_stats(policy_logits, layout, sum_scores=return_metrics, inplace_backward=inplace_backward,
+                          name="policy_logits", **scores)
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
                           vocab=policy_logits.shape[-1], return_metrics=return_metrics)
 

@@ -9,7 +9,7 @@ a per-token one (an expand), and the backend backward writes the logits gradient
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -122,6 +122,62 @@ def _check_options(temperature: float, softcap: float | None) -> None:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
 
 
+@dataclass
+class TokenLayout:
+    """Which tokens count and how per-token results fold into rows: prepared once per batch and
+    shared by the policy and reference passes over logits of the same [B, T] layout."""
+
+    labels: torch.Tensor  # flat int32 [B*T], -1 where masked
+    counts: torch.Tensor  # [rows] completion tokens per row
+    row_sums: Callable[[torch.Tensor], torch.Tensor]  # [B*T] per-token values -> [rows] sums
+
+
+def token_layout(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    name: str = "logits",
+) -> TokenLayout:
+    """Validate labels, mask and cu_seqlens against `logits` and fold them into a TokenLayout."""
+    V.check_logits(logits, name)
+    V.check_labels(labels, logits.shape[:2], mask)
+    V.check_same_device(logits, labels=labels, mask=mask)
+    B, T, vocab = logits.shape
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, logits.shape, logits)
+    flat = V.token_labels(labels, mask, ignore_index, vocab)
+    row_sums = _row_summer(cu_seqlens, B, T, logits.device)
+    return TokenLayout(labels=flat, counts=row_sums(flat >= 0), row_sums=row_sums)
+
+
+def layout_stats(
+    logits: torch.Tensor,
+    layout: TokenLayout,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    sum_scores: bool = False,
+    inplace_backward: bool = False,
+    name: str = "logits",
+) -> SequenceStats:
+    """One fused pass over `logits` for a prepared layout. Differentiable only when `logits`
+    requires grad (otherwise nothing is saved for a backward)."""
+    V.check_logits(logits, name)
+    if logits.shape[0] * logits.shape[1] != layout.labels.numel():
+        raise ValueError(f"{name} has {logits.shape[0] * logits.shape[1]} positions, the labels {layout.labels.numel()}")
+    _check_options(temperature, softcap)
+    grad = logits.requires_grad and torch.is_grad_enabled()
+    # Under torch.compile the in-place backward would be functionalized into a copy anyway, so
+    # the compiled path always takes the out-of-place backward (same numbers, one [B, T, V] more).
+    inplace = inplace_backward and not torch.compiler.is_compiling()
+    logp, _lse, zsum = token_logps_op(logits, layout.labels, 1.0 / temperature, softcap, sum_scores, grad, inplace)
+    score_sums = layout.row_sums(zsum).detach() if sum_scores else None
+    return SequenceStats(logps=layout.row_sums(logp), counts=layout.counts, score_sums=score_sums)
+
+
 def sequence_stats(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -135,29 +191,15 @@ def sequence_stats(
     cu_seqlens: torch.Tensor | None = None,
     name: str = "logits",
 ) -> SequenceStats:
-    """Validate, then run the fused pass. Differentiable only when `logits` requires grad.
+    """Validate, then run the fused pass: per-row log-probs, token counts and (optionally) logit sums.
 
     With `cu_seqlens` the batch is packed ([1, total_tokens, V], see fastdpo.packed) and the
     results are per packed row.
     """
-    V.check_logits(logits, name)
-    V.check_labels(labels, logits.shape[:2], mask)
-    V.check_same_device(logits, labels=labels, mask=mask)
     _check_options(temperature, softcap)
-    B, T, vocab = logits.shape
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, logits.shape, logits)
-    flat = V.token_labels(labels, mask, ignore_index, vocab)
-    row_sums = _row_summer(cu_seqlens, B, T, logits.device)
-    counts = row_sums(flat >= 0)
-    grad = logits.requires_grad and torch.is_grad_enabled()
-    # Under torch.compile the in-place backward would be functionalized into a copy anyway, so
-    # the compiled path always takes the out-of-place backward (same numbers, one [B, T, V] more).
-    inplace = inplace_backward and not torch.compiler.is_compiling()
-    logp, _lse, zsum = token_logps_op(logits, flat, 1.0 / temperature, softcap, sum_scores, grad, inplace)
-    logps = row_sums(logp)
-    score_sums = row_sums(zsum).detach() if sum_scores else None
-    return SequenceStats(logps=logps, counts=counts, score_sums=score_sums)
+    layout = token_layout(logits, labels, mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens, name=name)
+    return layout_stats(logits, layout, temperature=temperature, softcap=softcap, sum_scores=sum_scores,
+                        inplace_backward=inplace_backward, name=name)
 
 
 def _row_summer(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):

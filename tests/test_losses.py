@@ -384,7 +384,7 @@ def no_kernels(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a kernel ran before the error was raised")
 
-    monkeypatch.setattr(fastdpo.dpo, "sequence_stats", forbidden)
+    monkeypatch.setattr(fastdpo.dpo, "layout_stats", forbidden)
 
 
 @pytest.mark.parametrize("options,match", INVALID, ids=[m for _, m in INVALID])
