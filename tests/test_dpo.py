@@ -145,3 +145,15 @@ def test_nan_logits_give_nan_loss(backend, device):
     logits[3, -1, 0] = float("nan")
     mask[3, -1] = True
     assert torch.isnan(fastdpo.fused_dpo_loss(logits, labels, torch.zeros(4, device=device), mask=mask))
+
+
+def test_labels_prepared_once_for_both_passes(backend, device, monkeypatch):
+    """With ref_logits the label check (a host sync) runs once, not once per pass."""
+    import fastdpo.validation as validation
+
+    calls = []
+    original = validation.token_labels
+    monkeypatch.setattr(validation, "token_labels", lambda *a, **k: calls.append(1) or original(*a, **k))
+    logits, labels, mask = make_batch(2, 4, 11, torch.float32, device)
+    fastdpo.fused_dpo_loss(logits, labels, ref_logits=logits + 1, mask=mask)
+    assert len(calls) == 1
