@@ -206,10 +206,11 @@ class _Pass:
         return pos, idx, h, z
 
     def token_forward(self, z: torch.Tensor, pos, sum_scores: bool):
-        return self.backend.token_logps_forward(
+        logp, lse, zsum, _, _ = self.backend.token_logps_forward(
             z.unsqueeze(0), self.plan.labels[pos], inv_temp=self.opts.inv_temp, softcap=self.opts.softcap,
             save_lse=True, sum_scores=sum_scores,
         )
+        return logp, lse, zsum
 
     def token_backward_(self, z: torch.Tensor, pos, lse: torch.Tensor, g_tok: torch.Tensor) -> torch.Tensor:
         """dz over z, in place (each element is read before it is written, softcap included)."""

@@ -26,26 +26,29 @@ from .packed import check_cu_seqlens, row_offsets, segment_sums
 @torch.library.custom_op("fastdpo::token_logps", mutates_args=())
 def token_logps_op(
     logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, softcap: Optional[float],
-    sum_scores: bool, save_lse: bool, inplace_backward: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [B, T, V], flat labels [B*T] (-1 = masked) -> log-probs, logsumexp, score sums [B*T].
+    sum_scores: bool, save_lse: bool, inplace_backward: bool, token_metrics: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, T, V], flat labels [B*T] (-1 = masked) -> log-probs, logsumexp, score sums,
+    entropy, is-top-1 [B*T].
 
-    lse is empty unless `save_lse`, score sums empty unless `sum_scores`. `inplace_backward` is
-    only read by the backward.
+    Optional results are empty unless asked for (`save_lse`, `sum_scores`, `token_metrics`).
+    `inplace_backward` is only read by the backward.
     """
     backend = get_backend(logits.device)
-    logp, lse, zsum = backend.token_logps_forward(
-        logits, labels, inv_temp=inv_temp, softcap=softcap, save_lse=save_lse, sum_scores=sum_scores
+    results = backend.token_logps_forward(
+        logits, labels, inv_temp=inv_temp, softcap=softcap, save_lse=save_lse, sum_scores=sum_scores,
+        token_metrics=token_metrics,
     )
-    return logp, (lse if save_lse else logp.new_empty(0)), (zsum if sum_scores else logp.new_empty(0))
+    # Each absent result is its own empty tensor: custom op outputs may not alias one another.
+    return tuple(x if x is not None else results[0].new_empty(0) for x in results)
 
 
 @token_logps_op.register_fake
-def _(logits, labels, inv_temp, softcap, sum_scores, save_lse, inplace_backward):
+def _(logits, labels, inv_temp, softcap, sum_scores, save_lse, inplace_backward, token_metrics=False):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n = labels.shape[0]
-    return (logits.new_empty(n, dtype=acc), logits.new_empty(n if save_lse else 0, dtype=acc),
-            logits.new_empty(n if sum_scores else 0, dtype=acc))
+    sizes = (n, n if save_lse else 0, n if sum_scores else 0, n if token_metrics else 0, n if token_metrics else 0)
+    return tuple(logits.new_empty(k, dtype=acc) for k in sizes)
 
 
 @torch.library.custom_op("fastdpo::token_logps_backward", mutates_args=())
@@ -81,17 +84,20 @@ def _(logits, labels, lse, grad_logp, inv_temp, softcap):
 
 
 def _setup_token_logps(ctx, inputs, output):
-    logits, labels, inv_temp, softcap, _sum_scores, _save_lse, inplace = inputs
-    _logp, lse, zsum = output
+    logits, labels, inv_temp, softcap, _sum_scores, _save_lse, inplace = inputs[:7]
+    _logp, lse, *metrics = output
     ctx.save_for_backward(logits, labels, lse)
     ctx.inv_temp, ctx.softcap, ctx.inplace = inv_temp, softcap, inplace
-    ctx.mark_non_differentiable(lse, zsum)
+    ctx.mark_non_differentiable(lse, *metrics)
 
 
-def _backward_token_logps(ctx, grad_logp, _grad_lse, _grad_zsum):
+_NO_GRADS = (None,) * 7  # labels and the six options
+
+
+def _backward_token_logps(ctx, grad_logp, *_grads_of_metrics):
     logits, labels, lse = ctx.saved_tensors
     if grad_logp is None:
-        return None, None, None, None, None, None, None
+        return (None, *_NO_GRADS)
     grad_logp = grad_logp.contiguous()
     if ctx.inplace:
         # Reuses the logits' storage for their gradient. The op declares the mutation, so autograd
@@ -100,7 +106,7 @@ def _backward_token_logps(ctx, grad_logp, _grad_lse, _grad_zsum):
         grad = logits
     else:
         grad = token_logps_backward_op(logits, labels, lse, grad_logp, ctx.inv_temp, ctx.softcap)
-    return grad, None, None, None, None, None, None
+    return (grad, *_NO_GRADS)
 
 
 token_logps_op.register_autograd(_backward_token_logps, setup_context=_setup_token_logps)
@@ -113,6 +119,8 @@ class SequenceStats:
     logps: torch.Tensor  # sum of label log-probs over completion tokens (differentiable)
     counts: torch.Tensor  # number of completion tokens
     score_sums: torch.Tensor | None  # sum of logits over vocabulary and completion tokens (detached)
+    entropy_sums: torch.Tensor | None = None  # sum over completion tokens of the next-token entropy
+    top1_counts: torch.Tensor | None = None  # completion tokens whose label is the (first) argmax
 
 
 def _check_options(temperature: float, softcap: float | None) -> None:
@@ -160,6 +168,7 @@ def layout_stats(
     temperature: float = 1.0,
     softcap: float | None = None,
     sum_scores: bool = False,
+    token_metrics: bool = False,
     inplace_backward: bool = False,
     name: str = "logits",
 ) -> SequenceStats:
@@ -173,9 +182,14 @@ def layout_stats(
     # Under torch.compile the in-place backward would be functionalized into a copy anyway, so
     # the compiled path always takes the out-of-place backward (same numbers, one [B, T, V] more).
     inplace = inplace_backward and not torch.compiler.is_compiling()
-    logp, _lse, zsum = token_logps_op(logits, layout.labels, 1.0 / temperature, softcap, sum_scores, grad, inplace)
-    score_sums = layout.row_sums(zsum).detach() if sum_scores else None
-    return SequenceStats(logps=layout.row_sums(logp), counts=layout.counts, score_sums=score_sums)
+    logp, _lse, zsum, ent, top1 = token_logps_op(logits, layout.labels, 1.0 / temperature, softcap, sum_scores,
+                                                 grad, inplace, token_metrics)
+
+    def detached_sums(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
+        return layout.row_sums(x).detach() if wanted else None
+
+    return SequenceStats(logps=layout.row_sums(logp), counts=layout.counts, score_sums=detached_sums(zsum, sum_scores),
+                         entropy_sums=detached_sums(ent, token_metrics), top1_counts=detached_sums(top1, token_metrics))
 
 
 def sequence_stats(
@@ -187,11 +201,13 @@ def sequence_stats(
     temperature: float = 1.0,
     softcap: float | None = None,
     sum_scores: bool = False,
+    token_metrics: bool = False,
     inplace_backward: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     name: str = "logits",
 ) -> SequenceStats:
-    """Validate, then run the fused pass: per-row log-probs, token counts and (optionally) logit sums.
+    """Validate, then run the fused pass: per-row log-probs, token counts and, on request, logit sums
+    (`sum_scores`) and the entropy sums and top-1 counts of TRL's token metrics (`token_metrics`).
 
     With `cu_seqlens` the batch is packed ([1, total_tokens, V], see fastdpo.packed) and the
     results are per packed row.
@@ -199,7 +215,7 @@ def sequence_stats(
     _check_options(temperature, softcap)
     layout = token_layout(logits, labels, mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens, name=name)
     return layout_stats(logits, layout, temperature=temperature, softcap=softcap, sum_scores=sum_scores,
-                        inplace_backward=inplace_backward, name=name)
+                        token_metrics=token_metrics, inplace_backward=inplace_backward, name=name)
 
 
 def _row_summer(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):

@@ -46,14 +46,19 @@ def token_logps_forward(
     softcap: float | None = None,
     save_lse: bool = True,
     sum_scores: bool = False,
+    token_metrics: bool = False,
     block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-token log-probs [B*T] (and logsumexp, score sums). labels: [B*T] int, < 0 = masked."""
+) -> tuple[torch.Tensor, ...]:
+    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
+    (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None)."""
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     logp = torch.zeros(B * T, dtype=acc, device=logits.device)
-    lse_all = torch.zeros_like(logp) if save_lse else None
-    zsum = torch.zeros_like(logp) if sum_scores else None
+
+    def vector(wanted: bool) -> torch.Tensor | None:
+        return torch.zeros_like(logp) if wanted else None
+
+    lse_all, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
     for b, t, idx, y in _chunks(labels, T, V):
         s = _scores(logits[b, t].to(acc), inv_temp, softcap)
         lse = torch.logsumexp(s, dim=-1)
@@ -62,7 +67,14 @@ def token_logps_forward(
             lse_all[idx] = lse
         if sum_scores:
             zsum[idx] = s.sum(-1)
-    return logp, lse_all, zsum
+        if token_metrics:
+            # log S - E_p[s - max] with S = sum exp(s - max): no cancellation at the logits' size.
+            shifted = s - s.max(-1, keepdim=True).values
+            e = shifted.exp()
+            total = e.sum(-1)
+            ent[idx] = total.log() - (e * torch.where(e > 0, shifted, 0.0)).sum(-1) / total  # e = 0 where s = -inf
+            top1[idx] = (s.argmax(-1) == y).to(acc)
+    return logp, lse_all, zsum, ent, top1
 
 
 def token_logps_backward(

@@ -6,6 +6,8 @@ optional soft-cap c and temperature tau, the scores are s = c * tanh(z / c) / ta
     forward:   lse_n  = log sum_v exp(s_nv)                  online over BLOCK_V-wide tiles, fp32
                logp_n = s_{n, y_n} - lse_n                   0 for masked rows
                zsum_n = sum_v s_nv                           optional, for TRL's logits/* metrics
+               H_n    = lse_n - sum_v softmax(s_n)_v s_nv      optional entropy (TRL's `entropy`)
+               top1_n = 1[first argmax_v s_nv == y_n]          optional (TRL's `mean_token_accuracy`)
     backward:  dz_nv  = g_n * (1[v == y_n] - exp(s_nv - lse_n)) * ds_nv/dz_nv   0 for masked rows
 
 One program owns one token row. Forward reads the row once; backward reads it once and writes
@@ -36,21 +38,25 @@ def _softcap_grad(z, softcap):
 @triton.jit
 def token_logps_fwd_kernel(
     z_ptr, stride_zb, stride_zt, stride_zv,
-    labels_ptr, logp_ptr, lse_ptr, zsum_ptr,
+    labels_ptr, logp_ptr, lse_ptr, zsum_ptr, ent_ptr, top1_ptr,
     T, V, inv_temp, softcap,
     HAS_SOFTCAP: tl.constexpr, SAVE_LSE: tl.constexpr, SUM_SCORES: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    TOKEN_METRICS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # int64: n * stride overflows int32 once N * V > 2^31
     label = tl.load(labels_ptr + n).to(tl.int64)
     logp = tl.zeros((), ACC_DTYPE)
     lse = tl.zeros((), ACC_DTYPE)
     zs = tl.zeros((), ACC_DTYPE)
+    ent = tl.zeros((), ACC_DTYPE)
+    top1 = tl.zeros((), ACC_DTYPE)
     if label >= 0:  # masked rows are not read at all
         row = z_ptr + (n // T) * stride_zb + (n % T) * stride_zt
         neg_inf = float("-inf")
         m = tl.full((), neg_inf, ACC_DTYPE)
         s = tl.zeros((), ACC_DTYPE)
+        sz = tl.zeros((), ACC_DTYPE)  # sum_v exp(s_v - shift) * (s_v - shift), for the entropy
+        best = tl.zeros((), tl.int64)  # first index of the running max
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             valid = offs < V
@@ -59,19 +65,36 @@ def token_logps_fwd_kernel(
             if SUM_SCORES:
                 zs += tl.sum(tl.where(valid, z, 0.0), axis=0)
             z = tl.where(valid, z, neg_inf)  # the tail tile pads with -inf, so exp() adds 0
-            m_new = tl.maximum(m, tl.max(z, axis=0))
+            tile_max = tl.max(z, axis=0)
+            m_new = tl.maximum(m, tile_max)
             # A tile (or a prefix) of -inf leaves m_new = -inf: shift by 0 there, not by -inf (NaN).
             shift = tl.where(m_new == neg_inf, 0.0, m_new)
-            s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+            alpha = tl.exp(m - shift)
+            e = tl.exp(z - shift)
+            if TOKEN_METRICS:
+                # sz holds sum e * (z - shift): relative to the running max, so the entropy below
+                # does not cancel two numbers of the size of the logits. Moving the shift adds
+                # (old shift - new shift) * s before the usual rescale; e = 0 where z = -inf.
+                prev_shift = tl.where(m == neg_inf, 0.0, m)
+                sz = alpha * (sz + (prev_shift - shift) * s) + tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), axis=0)
+                # Strictly greater: an earlier tile keeps a tie, as torch.argmax keeps the first.
+                best = tl.where(tile_max > m, start + tl.argmax(z, axis=0).to(tl.int64), best)
+            s = s * alpha + tl.sum(e, axis=0)
             m = m_new
         lse = tl.where(m == neg_inf, 0.0, m) + tl.log(s)  # an all -inf row gives -inf, as torch does
         z_label = tl.load(row + label * stride_zv).to(ACC_DTYPE)
         logp = _scores(z_label, inv_temp, softcap, HAS_SOFTCAP) - lse
+        if TOKEN_METRICS:
+            ent = tl.log(s) - sz / s  # = lse - E_p[s]
+            top1 = tl.where(best == label, 1.0, 0.0).to(ACC_DTYPE)
     tl.store(logp_ptr + n, logp)
     if SAVE_LSE:
         tl.store(lse_ptr + n, lse)
     if SUM_SCORES:
         tl.store(zsum_ptr + n, zs)
+    if TOKEN_METRICS:
+        tl.store(ent_ptr + n, ent)
+        tl.store(top1_ptr + n, top1)
 
 
 @triton.jit
@@ -135,26 +158,31 @@ def token_logps_forward(
     softcap: float | None = None,
     save_lse: bool = True,
     sum_scores: bool = False,
+    token_metrics: bool = False,
     block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-token log-probs [B*T] (and logsumexp, score sums). labels: [B*T] int, < 0 = masked."""
+) -> tuple[torch.Tensor, ...]:
+    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
+    (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None)."""
     B, T, V = logits.shape
     N = B * T
     acc = _acc_dtype(logits.dtype)
-    logp = torch.empty(N, dtype=acc, device=logits.device)
-    lse = torch.empty(N, dtype=acc, device=logits.device) if save_lse else logp
-    zsum = torch.empty(N, dtype=acc, device=logits.device) if sum_scores else logp
-    if N == 0:
-        return logp, (lse if save_lse else None), (zsum if sum_scores else None)
-    block_v, num_warps = _launch_config(V, block_v)
-    token_logps_fwd_kernel[(N,)](
-        logits, *logits.stride(),
-        labels, logp, lse, zsum,
-        T, V, inv_temp, softcap or 1.0,
-        HAS_SOFTCAP=softcap is not None, SAVE_LSE=save_lse, SUM_SCORES=sum_scores,
-        ACC_DTYPE=_TL_ACC.get(acc, tl.float32), BLOCK_V=block_v, num_warps=num_warps,
-    )
-    return logp, (lse if save_lse else None), (zsum if sum_scores else None)
+
+    def vector(wanted: bool) -> torch.Tensor | None:
+        return torch.empty(N, dtype=acc, device=logits.device) if wanted else None
+
+    logp = vector(True)
+    lse, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    if N > 0:
+        block_v, num_warps = _launch_config(V, block_v)
+        token_logps_fwd_kernel[(N,)](
+            logits, *logits.stride(),
+            labels, logp, *(x if x is not None else logp for x in (lse, zsum, ent, top1)),
+            T, V, inv_temp, softcap or 1.0,
+            HAS_SOFTCAP=softcap is not None, SAVE_LSE=save_lse, SUM_SCORES=sum_scores,
+            TOKEN_METRICS=token_metrics, ACC_DTYPE=_TL_ACC.get(acc, tl.float32), BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+    return logp, lse, zsum, ent, top1
 
 
 def token_logps_backward(

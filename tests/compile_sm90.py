@@ -14,7 +14,7 @@ from fastdpo.kernels import token_logps as K
 
 SM90 = GPUTarget("cuda", 90, 32)
 # Arguments the JIT marks 16-divisible at run time for the usual shapes (V = 128256, ...).
-ALIGNED = {"z_ptr", "dz_ptr", "labels_ptr", "logp_ptr", "lse_ptr", "zsum_ptr", "g_ptr",
+ALIGNED = {"z_ptr", "dz_ptr", "labels_ptr", "logp_ptr", "lse_ptr", "zsum_ptr", "ent_ptr", "top1_ptr", "g_ptr",
            "stride_zb", "stride_zt", "stride_db", "stride_dt", "V"}
 
 
@@ -39,9 +39,10 @@ def vectorized(ptx, op):
 
 def forward(dtype, features):
     acc = "fp64" if dtype == "fp64" else "fp32"
-    consts = dict(stride_zv=1, HAS_SOFTCAP=features, SAVE_LSE=features, SUM_SCORES=features,
+    consts = dict(stride_zv=1, HAS_SOFTCAP=features, SAVE_LSE=features, SUM_SCORES=features, TOKEN_METRICS=features,
                   ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, BLOCK_V=2048)
-    ptrs = dict(z_ptr=f"*{dtype}", labels_ptr="*i32", logp_ptr=f"*{acc}", lse_ptr=f"*{acc}", zsum_ptr=f"*{acc}")
+    ptrs = dict(z_ptr=f"*{dtype}", labels_ptr="*i32", logp_ptr=f"*{acc}", lse_ptr=f"*{acc}", zsum_ptr=f"*{acc}",
+                ent_ptr=f"*{acc}", top1_ptr=f"*{acc}")
     ptx = compile_sm90(K.token_logps_fwd_kernel, ptrs, consts).asm["ptx"]
     return {"vector_loads": vectorized(ptx, "ld")}
 

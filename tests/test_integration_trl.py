@@ -227,6 +227,20 @@ def test_triton_kernels_match_trl(models_, tokenizer, dataset, tmp_path, monkeyp
     assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
 
 
+def test_logits_mode_reads_the_logits_once(models_, tokenizer, dataset, tmp_path, monkeypatch):
+    """entropy and mean_token_accuracy come from the kernel's forward: no second pass over the logits."""
+    from fastdpo.integrations import lm_head
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("logits mode scanned the logits a second time for the token metrics")
+
+    monkeypatch.setattr(lm_head, "scan_scores", second_pass)
+    trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path)
+    expected, actual = loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch)
+    assert {"entropy", "mean_token_accuracy"} <= set(actual[2])
+    assert_same_step(expected, actual)
+
+
 MODES = ["logits", "linear"] if hasattr(fastdpo, "linear_sequence_logps") else ["logits"]
 
 

@@ -168,3 +168,45 @@ def test_int64_offsets(backend, device):
     logits.copy_(torch.randn(1, 3, V, device=device).to(torch.bfloat16))
     labels = torch.randint(0, V, (1, 3), device=device)
     check_parity(logits.detach(), labels)
+
+
+def token_metrics64(logits, labels, mask):
+    """Per-row sums over unmasked tokens of the entropy and of 1[first argmax == label], float64."""
+    s = logits.double()
+    logp = torch.log_softmax(s, -1)
+    ent = -torch.where(logp.exp() > 0, logp.exp() * s, torch.zeros_like(s)).sum(-1) + torch.logsumexp(s, -1)
+    top1 = (s.argmax(-1) == labels).double()
+    return (ent * mask).sum(-1), (top1 * mask).sum(-1)
+
+
+@pytest.mark.parametrize("V", [5, 300, 2048 + 77])
+def test_token_metrics(backend, device, V):
+    """Entropy and top-1 accumulated in the same pass match float64 (TRL's entropy, mean_token_accuracy)."""
+    from fastdpo.logps import sequence_stats
+
+    logits, labels, mask = make_inputs(3, 4, V, torch.bfloat16, device)
+    argmax = logits.float().argmax(-1)
+    labels = torch.where(torch.rand(3, 4, device=device) > 0.5, argmax, labels)  # about half are top-1
+    stats = sequence_stats(logits, labels, mask=mask, token_metrics=True)
+    ent, top1 = token_metrics64(logits, labels, mask)
+    assert_close_rel(stats.entropy_sums, ent, 2e-6, "entropy sums")
+    assert torch.equal(stats.top1_counts.double().cpu(), top1.cpu())
+    assert top1.sum() > 0
+
+
+def test_top1_takes_the_first_maximum(backend, device):
+    """Ties go to the earliest index, within a tile and across tiles, as torch.argmax does."""
+    from fastdpo.logps import sequence_stats
+
+    V = 2048 + 100
+    logits = torch.zeros(1, 4, V, device=device)
+    logits[0, :, [10, 20, 2050]] = 9.0  # the same maximum at 10, 20 (one tile) and 2050 (the next)
+    logits[0, 3, :2048] = float("-inf")  # a whole -inf tile before the maximum
+    labels = torch.tensor([[10, 20, 2050, 2050]], device=device)
+    counts = [sequence_stats(logits[:, t : t + 1], labels[:, t : t + 1], token_metrics=True).top1_counts.item()
+              for t in range(4)]
+    assert counts == [1.0, 0.0, 0.0, 1.0]
+    ent = sequence_stats(logits[:, 3:], labels[:, 3:], token_metrics=True).entropy_sums
+    assert torch.isfinite(ent).all()
+    assert_close_rel(ent, token_metrics64(logits[:, 3:], labels[:, 3:], torch.ones(1, 1, device=device))[0],
+                     1e-6, "entropy with a -inf tile")

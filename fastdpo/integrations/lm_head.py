@@ -20,10 +20,10 @@ charge of the parameters, as TRL's own fused LM head does. Two modes:
 The logits the model's config asks for are reproduced: scores = softcap * tanh(z * scale / softcap),
 with `scale` the config's logit multiplier and `softcap` its `final_logit_softcapping`.
 
-Entropy and top-1 accuracy (TRL's `entropy` and `mean_token_accuracy`) are not in the kernels
-yet: with `token_metrics=True` they come from one extra no-grad pass over the scores, chunked so
-its scratch stays near `metrics_chunk_bytes` (an extra read of the logits in "logits" mode, an
-extra 2·N·H·V matmul in "linear" mode).
+Entropy and top-1 accuracy (TRL's `entropy` and `mean_token_accuracy`, with `token_metrics=True`)
+come from the from-logits kernel's forward pass in "logits" mode. In "linear" mode they still take
+one extra no-grad pass over the scores (an extra 2·N·H·V matmul), chunked so its scratch stays
+near `metrics_chunk_bytes`.
 """
 
 from __future__ import annotations
@@ -164,19 +164,16 @@ def _from_logits(hidden, labels, lm_head, scale, softcap, options: HeadOptions, 
             temperature = 1.0 / scale  # z * scale as a temperature: no extra pass over the logits
         else:
             logits = logits * scale
+    token_metrics = metrics and options.token_metrics
+    # Entropy and top-1 come from the same pass as the log-probs: no second read of the logits.
     stats = sequence_stats(
         logits.unsqueeze(1), targets.unsqueeze(1), temperature=temperature, softcap=softcap,
-        sum_scores=metrics, inplace_backward=options.inplace_backward and torch.is_grad_enabled(),
+        sum_scores=metrics, token_metrics=token_metrics,
+        inplace_backward=options.inplace_backward and torch.is_grad_enabled(),
     )
-    out = RowStats(logps=_rows(stats.logps, rows, B), counts=counts, vocab=vocab,
-                   score_sums=_rows(stats.score_sums, rows, B))
-    if metrics and options.token_metrics:
-        # Read before the backward can overwrite the logits in place.
-        # The stored logits already carry the scale, or it is the temperature: scores are softcap(z) / temperature.
-        scores = functools.partial(_scores, lambda a, b: logits[a:b], 1.0, softcap, 1.0 / temperature)
-        entropy, top1, _ = scan_scores(scores, targets, vocab, options.metrics_chunk_bytes, want_sums=False)
-        out.entropy_sums, out.top1_counts = _rows(entropy, rows, B), _rows(top1, rows, B)
-    return out
+    return RowStats(logps=_rows(stats.logps, rows, B), counts=counts, vocab=vocab,
+                    score_sums=_rows(stats.score_sums, rows, B),
+                    entropy_sums=_rows(stats.entropy_sums, rows, B), top1_counts=_rows(stats.top1_counts, rows, B))
 
 
 def _from_linear(hidden, labels, lm_head, scale, softcap, options: HeadOptions, metrics: bool,
