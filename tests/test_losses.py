@@ -261,9 +261,10 @@ def test_coupled_losses_are_flagged(loss_type, options):
         (g,) = torch.autograd.grad(loss_from_rows(x, ref, counts, cfg), x)
         return torch.cat([g[1:5], g[6:]])  # rows of pairs 1..4
 
-    moved = logps.clone()
-    moved[0] += 20.0  # pair 0 becomes the largest margin
-    coupled = not torch.allclose(others_grad(logps), others_grad(moved), rtol=1e-12, atol=1e-14)
+    low, high = logps.clone(), logps.clone()
+    low[0] -= 100.0  # pair 0 has the smallest policy margin ...
+    high[0] += 100.0  # ... or the largest: every other pair moves one place in a sorted batch
+    coupled = not torch.allclose(others_grad(low), others_grad(high), rtol=1e-12, atol=1e-14)
     assert coupled == (loss_type in COUPLED_LOSSES)
 
 
