@@ -197,19 +197,10 @@ def flop_table(results: list[common.Result]) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=None, help="comma list of ANCHORS.md shapes (default A,B,C; tiny on CPU)")
-    p.add_argument("--shape", action="append", default=[], help="custom P,T,H,V (repeatable)")
-    p.add_argument("--impls", default=None, help="comma list (default: all available)")
-    p.add_argument("--modes", default="fwd+bwd,fwd")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--no-mask", action="store_true", help="every token is a completion token")
+    common.add_common_args(p, "P,T,H,V")
     p.add_argument("--lean-chunk", type=int, default=256, help="tokens per chunk of fastdpo-lean")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per chunk of fastdpo and fastdpo-recompute (default: fastdpo's, ~512 MiB of logits)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("bench_results"))
     return p.parse_args(argv)
 
 
@@ -217,20 +208,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.modes = set(args.modes.split(","))
     device = torch.device(args.device)
-    shapes = {}
-    default = "A,B,C" if device.type == "cuda" else ""
-    for key in filter(None, (args.shapes if args.shapes is not None else default).split(",")):
-        H, V, P, T = common.SHAPES[key]
-        shapes[key] = (P, T, H, V)
-    for spec in args.shape:
-        P, T, H, V = (int(x) for x in spec.split(","))
-        shapes[f"P{P}xT{T}xH{H}xV{V}"] = (P, T, H, V)
-    if not shapes:
-        shapes["tiny"] = (2, 64, 64, 1000)
+    shapes = common.select_shapes(args, device, "P,T,H,V", tiny=(2, 64, 64, 1000))
     impls = implementations(set(args.impls.split(",")) if args.impls else None, args.lean_chunk, args.chunk_size)
     rate = common.matmul_rate(device)
     meta = {
-        "device": common.device_name(device), "torch": torch.__version__, "triton": _triton_version(),
+        "device": common.device_name(device), "torch": torch.__version__, "triton": common.triton_version(),
         "date": datetime.date.today().isoformat(), "bandwidth_tbs": common.copy_bandwidth(device) / 1e12,
         "matmul_tflops": rate / 1e12, "dtype": args.dtype, "masked": not args.no_mask,
         "chunk_size": args.chunk_size, "lean_chunk": args.lean_chunk,
@@ -248,15 +230,6 @@ def main(argv=None) -> None:
     print(table)
     print()
     print(flops)
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "none"
 
 
 if __name__ == "__main__":

@@ -134,16 +134,7 @@ def bench_shape(name, P, T, V, impls, args, device, bandwidth) -> list[common.Re
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default=None, help="comma list of ANCHORS.md shapes (default A,B,C; tiny on CPU)")
-    p.add_argument("--shape", action="append", default=[], help="custom P,T,V (repeatable)")
-    p.add_argument("--impls", default=None, help="comma list (default: all available)")
-    p.add_argument("--modes", default="fwd+bwd,fwd")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--no-mask", action="store_true", help="every token is a completion token")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("bench_results"))
+    common.add_common_args(p, "P,T,V")
     return p.parse_args(argv)
 
 
@@ -151,21 +142,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.modes = set(args.modes.split(","))
     device = torch.device(args.device)
-    shapes = {}
-    default = "A,B,C" if device.type == "cuda" else ""
-    for key in filter(None, (args.shapes if args.shapes is not None else default).split(",")):
-        _, V, P, T = common.SHAPES[key]
-        shapes[key] = (P, T, V)
-    for spec in args.shape:
-        P, T, V = (int(x) for x in spec.split(","))
-        shapes[f"P{P}xT{T}xV{V}"] = (P, T, V)
-    if not shapes:
-        shapes["tiny"] = (2, 64, 1000)
+    shapes = common.select_shapes(args, device, "P,T,V", tiny=(2, 64, 1000))
     impls = implementations(set(args.impls.split(",")) if args.impls else None)
     bandwidth = common.copy_bandwidth(device)
     meta = {
         "device": common.device_name(device), "torch": torch.__version__,
-        "triton": _triton_version(), "date": datetime.date.today().isoformat(),
+        "triton": common.triton_version(), "date": datetime.date.today().isoformat(),
         "bandwidth_tbs": bandwidth / 1e12, "dtype": args.dtype, "masked": not args.no_mask,
         "matmul_tflops": 0.0,
     }
@@ -175,15 +157,6 @@ def main(argv=None) -> None:
         results += bench_shape(name, P, T, V, impls, args, device, bandwidth)
     print()
     print(common.write_outputs(results, meta, args.out, "bench_loss"))
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "none"
 
 
 if __name__ == "__main__":

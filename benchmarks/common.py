@@ -7,6 +7,7 @@ during one step minus what was allocated before it (the inputs), so it includes 
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -111,6 +112,47 @@ def anchor_masks(P: int, T: int, device: torch.device, masked: bool = True) -> t
         if p:
             mask[row, T - p :] = False
     return mask
+
+
+def add_common_args(p: argparse.ArgumentParser, shape_fields: str) -> None:
+    """Flags every benchmark shares; `shape_fields` names the numbers of --shape, e.g. "P,T,V"."""
+    p.add_argument("--shapes", default=None, help="comma list of ANCHORS.md shapes (default A,B,C; tiny on CPU)")
+    p.add_argument("--shape", action="append", default=[], help=f"custom {shape_fields} (repeatable)")
+    p.add_argument("--impls", default=None, help="comma list (default: all available)")
+    p.add_argument("--modes", default="fwd+bwd,fwd")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--no-mask", action="store_true", help="every token is a completion token")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path("bench_results"))
+
+
+def select_shapes(args: argparse.Namespace, device: torch.device, fields: str, tiny: tuple[int, ...]) -> dict:
+    """name -> shape tuple in `fields` order ("P,T,V" or "P,T,H,V"): ANCHORS.md shapes by name
+    (A, B, C by default on a GPU), custom ones from --shape, or `tiny` on a CPU smoke test."""
+    names = fields.split(",")
+    shapes = {}
+    default = "A,B,C" if device.type == "cuda" else ""
+    for key in filter(None, (args.shapes if args.shapes is not None else default).split(",")):
+        H, V, P, T = SHAPES[key]
+        known = {"H": H, "V": V, "P": P, "T": T}
+        shapes[key] = tuple(known[n] for n in names)
+    for spec in args.shape:
+        values = tuple(int(x) for x in spec.split(","))
+        if len(values) != len(names):
+            raise SystemExit(f"--shape takes {fields}, got {spec!r}")
+        shapes["x".join(f"{n}{v}" for n, v in zip(names, values))] = values
+    return shapes or {"tiny": tiny}
+
+
+def triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
 
 
 def device_name(device: torch.device) -> str:
