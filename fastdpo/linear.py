@@ -2,7 +2,7 @@
 
     hidden [B, T, H], weight [V, H] (+ bias [V])
       --valid tokens only, chunk by chunk: cuBLAS matmul -> fused log-prob kernels-->
-    per-row log-probs, token counts, logit sums
+    per-row log-probs, token counts, logit sums, entropy sums and top-1 counts
       --> the same PairLogps -> loss (+ TRL metrics) as fused_dpo_loss
 
 Masked tokens (prompt, padding) are dropped before any matmul. The only [tokens x vocab] buffer
@@ -68,12 +68,15 @@ def linear_sequence_stats(
     temperature: float = 1.0,
     softcap: float | None = None,
     sum_scores: bool = False,
+    token_metrics: bool = False,
     chunk_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
     grad_spec: tuple[str, torch.Tensor] | None = None,
     prefix: str = "",
 ) -> SequenceStats:
-    """Validate, then run the fused linear pass: per-row log-probs, counts and score sums.
+    """Validate, then run the fused linear pass: per-row log-probs, counts and, on request, score
+    sums (`sum_scores`) and the entropy sums and top-1 counts of TRL's token metrics
+    (`token_metrics`), all from the same chunks of logits.
 
     `grad_spec` = (loss spec, reference rows) selects the grad-in-forward op for that loss.
     """
@@ -90,14 +93,19 @@ def linear_sequence_stats(
     counts = segment_sums(flat >= 0, offsets)
     flat_hidden = hidden.reshape(B * T, H)
     want = _wants_grad(hidden, weight, bias)
-    args = (1.0 / temperature, softcap, sum_scores, chunk)
+    args = (1.0 / temperature, softcap, sum_scores, token_metrics, chunk)
     if grad_spec is not None and any(want):
         spec, ref_rows = grad_spec
-        logps, zsum, *_ = linear_logps_grad_in_forward(flat_hidden, weight, bias, flat, offsets, ref_rows, spec,
-                                                       *args, *want)
+        logps, zsum, ent, top1, *_ = linear_logps_grad_in_forward(flat_hidden, weight, bias, flat, offsets, ref_rows,
+                                                                  spec, *args, *want)
     else:
-        logps, zsum, _lse = linear_logps(flat_hidden, weight, bias, flat, offsets, *args)
-    return SequenceStats(logps=logps, counts=counts, score_sums=zsum.detach() if sum_scores else None)
+        logps, zsum, ent, top1, _lse = linear_logps(flat_hidden, weight, bias, flat, offsets, *args)
+
+    def detached(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
+        return x.detach() if wanted else None
+
+    return SequenceStats(logps=logps, counts=counts, score_sums=detached(zsum, sum_scores),
+                         entropy_sums=detached(ent, token_metrics), top1_counts=detached(top1, token_metrics))
 
 
 def linear_sequence_logps(

@@ -4,7 +4,8 @@ Only the valid (unmasked) tokens are gathered, so prompt and padding never reach
 chunk of them with hidden rows h [C, H], lm_head weight W [V, H] and bias b [V]:
 
     forward:   z = h W^T + b                        [C, V] in the input dtype, the only
-               logp, lse, zsum = token kernels(z)  [tokens x vocab] buffer (reused chunk to chunk)
+               logp, lse, zsum, entropy, top1      [tokens x vocab] buffer (reused chunk to chunk)
+                   = token kernels(z)              (zsum, entropy, top1 only when asked)
     backward:  with g_t = dLoss / dlogps[row(t)]    (one scalar per row, from the loss)
                dz = token backward(z, g)            written over z
                dH[t] = dz W,   dW += dz^T h,   db += sum_t dz
@@ -205,12 +206,12 @@ class _Pass:
         z = _logits(h, self.weight, self.bias, self.buf[: h.shape[0]])
         return pos, idx, h, z
 
-    def token_forward(self, z: torch.Tensor, pos, sum_scores: bool):
-        logp, lse, zsum, _, _ = self.backend.token_logps_forward(
+    def token_forward(self, z: torch.Tensor, pos, sum_scores: bool, token_metrics: bool):
+        """(logp, lse, zsum, entropy, top1) of the chunk's tokens; the last three None unless asked."""
+        return self.backend.token_logps_forward(
             z.unsqueeze(0), self.plan.labels[pos], inv_temp=self.opts.inv_temp, softcap=self.opts.softcap,
-            save_lse=True, sum_scores=sum_scores,
+            save_lse=True, sum_scores=sum_scores, token_metrics=token_metrics,
         )
-        return logp, lse, zsum
 
     def token_backward_(self, z: torch.Tensor, pos, lse: torch.Tensor, g_tok: torch.Tensor) -> torch.Tensor:
         """dz over z, in place (each element is read before it is written, softcap included)."""
@@ -227,33 +228,47 @@ class ForwardResult:
     logps: torch.Tensor  # [B] row sums of the label log-probs (fp32, fp64 for fp64 inputs)
     zsum: torch.Tensor | None  # [B] row sums of sum_v s_tv, when asked
     lse: torch.Tensor  # [N] per-token logsumexp (0 on masked tokens)
+    entropy: torch.Tensor | None  # [B] row sums of the token entropies, when asked
+    top1: torch.Tensor | None  # [B] tokens whose label is the first argmax, when asked
 
 
-def _per_token(plan: Plan, like: torch.Tensor, sum_scores: bool):
-    """Zeroed [Nv] log-prob, logsumexp and (if asked) score-sum vectors in the accumulation dtype."""
-    new = lambda: torch.zeros(plan.num_valid, dtype=acc_dtype(like.dtype), device=like.device)  # noqa: E731
-    return new(), new(), (new() if sum_scores else None)
+def _per_token(plan: Plan, like: torch.Tensor, sum_scores: bool, token_metrics: bool):
+    """Zeroed [Nv] log-prob, logsumexp and (if asked) score-sum, entropy and top-1 vectors in the
+    accumulation dtype: the order `token_forward` returns them in."""
+
+    def vector(wanted: bool) -> torch.Tensor | None:
+        return torch.zeros(plan.num_valid, dtype=acc_dtype(like.dtype), device=like.device) if wanted else None
+
+    return vector(True), vector(True), vector(sum_scores), vector(token_metrics), vector(token_metrics)
 
 
-def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum) -> ForwardResult:
+def _store(per_token, pos, values) -> None:
+    """Write one chunk's token results into the [Nv] vectors that were asked for."""
+    for vector, value in zip(per_token, values):
+        if vector is not None:
+            vector[pos] = value
+
+
+def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum, ent, top1) -> ForwardResult:
     lse_full = lse.new_zeros(n_tokens)
     lse_full[plan.order] = lse
-    zrows = segment_sums(zsum, plan.starts_t) if zsum is not None else None
-    return ForwardResult(logps=segment_sums(logp, plan.starts_t), zsum=zrows, lse=lse_full)
+
+    def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+        return segment_sums(x, plan.starts_t) if x is not None else None
+
+    return ForwardResult(logps=rows(logp), zsum=rows(zsum), lse=lse_full, entropy=rows(ent), top1=rows(top1))
 
 
-def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, chunk_tokens: int) -> ForwardResult:
-    """Row log-probs (and score sums), saving one logsumexp per token for `backward`."""
+def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, token_metrics: bool,
+            chunk_tokens: int) -> ForwardResult:
+    """Row log-probs (and score sums, token metrics), saving one logsumexp per token for `backward`."""
     chunks = token_chunks(plan, chunk_tokens)
     run = _Pass(plan, hidden, weight, bias, opts, max((_size(c) for c in chunks), default=0))
-    logp, lse, zsum = _per_token(plan, hidden, sum_scores)
+    per_token = _per_token(plan, hidden, sum_scores, token_metrics)
     for chunk in chunks:
         pos, _idx, _h, z = run.logits(chunk)
-        lp, ls, zs = run.token_forward(z, pos, sum_scores)
-        logp[pos], lse[pos] = lp, ls
-        if sum_scores:
-            zsum[pos] = zs
-    return _finish_forward(plan, hidden.shape[0], logp, lse, zsum)
+        _store(per_token, pos, run.token_forward(z, pos, sum_scores, token_metrics))
+    return _finish_forward(plan, hidden.shape[0], *per_token)
 
 
 def backward(plan: Plan, hidden, weight, bias, opts: Options, lse: torch.Tensor, grad_rows: torch.Tensor,
@@ -271,8 +286,8 @@ def backward(plan: Plan, hidden, weight, bias, opts: Options, lse: torch.Tensor,
     return grads
 
 
-def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, chunk_tokens: int,
-                       loss_grad: Callable[[torch.Tensor], torch.Tensor], grads: Grads):
+def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, token_metrics: bool,
+                       chunk_tokens: int, loss_grad: Callable[[torch.Tensor], torch.Tensor], grads: Grads):
     """`forward` plus the gradients, computed while each group's logits are still in the buffer.
 
     `loss_grad(rows)` is dLoss/dlogps [B] at per-row log-probs `rows` [B] (or None when it cannot
@@ -286,7 +301,8 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     acc = acc_dtype(hidden.dtype)
     groups = pair_groups(plan, chunk_tokens)
     run = _Pass(plan, hidden, weight, bias, opts, min(chunk_tokens, max((_size(c) for _, c in groups), default=0)))
-    logp, lse, zsum = _per_token(plan, hidden, sum_scores)
+    per_token = _per_token(plan, hidden, sum_scores, token_metrics)
+    logp, lse = per_token[:2]
     counts = plan.counts.to(acc)
     # Rows not computed yet hold a placeholder of -1 nat per token (finite for every loss); rows
     # without a valid token hold their true value, 0, from the start.
@@ -299,10 +315,7 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
         pieces = split(chunk, chunk_tokens)
         for piece in pieces:
             pos, idx, h, z = run.logits(piece)
-            lp, ls, zs = run.token_forward(z, pos, sum_scores)
-            logp[pos], lse[pos] = lp, ls
-            if sum_scores:
-                zsum[pos] = zs
+            _store(per_token, pos, run.token_forward(z, pos, sum_scores, token_metrics))
         done[rows] = True
         current = torch.where(done, segment_sums(logp, plan.starts_t), current)
         g = loss_grad(current)
@@ -317,4 +330,4 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
             dz = run.token_backward_(z, pos, lse[pos], g_valid[pos])
             grads.add(dz, h, idx, weight)
     grads.finish()
-    return _finish_forward(plan, hidden.shape[0], logp, lse, zsum), guess
+    return _finish_forward(plan, hidden.shape[0], *per_token), guess

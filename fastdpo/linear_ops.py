@@ -54,11 +54,20 @@ def _fake_grads(hidden, weight, want_h, want_w, want_b, has_bias):
             weight.new_empty((weight.shape[0],) if want_b and has_bias else (0,)))
 
 
-def _fake_forward(hidden, weight, offsets, sum_scores):
+def _fake_forward(hidden, weight, offsets, sum_scores, token_metrics):
     acc = C.acc_dtype(hidden.dtype)
     B = offsets.shape[0] - 1
-    return (hidden.new_empty(B, dtype=acc), hidden.new_empty(B if sum_scores else 0, dtype=acc),
-            hidden.new_empty(hidden.shape[0], dtype=acc))
+    sizes = (B, B if sum_scores else 0, B if token_metrics else 0, B if token_metrics else 0, hidden.shape[0])
+    return tuple(hidden.new_empty(k, dtype=acc) for k in sizes)
+
+
+def _forward_outputs(out: C.ForwardResult) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row log-probs, score sums, entropy sums, top-1 counts [B] and logsumexp [N] as op outputs.
+
+    Each result not asked for is its own empty tensor: custom op outputs may not alias one another.
+    """
+    return (out.logps, *(x if x is not None else _empty(out.logps) for x in (out.zsum, out.entropy, out.top1)),
+            out.lse)
 
 
 # ---- recompute: forward keeps the logsumexp, backward recomputes the logits ----
@@ -66,17 +75,18 @@ def _fake_forward(hidden, weight, offsets, sum_scores):
 @torch.library.custom_op("fastdpo::linear_logps", mutates_args=())
 def linear_logps(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
-    inv_temp: float, softcap: Optional[float], sum_scores: bool, chunk_tokens: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """-> row log-probs [B], row score sums [B] (empty unless `sum_scores`), logsumexp [N]."""
+    inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, chunk_tokens: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> row log-probs [B], row score sums [B] (empty unless `sum_scores`), row entropy sums and
+    top-1 counts [B] (empty unless `token_metrics`), logsumexp [N]."""
     plan = C.make_plan(labels, offsets)
-    out = C.forward(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores, chunk_tokens)
-    return out.logps, (out.zsum if sum_scores else _empty(out.logps)), out.lse
+    out = C.forward(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores, token_metrics, chunk_tokens)
+    return _forward_outputs(out)
 
 
 @linear_logps.register_fake
-def _(hidden, weight, bias, labels, offsets, inv_temp, softcap, sum_scores, chunk_tokens):
-    return _fake_forward(hidden, weight, offsets, sum_scores)
+def _(hidden, weight, bias, labels, offsets, inv_temp, softcap, sum_scores, token_metrics, chunk_tokens):
+    return _fake_forward(hidden, weight, offsets, sum_scores, token_metrics)
 
 
 @torch.library.custom_op("fastdpo::linear_logps_backward", mutates_args=())
@@ -99,21 +109,21 @@ def _(grad_rows, hidden, weight, bias, labels, offsets, lse, inv_temp, softcap, 
 
 
 def _setup_recompute(ctx, inputs, output):
-    hidden, weight, bias, labels, offsets, inv_temp, softcap, _sum_scores, chunk_tokens = inputs
-    _logps, zsum, lse = output
+    hidden, weight, bias, labels, offsets, inv_temp, softcap, _sum_scores, _token_metrics, chunk_tokens = inputs
+    _logps, zsum, entropy, top1, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse)
     ctx.opts = (inv_temp, softcap, chunk_tokens)
-    ctx.mark_non_differentiable(zsum, lse)
+    ctx.mark_non_differentiable(zsum, entropy, top1, lse)
 
 
-def _backward_recompute(ctx, grad_rows, _grad_zsum, _grad_lse):
+def _backward_recompute(ctx, grad_rows, *_grads_of_detached):
     hidden, weight, bias, labels, offsets, lse = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
     if grad_rows is None or not any(want):
-        return (None,) * 9
+        return (None,) * 10
     dh, dw, db = linear_logps_backward(grad_rows, hidden, weight, bias, labels, offsets, lse, *ctx.opts,
                                        want[0], want[1], want[2] and bias is not None)
-    return _pick(want, dh, dw, db) + (None,) * 6
+    return _pick(want, dh, dw, db) + (None,) * 7
 
 
 def _pick(want, dh, dw, db):
@@ -184,27 +194,27 @@ def _default_dispatch_keys():
 @torch.library.custom_op("fastdpo::linear_logps_grad_in_forward", mutates_args=())
 def linear_logps_grad_in_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, ref_rows: Tensor,
-    spec: str, inv_temp: float, softcap: Optional[float], sum_scores: bool, chunk_tokens: int,
+    spec: str, inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, chunk_tokens: int,
     want_hidden: bool, want_weight: bool, want_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> row log-probs, row score sums, logsumexp [N], the row gradients guessed [B], a 'used'
-    flag [1], and the gradients of hidden, weight, bias for that guess."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> row log-probs, row score sums, row entropy sums, row top-1 counts, logsumexp [N] (as
+    `linear_logps`), the row gradients guessed [B], a 'used' flag [1], and the gradients of hidden,
+    weight, bias for that guess."""
     plan = C.make_plan(labels, offsets)
     grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
     acc = C.acc_dtype(hidden.dtype)
     loss_grad = loss_grad_fn(spec, ref_rows.detach(), plan.counts.to(acc))
     out, guess = C.forward_with_grads(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores,
-                                      chunk_tokens, loss_grad, grads)
+                                      token_metrics, chunk_tokens, loss_grad, grads)
     used = torch.zeros(1, dtype=torch.int32, device=hidden.device)
-    return (out.logps, (out.zsum if sum_scores else _empty(out.logps)), out.lse, guess, used,
-            *_grad_outputs(grads, hidden, bias))
+    return (*_forward_outputs(out), guess, used, *_grad_outputs(grads, hidden, bias))
 
 
 @linear_logps_grad_in_forward.register_fake
-def _(hidden, weight, bias, labels, offsets, ref_rows, spec, inv_temp, softcap, sum_scores, chunk_tokens,
-      want_hidden, want_weight, want_bias):
-    logps, zsum, lse = _fake_forward(hidden, weight, offsets, sum_scores)
-    return (logps, zsum, lse, torch.empty_like(logps), hidden.new_empty(1, dtype=torch.int32),
+def _(hidden, weight, bias, labels, offsets, ref_rows, spec, inv_temp, softcap, sum_scores, token_metrics,
+      chunk_tokens, want_hidden, want_weight, want_bias):
+    forward = _fake_forward(hidden, weight, offsets, sum_scores, token_metrics)
+    return (*forward, torch.empty_like(forward[0]), hidden.new_empty(1, dtype=torch.int32),
             *_fake_grads(hidden, weight, want_hidden, want_weight, want_bias, bias is not None))
 
 
@@ -268,22 +278,22 @@ def _(grad_rows, guess, used, d_hidden, d_weight, d_bias, hidden, weight, bias, 
 
 
 def _setup_grad_in_forward(ctx, inputs, output):
-    hidden, weight, bias, labels, offsets, _ref, _spec, inv_temp, softcap, _ss, chunk_tokens, *_want = inputs
-    _logps, zsum, lse, guess, used, dh, dw, db = output
+    hidden, weight, bias, labels, offsets, _ref, _spec, inv_temp, softcap, _ss, _tm, chunk_tokens, *_want = inputs
+    _logps, zsum, entropy, top1, lse, guess, used, dh, dw, db = output
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db)
     ctx.opts = (inv_temp, softcap, chunk_tokens)
-    ctx.mark_non_differentiable(zsum, lse, guess, used, dh, dw, db)
+    ctx.mark_non_differentiable(zsum, entropy, top1, lse, guess, used, dh, dw, db)
 
 
 def _backward_grad_in_forward(ctx, grad_rows, *_unused):
     hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
     if not any(want):
-        return (None,) * 14
+        return (None,) * 15
     if grad_rows is None:
         grad_rows = torch.zeros_like(guess)
     linear_logps_finish_(grad_rows, guess, used, dh, dw, db, hidden, weight, bias, labels, offsets, lse, *ctx.opts)
-    return _pick(want, dh, dw, db) + (None,) * 11
+    return _pick(want, dh, dw, db) + (None,) * 12
 
 
 linear_logps_grad_in_forward.register_autograd(_backward_grad_in_forward, setup_context=_setup_grad_in_forward)

@@ -133,3 +133,25 @@ def test_inductor_linear_step():
     args = batch()
     compiled = torch.compile(linear_step, fullgraph=True)
     assert_same(run(compiled, model, args), run(linear_step, model, args), rel=1e-5)
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["grad_in_forward", "recompute"])
+def test_linear_token_metrics_compile(grad_in_forward):
+    """linear_sequence_stats(token_metrics=True) under fullgraph compile: the fake outputs of both
+    fused-linear ops carry the entropy sums and top-1 counts, and the numbers are eager's."""
+    from fastdpo.linear import linear_sequence_stats
+    from fastdpo.linear_ops import loss_spec
+
+    model = Step()
+    args = batch()
+    spec = loss_spec(dict(loss_type="sigmoid", loss_weights=None, beta=0.1, label_smoothing=0.0))
+
+    def step(m, x, labels, mask, ref):
+        stats = linear_sequence_stats(torch.tanh(m.body(x)), m.head.weight, labels, bias=m.head.bias, mask=mask,
+                                      token_metrics=True, chunk_size=4,
+                                      grad_spec=(spec, ref) if grad_in_forward else None)
+        tokens = stats.counts.clamp(min=1)  # per-row means: in-graph uses of the fake shapes
+        return stats.logps.sum(), {"entropy": stats.entropy_sums / tokens, "accuracy": stats.top1_counts / tokens}
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert_same(run(compiled, model, args), run(step, model, args))

@@ -331,3 +331,112 @@ def test_bad_input_raises_before_any_matmul(name, monkeypatch):
     fn, error, message = ERRORS[name]
     with pytest.raises(error, match=message):
         fn()
+
+
+def tied_batch(B, T, H, V, dtype, device, ties):
+    """Logits that are exact whatever the summation order (small integers, plus v / 64 from the bias),
+    so a tie in the materialized logits is a tie in the op. Vocabulary rows 3 and 7 are equal; they
+    are the (tied) maximum at the positions `ties` (a list of (b, t)) and nowhere else, and no other
+    two logits of a token are equal."""
+    signs = torch.randint(0, 2, (H,), device=device) * 2 - 1
+    hidden = torch.randint(-2, 3, (B, T, H), device=device)
+    hidden = torch.where((hidden * signs).sum(-1, keepdim=True) > 0, -hidden, hidden)  # z_3 = z_7 <= -1
+    for b, t in ties:
+        hidden[b, t] = signs  # z_3 = z_7 = 3 H - 1, every other z_v < 2 H + 3
+    weight = torch.randint(-2, 3, (V, H), device=device)
+    weight[3] = weight[7] = 3 * signs
+    bias = torch.randint(-2, 3, (V,), device=device) + torch.arange(V, device=device) / 64
+    bias[3] = bias[7] = -1.0
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype)
+
+
+def token_metrics64(z, temperature=1.0, softcap=None):
+    """Per-token entropy and the indices of the first and the last maximum of the scores, in float64."""
+    s = scores64(z, temperature, softcap)
+    logp = s.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    index = torch.arange(s.shape[-1], device=s.device).expand_as(s)
+    at_max = s == s.max(-1, keepdim=True).values
+    first = torch.where(at_max, index, s.shape[-1]).min(-1).values
+    last = torch.where(at_max, index, -1).max(-1).values
+    return entropy, first, last
+
+
+def labels_on_ties(first, last, V):
+    """Positions t = 0, 1, 2 mod 3 take the first maximum (top-1), the last maximum (not top-1 where
+    it is a tie) and a random token."""
+    t = torch.arange(first.shape[-1], device=first.device) % 3
+    return torch.where(t == 0, first, torch.where(t == 1, last, torch.randint_like(first, 0, V)))
+
+
+def stats_and_grads(mode, hidden, weight, bias, labels, **opts):
+    """linear_sequence_stats with token metrics through the chosen op, then a backward of a weighted row sum."""
+    from fastdpo.linear import linear_sequence_stats
+    from fastdpo.linear_ops import loss_spec
+
+    h, w, bb = leaves(hidden, weight, bias)
+    rows = opts["cu_seqlens"].numel() - 1 if opts.get("cu_seqlens") is not None else hidden.shape[0]
+    spec = loss_spec(dict(loss_type="sigmoid", loss_weights=None, beta=0.1, label_smoothing=0.0))
+    grad_spec = (spec, torch.zeros(rows, device=hidden.device)) if GRAD_MODES[mode] else None
+    stats = linear_sequence_stats(h, w, labels, bias=bb, token_metrics=True, grad_spec=grad_spec, **opts)
+    up = torch.randn(rows, device=hidden.device, dtype=stats.logps.dtype)
+    (stats.logps * up).sum().backward()
+    return stats, up, (h, w, bb)
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
+@pytest.mark.parametrize("chunk,opts", [(3, dict(temperature=0.7, softcap=20.0)), (10, {})],
+                         ids=["chunks-of-3-softcap-temperature", "chunks-of-10"])
+def test_token_metrics(backend, device, mode, chunk, opts):
+    """Entropy sums and top-1 counts come from the chunks of logits that give the log-probs, and equal
+    float64 from the materialized logits; a tie goes to the first maximum, as torch.argmax."""
+    P, T, H, V = 2, 6, 8, 40
+    # Even rows: a tie labelled with its last maximum (t = 1); odd rows: with its first (t = 0). The
+    # row sums then differ whichever way a wrong tie rule goes.
+    ties = [(b, 1 - b % 2) for b in range(2 * P)]
+    hidden, weight, bias = tied_batch(2 * P, T, H, V, torch.float32, device, ties)
+    z64 = logits64(hidden.double(), weight.double(), bias.double())
+    entropy, first, last = token_metrics64(z64, **opts)
+    labels = labels_on_ties(first, last, V)
+    mask = torch.rand(2 * P, T, device=device) > 0.25
+    mask[:, :2] = True  # the tied positions
+    mask[1] = False  # a row without completion tokens (row 3 keeps the odd rows' case)
+    stats, up, got = stats_and_grads(mode, hidden, weight, bias, labels, mask=mask, chunk_size=chunk, **opts)
+
+    for b, t in ties:  # the tied positions are labelled as intended, so the test can fail
+        assert first[b, t] != last[b, t] and labels[b, t] == (last if t == 1 else first)[b, t]
+    assert_close_rel(stats.entropy_sums, (entropy * mask).sum(-1), 2e-6, "entropy sums")
+    assert torch.equal(stats.top1_counts.double().cpu(), ((first == labels) & mask).double().sum(-1).cpu())
+    assert stats.top1_counts[1].item() == 0.0 and stats.entropy_sums[1].item() == 0.0
+    assert not stats.entropy_sums.requires_grad and not stats.top1_counts.requires_grad
+    # The log-probs and their gradients are unchanged by the extra results.
+    want = leaves(hidden, weight, bias, dtype=torch.float64)
+    logps64 = seq_logps64(logits64(*want), labels, mask, **opts)
+    (logps64 * up.double()).sum().backward()
+    assert_close_rel(stats.logps, logps64, 2e-6, "logps")
+    check_grads(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_token_metrics_packed(backend, device, mode):
+    """A packed batch (cu_seqlens, one empty row): sums over each row's segment of the packed tokens."""
+    lengths = torch.tensor([5, 0, 7, 4])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(device)
+    total, H, V = int(lengths.sum()), 8, 37
+    ties = [(0, 1), (0, 12)]  # in rows 0 and 3, labelled with the last and the first maximum
+    hidden, weight, bias = tied_batch(1, total, H, V, torch.float64, device, ties)
+    entropy, first, last = token_metrics64(logits64(hidden, weight, bias), softcap=5.0)
+    labels = labels_on_ties(first, last, V)
+    mask = torch.rand(1, total, device=device) > 0.2
+    mask[0, [1, 12]] = True  # the tied positions
+    stats, _, _ = stats_and_grads(mode, hidden, weight, bias, labels, mask=mask, cu_seqlens=cu, chunk_size=4,
+                                  softcap=5.0)
+
+    def segments(x):
+        flat = (x * mask).double()[0]
+        return torch.stack([flat[a:b].sum() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+
+    assert labels[0, 1] == last[0, 1] != first[0, 1] and labels[0, 12] == first[0, 12] != last[0, 12]
+    assert_close_rel(stats.entropy_sums, segments(entropy), 1e-12, "entropy sums")
+    assert torch.equal(stats.top1_counts.cpu(), segments(first == labels).cpu())
+    assert stats.entropy_sums[1].item() == 0.0
