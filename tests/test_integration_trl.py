@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import trl
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 
@@ -227,21 +229,41 @@ def test_triton_kernels_match_trl(models_, tokenizer, dataset, tmp_path, monkeyp
     assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
 
 
-def test_logits_mode_reads_the_logits_once(models_, tokenizer, dataset, tmp_path, monkeypatch):
-    """entropy and mean_token_accuracy come from the kernel's forward: no second pass over the logits."""
-    from fastdpo.integrations import lm_head
-
-    def second_pass(*args, **kwargs):
-        raise AssertionError("logits mode scanned the logits a second time for the token metrics")
-
-    monkeypatch.setattr(lm_head, "scan_scores", second_pass)
-    trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path)
-    expected, actual = loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch)
-    assert {"entropy", "mean_token_accuracy"} <= set(actual[2])
-    assert_same_step(expected, actual)
-
-
 MODES = ["logits", "linear"] if hasattr(fastdpo, "linear_sequence_logps") else ["logits"]
+
+
+class VocabWideOps(TorchDispatchMode):
+    """Records the aten ops, views aside, that make a [..., vocab] tensor outside fastdpo's own ops.
+
+    A custom op's body runs with the mode off, so the kernels' work inside fastdpo's ops is not
+    seen; a second pass over the logits, or a second matmul to make them, anywhere else is.
+    """
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.ops = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        wide = any(isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.vocab
+                   for t in tree_leaves(out))
+        if wide and func.namespace != "fastdpo" and not func.is_view:
+            self.ops.append(func.name())
+        return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_token_metrics_take_no_second_pass(mode, models_, tokenizer, dataset, tmp_path):
+    """entropy and mean_token_accuracy come from the pass that gives the log-probs: besides fastdpo's
+    ops, only the projection of "logits" mode (one matmul per model call: policy, reference) makes
+    vocabulary-wide tensors, and nothing does in "linear" mode."""
+    trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path, dict(mode=mode))
+    expected = loss_grads_metrics(trl_trainer, batch)
+    with VocabWideOps(len(tokenizer)) as seen:
+        actual = loss_grads_metrics(fast_trainer, batch)
+    assert {"entropy", "mean_token_accuracy"} <= set(actual[2])
+    assert seen.ops == (["aten::mm", "aten::mm"] if mode == "logits" else []), seen.ops
+    assert_same_step(expected, actual)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -259,7 +281,7 @@ def test_logit_scale_and_softcap_match_trl(scale, softcap, mode, models_, tokeni
 
 @pytest.mark.parametrize("mode", MODES)
 def test_without_token_metrics_the_rest_still_match(mode, models_, tokenizer, dataset, tmp_path):
-    """token_metrics=False drops entropy and mean_token_accuracy (an extra pass) and nothing else."""
+    """token_metrics=False drops entropy and mean_token_accuracy and nothing else."""
     trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path,
                                                       dict(mode=mode, token_metrics=False))
     loss_e, grads_e, metrics_e = loss_grads_metrics(trl_trainer, batch)

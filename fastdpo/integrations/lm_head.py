@@ -14,29 +14,29 @@ charge of the parameters, as TRL's own fused LM head does. Two modes:
   then fastdpo's from-logits kernel computes the log-probs and logit sums in one pass, with the
   logits gradient written over the logits (nothing else reads them: the matmul's backward needs
   only its inputs).
-- "linear": `fastdpo.linear_sequence_logps(hidden, lm_head.weight, labels)`: the logits are
-  never built.
+- "linear": `fastdpo.linear.linear_sequence_stats(hidden, lm_head.weight, labels, ...)`: the
+  logits are never built beyond one chunk of valid positions.
 
 The logits the model's config asks for are reproduced: scores = softcap * tanh(z * scale / softcap),
 with `scale` the config's logit multiplier and `softcap` its `final_logit_softcapping`.
 
 Entropy and top-1 accuracy (TRL's `entropy` and `mean_token_accuracy`, with `token_metrics=True`)
-come from the from-logits kernel's forward pass in "logits" mode. In "linear" mode they still take
-one extra no-grad pass over the scores (an extra 2·N·H·V matmul), chunked so its scratch stays
-near `metrics_chunk_bytes`.
+come from the same pass as the log-probs in both modes: the from-logits kernel's forward in
+"logits" mode, the fused-linear op's forward chunk loop in "linear" mode. No second read of the
+logits, no extra matmul.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import types
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.utils import ModelOutput
 
+from ..linear import linear_sequence_stats
 from ..logps import sequence_stats
 
 MODES = ("logits", "linear")
@@ -50,7 +50,6 @@ class HeadOptions:
     mode: str = "logits"
     token_metrics: bool = True
     inplace_backward: bool = True
-    metrics_chunk_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,8 +62,6 @@ class HeadOptions:
                     "mode='linear' needs fastdpo.linear_sequence_logps, which this fastdpo build does not have; "
                     "use mode='logits'"
                 )
-        if self.metrics_chunk_bytes <= 0:
-            raise ValueError(f"metrics_chunk_bytes must be > 0, got {self.metrics_chunk_bytes}")
 
 
 @dataclass
@@ -186,86 +183,15 @@ def _from_linear(hidden, labels, lm_head, scale, softcap, options: HeadOptions, 
     if scale != 1.0:  # (h s) W^T + b s = s (h W^T + b), before the soft-cap
         hidden = hidden * scale
         bias = bias * scale if bias is not None else None
-    logps, score_sums = _linear_rows(hidden, weight, bias, labels, softcap, metrics, grad_spec)
-    valid = labels != -100
-    out = RowStats(logps=logps, counts=valid.sum(-1), score_sums=score_sums, vocab=weight.shape[0])
-    if metrics and options.token_metrics:
-        rows = valid.nonzero(as_tuple=True)[0]
-        h, targets = hidden[valid].detach(), labels[valid]
-        w, b = weight.detach(), bias.detach() if bias is not None else None
-
-        def project(a: int, c: int) -> torch.Tensor:
-            z = h[a:c] @ w.t()
-            return z + b if b is not None else z
-
-        scores = functools.partial(_scores, project, 1.0, softcap, 1.0)
-        entropy, top1, sums = scan_scores(scores, targets, weight.shape[0], options.metrics_chunk_bytes,
-                                          want_sums=score_sums is None)
-        B = labels.shape[0]
-        out.entropy_sums, out.top1_counts = _rows(entropy, rows, B), _rows(top1, rows, B)
-        if score_sums is None:
-            out.score_sums = _rows(sums, rows, B)
-    return out
-
-
-def _linear_rows(hidden, weight, bias, labels, softcap, want_sums: bool, grad_spec=None):
-    """Per-row log-probs (and score sums when the op offers them in the same pass) without the logits."""
-    import fastdpo
-
-    linear = getattr(fastdpo, "linear", None)
-    stats_fn = getattr(linear, "linear_sequence_stats", None)
-    if stats_fn is not None:
-        extra = {"grad_spec": grad_spec} if grad_spec is not None and _takes(stats_fn, "grad_spec") else {}
-        stats = stats_fn(hidden, weight, labels, bias=bias, ignore_index=-100, softcap=softcap, sum_scores=want_sums,
-                         **extra)
-        return stats.logps, stats.score_sums
-    return fastdpo.linear_sequence_logps(hidden, weight, labels, bias=bias, ignore_index=-100, softcap=softcap), None
-
-
-def _takes(fn: Callable, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
+    token_metrics = metrics and options.token_metrics
+    # Entropy and top-1 come from the chunks of logits that give the log-probs: no second matmul.
+    stats = linear_sequence_stats(hidden, weight, labels, bias=bias, ignore_index=-100, softcap=softcap,
+                                  sum_scores=metrics, token_metrics=token_metrics, grad_spec=grad_spec)
+    return RowStats(logps=stats.logps, counts=(labels != -100).sum(-1), score_sums=stats.score_sums,
+                    entropy_sums=stats.entropy_sums, top1_counts=stats.top1_counts, vocab=weight.shape[0])
 
 
 def _full(p: torch.Tensor | None) -> torch.Tensor | None:
     """FSDP2 shards parameters as DTensors: the kernel needs the whole head."""
     return p.full_tensor() if p is not None and hasattr(p, "full_tensor") else p
 
-
-def _scores(logits_of: Callable[[int, int], torch.Tensor], scale: float, softcap: float | None,
-            inv_temp: float, start: int, end: int) -> torch.Tensor:
-    """fp32 scores of positions [start, end): softcap * tanh(z * scale / softcap) * inv_temp."""
-    z = logits_of(start, end).float()
-    if scale != 1.0:
-        z = z * scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z * inv_temp if inv_temp != 1.0 else z
-
-
-@torch.no_grad()
-def scan_scores(
-    scores_of: Callable[[int, int], torch.Tensor],
-    targets: torch.Tensor,
-    vocab: int,
-    chunk_bytes: int,
-    *,
-    want_sums: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-position entropy, is-top-1 (as 0/1 floats) and score sums, a chunk of positions at a time.
-
-    Top-1 uses the first maximum, as `argmax` does: a tie with an earlier token does not count.
-    """
-    n = targets.shape[0]
-    entropy = torch.empty(n, dtype=torch.float32, device=targets.device)
-    top1 = torch.empty_like(entropy)
-    sums = torch.empty_like(entropy) if want_sums else None
-    step = max(1, chunk_bytes // (4 * vocab))
-    for a in range(0, n, step):
-        c = min(n, a + step)
-        s = scores_of(a, c)
-        logp = torch.log_softmax(s, dim=-1)
-        entropy[a:c] = -(logp.exp() * logp).sum(-1)
-        top1[a:c] = (s.argmax(-1) == targets[a:c]).float()
-        if sums is not None:
-            sums[a:c] = s.sum(-1)
-    return entropy, top1, sums
