@@ -6,8 +6,8 @@ optional soft-cap c and temperature tau, the scores are s = c * tanh(z / c) / ta
     forward:   lse_n  = log sum_v exp(s_nv)                  online over BLOCK_V-wide tiles, fp32
                logp_n = s_{n, y_n} - lse_n                   0 for masked rows
                zsum_n = sum_v s_nv                           optional, for TRL's logits/* metrics
-               H_n    = lse_n - sum_v softmax(s_n)_v s_nv      optional entropy (TRL's `entropy`)
-               top1_n = 1[first argmax_v s_nv == y_n]          optional (TRL's `mean_token_accuracy`)
+               H_n    = lse_n - sum_v softmax(s_n)_v s_nv    optional entropy (TRL's `entropy`)
+               top1_n = 1[first argmax_v s_nv == y_n]        optional (TRL's `mean_token_accuracy`)
     backward:  dz_nv  = g_n * (1[v == y_n] - exp(s_nv - lse_n)) * ds_nv/dz_nv   0 for masked rows
 
 One program owns one token row. Forward reads the row once; backward reads it once and writes
@@ -76,7 +76,8 @@ def token_logps_fwd_kernel(
                 # does not cancel two numbers of the size of the logits. Moving the shift adds
                 # (old shift - new shift) * s before the usual rescale; e = 0 where z = -inf.
                 prev_shift = tl.where(m == neg_inf, 0.0, m)
-                sz = alpha * (sz + (prev_shift - shift) * s) + tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), axis=0)
+                tile_sz = tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), axis=0)
+                sz = alpha * (sz + (prev_shift - shift) * s) + tile_sz
                 # Strictly greater: an earlier tile keeps a tie, as torch.argmax keeps the first.
                 best = tl.where(tile_max > m, start + tl.argmax(z, axis=0).to(tl.int64), best)
             s = s * alpha + tl.sum(e, axis=0)
