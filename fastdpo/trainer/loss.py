@@ -5,7 +5,9 @@
     reference:    logits = model(batch).logits        -> fastdpo.reference.reference_dpo_loss (log_softmax + gather)
 
 Batches hold [chosen; rejected] rows with labels aligned to input_ids, so every path shifts once
-here: position t's logits score the token at t + 1.
+here: position t's logits score the token at t + 1. The labels move, not the logits: slicing the
+logits (`logits[:, :-1]`) would make autograd's slice backward allocate a second [B, T, V]
+gradient, while full logits with the last position masked keep the in-place backward in place.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 import fastdpo
 from fastdpo.losses import LossConfig
@@ -52,15 +55,15 @@ class LossFn:
         self.autocast = autocast
 
     def __call__(self, model, batch: Batch, ref_logps: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        labels = batch.labels[:, 1:]
+        labels = next_token_labels(batch.labels)
         if self.impl == "fused_linear":
-            hidden = forward(model, batch, self.autocast, hidden=True)[:, :-1]
+            hidden = forward(model, batch, self.autocast, hidden=True)
             head = output_head(unwrap(model))
             weight = head.weight.to(hidden.dtype)  # fp32 master weights meet bf16 activations
             bias = None if head.bias is None else head.bias.to(hidden.dtype)
             return fastdpo.fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=bias,
                                                  softcap=final_softcap(unwrap(model)), **self.options)
-        logits = forward(model, batch, self.autocast)[:, :-1]
+        logits = forward(model, batch, self.autocast)
         if self.impl == "reference":
             from fastdpo.reference import reference_dpo_loss
 
@@ -87,23 +90,28 @@ def forward(model, batch: Batch, autocast: bool, *, hidden: bool = False) -> tor
 def sequence_logps(model, batch: Batch, autocast: bool, *, linear: bool = False) -> torch.Tensor:
     """Per-row summed completion log-probs [2P] (fp32): what a reference contributes. With
     `linear`, from the hidden states and lm_head, never building the logits (--loss-impl fused_linear)."""
-    labels = batch.labels[:, 1:]
+    labels = next_token_labels(batch.labels)
     if linear:
-        hidden = forward(model, batch, autocast, hidden=True)[:, :-1]
+        hidden = forward(model, batch, autocast, hidden=True)
         head = output_head(unwrap(model))
         bias = None if head.bias is None else head.bias.to(hidden.dtype)
         return fastdpo.linear_sequence_logps(hidden, head.weight.to(hidden.dtype), labels, bias=bias,
                                              softcap=final_softcap(unwrap(model)))
-    return fastdpo.sequence_logps(forward(model, batch, autocast)[:, :-1], labels)
+    return fastdpo.sequence_logps(forward(model, batch, autocast), labels)
 
 
 def sft_nll(model, batch: Batch, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL of the chosen rows (the first half) and their token count: the supervised warm-up."""
     P = batch.pairs
     logits = forward(model, Batch(batch.input_ids[:P], batch.attention_mask[:P], batch.labels[:P], batch.index),
-                     autocast)[:, :-1]
-    labels = batch.labels[:P, 1:]
+                     autocast)
+    labels = next_token_labels(batch.labels[:P])
     return -fastdpo.sequence_logps(logits, labels).sum(), (labels != -100).sum()
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels[:, t] = the token at t + 1 (-100 at the last position), aligned with unsliced logits."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
 def unwrap(model):
