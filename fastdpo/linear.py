@@ -38,9 +38,9 @@ from . import linear_chunks
 from . import validation as V
 from .dpo import loss_from_rows, resolve_reference
 from .linear_ops import linear_logps, linear_logps_grad_in_forward, loss_spec
-from .logps import SequenceStats, _check_options
+from .logps import SequenceStats, TokenLayout, _check_options, build_layout
 from .losses import COUPLED_LOSSES, LossConfig
-from .packed import check_cu_seqlens, row_offsets, segment_sums
+from .packed import check_cu_seqlens
 
 
 
@@ -73,24 +73,25 @@ def linear_sequence_stats(
     cu_seqlens: torch.Tensor | None = None,
     grad_spec: tuple[str, torch.Tensor] | None = None,
     prefix: str = "",
+    layout: TokenLayout | None = None,
 ) -> SequenceStats:
     """Validate, then run the fused linear pass: per-row log-probs, counts and, on request, score
     sums (`sum_scores`) and the entropy sums and top-1 counts of TRL's token metrics
     (`token_metrics`), all from the same chunks of logits.
 
     `grad_spec` = (loss spec, reference rows) selects the grad-in-forward op for that loss.
+    `layout` is the labels' prepared TokenLayout when the caller shares it between two passes.
     """
     hidden, weight, bias = V.check_linear(hidden, weight, bias, prefix)
     V.check_labels(labels, hidden.shape[:2], mask)
     V.check_same_device(hidden, labels=labels, mask=mask)
     _check_options(temperature, softcap)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, hidden.shape, hidden)
     chunk = _chunk_tokens(chunk_size, weight)
+    if layout is None:
+        layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index,
+                              cu_seqlens=cu_seqlens)
+    flat, offsets, counts = layout.labels, layout.offsets, layout.counts
     B, T, H = hidden.shape
-    flat = V.token_labels(labels, mask, ignore_index, weight.shape[0])
-    offsets = row_offsets(cu_seqlens, B, T, hidden.device)
-    counts = segment_sums(flat >= 0, offsets)
     flat_hidden = hidden.reshape(B * T, H)
     want = _wants_grad(hidden, weight, bias)
     args = (1.0 / temperature, softcap, sum_scores, token_metrics, chunk)
@@ -248,8 +249,10 @@ def fused_linear_dpo_loss(
     V.check_pairs(rows, "hidden" if cu_seqlens is None else "cu_seqlens")
     V.check_labels(labels, hidden.shape[:2], mask)  # policy inputs first, before the reference pass
     V.check_same_device(hidden, labels=labels, mask=mask)
+    # Labels, mask and rows are checked and prepared once, for the policy and reference passes.
+    layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     common = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                  chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+                  chunk_size=chunk_size, cu_seqlens=cu_seqlens, layout=layout)
     reference = _reference_linear(ref_hidden, ref_weight, ref_bias, weight, bias, hidden)
     ref_pass = None
     if reference is not None:

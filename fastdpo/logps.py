@@ -133,11 +133,35 @@ def _check_options(temperature: float, softcap: float | None) -> None:
 @dataclass
 class TokenLayout:
     """Which tokens count and how per-token results fold into rows: prepared once per batch and
-    shared by the policy and reference passes over logits of the same [B, T] layout."""
+    shared by the policy and reference passes over the same [B, T] layout (logits or hidden)."""
 
     labels: torch.Tensor  # flat int32 [B*T], -1 where masked
+    offsets: torch.Tensor  # int64 [rows + 1]: row b owns flat tokens offsets[b] : offsets[b + 1]
     counts: torch.Tensor  # [rows] completion tokens per row
     row_sums: Callable[[torch.Tensor], torch.Tensor]  # [B*T] per-token values -> [rows] sums
+
+
+def build_layout(
+    like: torch.Tensor,
+    labels: torch.Tensor,
+    vocab: int,
+    *,
+    mask: torch.Tensor | None,
+    ignore_index: int,
+    cu_seqlens: torch.Tensor | None,
+) -> TokenLayout:
+    """The layout of labels already checked against `like` ([B, T, ...], logits or hidden states):
+    the label range check (one host sync) and the row offsets."""
+    B, T = like.shape[:2]
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, like.shape, like)
+    flat = V.token_labels(labels, mask, ignore_index, vocab)
+    offsets = row_offsets(cu_seqlens, B, T, like.device)
+    if cu_seqlens is None:  # padded rows: a plain row sum is cheaper than a segment sum
+        row_sums = lambda x: x.view(B, T).sum(-1)  # noqa: E731
+    else:
+        row_sums = lambda x: segment_sums(x, offsets)  # noqa: E731
+    return TokenLayout(labels=flat, offsets=offsets, counts=row_sums(flat >= 0), row_sums=row_sums)
 
 
 def token_layout(
@@ -153,12 +177,8 @@ def token_layout(
     V.check_logits(logits, name)
     V.check_labels(labels, logits.shape[:2], mask)
     V.check_same_device(logits, labels=labels, mask=mask)
-    B, T, vocab = logits.shape
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, logits.shape, logits)
-    flat = V.token_labels(labels, mask, ignore_index, vocab)
-    row_sums = _row_summer(cu_seqlens, B, T, logits.device)
-    return TokenLayout(labels=flat, counts=row_sums(flat >= 0), row_sums=row_sums)
+    return build_layout(logits, labels, logits.shape[-1], mask=mask, ignore_index=ignore_index,
+                        cu_seqlens=cu_seqlens)
 
 
 def layout_stats(
@@ -216,14 +236,6 @@ def sequence_stats(
     layout = token_layout(logits, labels, mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens, name=name)
     return layout_stats(logits, layout, temperature=temperature, softcap=softcap, sum_scores=sum_scores,
                         token_metrics=token_metrics, inplace_backward=inplace_backward, name=name)
-
-
-def _row_summer(cu_seqlens: torch.Tensor | None, B: int, T: int, device: torch.device):
-    """Per-token [B*T] vector -> per-row [rows] sums, for the padded or the packed layout."""
-    if cu_seqlens is None:
-        return lambda x: x.view(B, T).sum(-1)
-    offsets = row_offsets(cu_seqlens, B, T, device)
-    return lambda x: segment_sums(x, offsets)
 
 
 def sequence_logps(

@@ -440,3 +440,21 @@ def test_token_metrics_packed(backend, device, mode):
     assert_close_rel(stats.entropy_sums, segments(entropy), 1e-12, "entropy sums")
     assert torch.equal(stats.top1_counts.cpu(), segments(first == labels).cpu())
     assert stats.entropy_sums[1].item() == 0.0
+
+
+def test_labels_prepared_once_for_both_passes(backend, monkeypatch):
+    """With ref_hidden / ref_weight the label check (a host sync) runs once, not once per pass."""
+    import fastdpo.validation as validation
+
+    calls = []
+    original = validation.token_labels
+    monkeypatch.setattr(validation, "token_labels", lambda *a, **k: calls.append(1) or original(*a, **k))
+    hidden, weight, bias, labels, mask = make_batch(2, 5, 8, 13, torch.float32, "cpu")
+    expected = fastdpo.fused_linear_dpo_loss(hidden, weight, labels, bias=bias, mask=mask,
+                                             ref_logps=fastdpo.linear_sequence_logps(hidden + 0.1, weight, labels,
+                                                                                     bias=bias, mask=mask))
+    calls.clear()
+    loss = fastdpo.fused_linear_dpo_loss(hidden, weight, labels, bias=bias, mask=mask,
+                                         ref_hidden=hidden + 0.1, ref_weight=weight, ref_bias=bias)
+    assert len(calls) == 1
+    torch.testing.assert_close(loss, expected)
