@@ -7,9 +7,11 @@ import fastdpo
 from reference64 import assert_close_rel, seq_logps64
 
 # Forward error is relative to the float64 result on the same (upcast) inputs. Gradients are
-# rounded to the logits' dtype, so their tolerance is that dtype's resolution.
+# rounded to the logits' dtype, so their tolerance is that dtype's resolution; in fp32 the
+# probabilities exp(s - lse) carry a relative error of about |s - lse| * 2^-24, up to ~2e-6 for
+# the scores of up to ~30 these tests draw (scale 6, temperature 0.7).
 FWD_REL = {torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6, torch.float64: 1e-12}
-GRAD_REL = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-12}
+GRAD_REL = {torch.float32: 5e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-12}
 
 
 def make_inputs(B, T, V, dtype, device, scale=4.0, masked_frac=0.3):
