@@ -48,6 +48,7 @@ def token_logps_forward(
     sum_scores: bool = False,
     token_metrics: bool = False,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
     (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None)."""
@@ -62,7 +63,8 @@ def token_logps_forward(
     for b, t, idx, y in _chunks(labels, T, V):
         s = _scores(logits[b, t].to(acc), inv_temp, softcap)
         lse = torch.logsumexp(s, dim=-1)
-        logp[idx] = s.gather(1, y[:, None]).squeeze(1) - lse
+        picked = s.gather(1, y.clamp(max=V - 1)[:, None]).squeeze(1)
+        logp[idx] = torch.where(y < V, picked - lse, float("nan"))  # as the kernel: NaN for a label >= V
         if save_lse:
             lse_all[idx] = lse
         if sum_scores:
@@ -87,6 +89,7 @@ def token_logps_backward(
     softcap: float | None = None,
     out: torch.Tensor | None = None,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`)."""
     B, T, V = logits.shape

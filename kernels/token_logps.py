@@ -15,9 +15,17 @@ the gradient once, in place over the logits if asked. Masked rows skip the read 
 prompt and padding tokens cost nothing forward and one write backward.
 """
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _scalar(hi, lo, ACC_DTYPE: tl.constexpr):
+    """A float argument passed as two fp32 halves (Triton passes floats as fp32), rejoined."""
+    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
 
 
 @triton.jit
@@ -39,11 +47,12 @@ def _softcap_grad(z, softcap):
 def token_logps_fwd_kernel(
     z_ptr, stride_zb, stride_zt, stride_zv,
     labels_ptr, logp_ptr, lse_ptr, zsum_ptr, ent_ptr, top1_ptr,
-    T, V, inv_temp, softcap,
+    T, V, inv_temp, inv_temp_lo, softcap, softcap_lo,
     HAS_SOFTCAP: tl.constexpr, SAVE_LSE: tl.constexpr, SUM_SCORES: tl.constexpr,
     TOKEN_METRICS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # int64: n * stride overflows int32 once N * V > 2^31
+    inv_temp, softcap = _scalar(inv_temp, inv_temp_lo, ACC_DTYPE), _scalar(softcap, softcap_lo, ACC_DTYPE)
     label = tl.load(labels_ptr + n).to(tl.int64)
     logp = tl.zeros((), ACC_DTYPE)
     lse = tl.zeros((), ACC_DTYPE)
@@ -83,7 +92,9 @@ def token_logps_fwd_kernel(
             s = s * alpha + tl.sum(e, axis=0)
             m = m_new
         lse = tl.where(m == neg_inf, 0.0, m) + tl.log(s)  # an all -inf row gives -inf, as torch does
-        z_label = tl.load(row + label * stride_zv).to(ACC_DTYPE)
+        # A label >= V (possible only with the host-side label check turned off) gives NaN, not a
+        # read past the row.
+        z_label = tl.load(row + label * stride_zv, mask=label < V, other=float("nan")).to(ACC_DTYPE)
         logp = _scores(z_label, inv_temp, softcap, HAS_SOFTCAP) - lse
         if TOKEN_METRICS:
             ent = tl.log(s) - sz / s  # = lse - E_p[s]
@@ -103,10 +114,11 @@ def token_logps_bwd_kernel(
     z_ptr, stride_zb, stride_zt, stride_zv,
     dz_ptr, stride_db, stride_dt, stride_dv,
     labels_ptr, lse_ptr, g_ptr,
-    T, V, inv_temp, softcap,
+    T, V, inv_temp, inv_temp_lo, softcap, softcap_lo,
     HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
+    inv_temp, softcap = _scalar(inv_temp, inv_temp_lo, ACC_DTYPE), _scalar(softcap, softcap_lo, ACC_DTYPE)
     label = tl.load(labels_ptr + n).to(tl.int64)
     g = tl.load(g_ptr + n).to(ACC_DTYPE)
     b = n // T
@@ -139,12 +151,30 @@ def token_logps_bwd_kernel(
 _TL_ACC = {torch.float64: tl.float64}
 
 
-def _launch_config(V: int, block_v: int | None) -> tuple[int, int]:
-    """Tile width and warps: 2048-wide tiles keep the row in flight without spilling registers."""
+# Widest vocabulary tile. Chosen on an H100 (benchmarks/tune_kernel.py, README): 4096-wide tiles
+# with 4 warps forward and 16 backward were the fastest at shapes A and C, masked and not, or
+# within 1% backward and 6% forward (masked A) of it; 8 or 16 warps forward cost up to 1.5x.
+MAX_BLOCK_V = 4096
+
+
+def _launch_config(V: int, block_v: int | None, num_warps: int | None, backward: bool) -> tuple[int, int]:
+    """Tile width and warps for one program per token row."""
     if block_v is None:
-        block_v = min(triton.next_power_of_2(V), 2048)
-    num_warps = 8 if block_v >= 2048 else 4 if block_v >= 512 else 1
+        block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    if num_warps is None:
+        per_warp = 256 if backward else 1024  # elements of one tile each warp holds
+        num_warps = max(1, min(16 if backward else 4, block_v // per_warp))
     return block_v, num_warps
+
+
+def _split(x: float) -> tuple[float, float]:
+    """x as fp32 hi + lo, so fp64 kernels see it to ~48 bits rather than fp32's 24."""
+    hi = _fp32(x)
+    return hi, _fp32(x - hi)
+
+
+def _fp32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,6 +191,7 @@ def token_logps_forward(
     sum_scores: bool = False,
     token_metrics: bool = False,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
     (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None)."""
@@ -174,11 +205,11 @@ def token_logps_forward(
     logp = vector(True)
     lse, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
     if N > 0:
-        block_v, num_warps = _launch_config(V, block_v)
+        block_v, num_warps = _launch_config(V, block_v, num_warps, backward=False)
         token_logps_fwd_kernel[(N,)](
             logits, *logits.stride(),
             labels, logp, *(x if x is not None else logp for x in (lse, zsum, ent, top1)),
-            T, V, inv_temp, softcap or 1.0,
+            T, V, *_split(inv_temp), *_split(softcap or 1.0),
             HAS_SOFTCAP=softcap is not None, SAVE_LSE=save_lse, SUM_SCORES=sum_scores,
             TOKEN_METRICS=token_metrics, ACC_DTYPE=_TL_ACC.get(acc, tl.float32), BLOCK_V=block_v,
             num_warps=num_warps,
@@ -196,6 +227,7 @@ def token_logps_backward(
     softcap: float | None = None,
     out: torch.Tensor | None = None,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`)."""
     B, T, V = logits.shape
@@ -204,12 +236,12 @@ def token_logps_backward(
         out = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     if N == 0:
         return out
-    block_v, num_warps = _launch_config(V, block_v)
+    block_v, num_warps = _launch_config(V, block_v, num_warps, backward=True)
     token_logps_bwd_kernel[(N,)](
         logits, *logits.stride(),
         out, *out.stride(),
         labels, lse, grad_logp,
-        T, V, inv_temp, softcap or 1.0,
+        T, V, *_split(inv_temp), *_split(softcap or 1.0),
         HAS_SOFTCAP=softcap is not None, ACC_DTYPE=_TL_ACC.get(_acc_dtype(logits.dtype), tl.float32),
         BLOCK_V=block_v, num_warps=num_warps,
     )

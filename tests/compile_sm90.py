@@ -18,19 +18,22 @@ ALIGNED = {"z_ptr", "dz_ptr", "labels_ptr", "logp_ptr", "lse_ptr", "zsum_ptr", "
            "stride_zb", "stride_zt", "stride_db", "stride_dt", "V"}
 
 
-def compile_sm90(kernel, pointer_types, consts):
+def compile_sm90(kernel, pointer_types, consts, backward):
     sig = {}
     for name in kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
         elif name in pointer_types:
             sig[name] = pointer_types[name]
-        elif name in ("inv_temp", "softcap"):
+        elif name in ("inv_temp", "inv_temp_lo", "softcap", "softcap_lo"):
             sig[name] = "fp32"
         else:
             sig[name] = "i64" if name in ("stride_zb", "stride_db") else "i32"
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=SM90, options={"num_warps": 8})
+    # The launch settings the launchers use at a large vocabulary (V = 128256).
+    block_v, num_warps = K._launch_config(128256, None, None, backward)
+    consts = consts | {"BLOCK_V": block_v}
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=SM90, options={"num_warps": num_warps})
 
 
 def vectorized(ptx, op):
@@ -40,19 +43,19 @@ def vectorized(ptx, op):
 def forward(dtype, features):
     acc = "fp64" if dtype == "fp64" else "fp32"
     consts = dict(stride_zv=1, HAS_SOFTCAP=features, SAVE_LSE=features, SUM_SCORES=features, TOKEN_METRICS=features,
-                  ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, BLOCK_V=2048)
+                  ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32)
     ptrs = dict(z_ptr=f"*{dtype}", labels_ptr="*i32", logp_ptr=f"*{acc}", lse_ptr=f"*{acc}", zsum_ptr=f"*{acc}",
                 ent_ptr=f"*{acc}", top1_ptr=f"*{acc}")
-    ptx = compile_sm90(K.token_logps_fwd_kernel, ptrs, consts).asm["ptx"]
+    ptx = compile_sm90(K.token_logps_fwd_kernel, ptrs, consts, backward=False).asm["ptx"]
     return {"vector_loads": vectorized(ptx, "ld")}
 
 
 def backward(dtype, softcap):
     acc = "fp64" if dtype == "fp64" else "fp32"
     consts = dict(stride_zv=1, stride_dv=1, HAS_SOFTCAP=softcap,
-                  ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32, BLOCK_V=2048)
+                  ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32)
     ptrs = dict(z_ptr=f"*{dtype}", dz_ptr=f"*{dtype}", labels_ptr="*i32", lse_ptr=f"*{acc}", g_ptr=f"*{acc}")
-    ptx = compile_sm90(K.token_logps_bwd_kernel, ptrs, consts).asm["ptx"]
+    ptx = compile_sm90(K.token_logps_bwd_kernel, ptrs, consts, backward=True).asm["ptx"]
     return {"vector_loads": vectorized(ptx, "ld"), "vector_stores": vectorized(ptx, "st")}
 
 

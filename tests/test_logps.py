@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastdpo
+from fastdpo.kernels.token_logps import MAX_BLOCK_V as TILE  # the kernels' vocabulary tile width
 from reference64 import assert_close_rel, seq_logps64
 
 # Forward error is relative to the float64 result on the same (upcast) inputs. Gradients are
@@ -47,9 +48,9 @@ def test_parity_dtypes_and_vocab(backend, device, dtype, V):
 
 
 def test_multi_tile_vocab(backend, device):
-    """V above the 2048-wide tile and not a multiple of it: the tail tile is padded with -inf."""
-    logits, labels, mask = make_inputs(2, 2, 2048 + 77, torch.bfloat16, device)
-    labels[0, 0] = 2048 + 76  # label in the tail tile
+    """V above the tile width and not a multiple of it: the tail tile is padded with -inf."""
+    logits, labels, mask = make_inputs(2, 2, TILE + 77, torch.bfloat16, device)
+    labels[0, 0] = TILE + 76  # label in the tail tile
     check_parity(logits, labels, mask=mask)
 
 
@@ -142,9 +143,9 @@ def test_nan_logits_give_nan(backend, device):
 
 def test_minus_inf_logits(backend, device):
     """Banned tokens (-inf logits, some whole tiles) are fine as long as the label is not banned."""
-    logits, labels, _ = make_inputs(2, 3, 2048 + 40, torch.float32, device)
-    logits[..., :2048] = float("-inf")  # the whole first tile
-    labels = torch.randint(2048, 2048 + 40, (2, 3), device=device)
+    logits, labels, _ = make_inputs(2, 3, TILE + 40, torch.float32, device)
+    logits[..., :TILE] = float("-inf")  # the whole first tile
+    labels = torch.randint(TILE, TILE + 40, (2, 3), device=device)
     check_parity(logits, labels)
 
 
@@ -181,7 +182,7 @@ def token_metrics64(logits, labels, mask):
     return (ent * mask).sum(-1), (top1 * mask).sum(-1)
 
 
-@pytest.mark.parametrize("V", [5, 300, 2048 + 77])
+@pytest.mark.parametrize("V", [5, 300, TILE + 77])
 def test_token_metrics(backend, device, V):
     """Entropy and top-1 accumulated in the same pass match float64 (TRL's entropy, mean_token_accuracy)."""
     from fastdpo.logps import sequence_stats
@@ -200,11 +201,11 @@ def test_top1_takes_the_first_maximum(backend, device):
     """Ties go to the earliest index, within a tile and across tiles, as torch.argmax does."""
     from fastdpo.logps import sequence_stats
 
-    V = 2048 + 100
+    V = TILE + 100
     logits = torch.zeros(1, 4, V, device=device)
-    logits[0, :, [10, 20, 2050]] = 9.0  # the same maximum at 10, 20 (one tile) and 2050 (the next)
-    logits[0, 3, :2048] = float("-inf")  # a whole -inf tile before the maximum
-    labels = torch.tensor([[10, 20, 2050, 2050]], device=device)
+    logits[0, :, [10, 20, TILE + 2]] = 9.0  # the same maximum at 10, 20 (one tile) and TILE + 2 (the next)
+    logits[0, 3, :TILE] = float("-inf")  # a whole -inf tile before the maximum
+    labels = torch.tensor([[10, 20, TILE + 2, TILE + 2]], device=device)
     counts = [sequence_stats(logits[:, t : t + 1], labels[:, t : t + 1], token_metrics=True).top1_counts.item()
               for t in range(4)]
     assert counts == [1.0, 0.0, 0.0, 1.0]
@@ -212,3 +213,29 @@ def test_top1_takes_the_first_maximum(backend, device):
     assert torch.isfinite(ent).all()
     assert_close_rel(ent, token_metrics64(logits[:, 3:], labels[:, 3:], torch.ones(1, 1, device=device))[0],
                      1e-6, "entropy with a -inf tile")
+
+
+def test_value_checks_off(backend, device):
+    """With the label checks off nothing is read on the host: a label >= V gives NaN for its row
+    (never a read past the row), a negative one counts as masked, and the other rows are exact."""
+    logits, labels, mask = make_inputs(3, 5, 37, torch.float32, device)
+    mask[:] = True
+    labels[0, 2] = 37  # out of range
+    labels[1, 4] = -5  # negative, not ignore_index: masked when unchecked
+    with fastdpo.value_checks(False):
+        out = fastdpo.sequence_logps(logits, labels)
+    assert fastdpo.validation.value_checks_enabled()  # restored
+    assert torch.isnan(out[0])
+    expected = seq_logps64(logits, labels.clamp(0, 36), labels >= 0)
+    assert_close_rel(out[1:], expected[1:], 1e-6, "unchecked rows")
+    with pytest.raises(ValueError, match=r"\[0, 37\)"):
+        fastdpo.sequence_logps(logits, labels)
+
+
+def test_scalar_split_keeps_fp64_precision():
+    """Temperature and soft-cap reach the kernels as two fp32 halves: together ~48 bits."""
+    from fastdpo.kernels.token_logps import _split
+
+    for x in (1 / 0.7, 30.3, 1e-3 / 3, 1.0):
+        hi, lo = _split(x)
+        assert abs((hi + lo) - x) <= 1e-14 * abs(x)
