@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Iterator
+
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -63,23 +67,60 @@ def check_row_vector(x: object, name: str, rows: int) -> torch.Tensor:
     return x
 
 
-def token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int) -> torch.Tensor:
-    """Flat int32 labels with every masked position set to -1, after a range check.
+# ---- label values: checked on the host by default ----
 
-    The check is one reduction on the host side: a label >= V that reached the kernel would be
-    an out-of-bounds read on the GPU, not an error. It runs inside a custom op so that
+_value_checks = os.environ.get("FASTDPO_CHECK_LABELS", "1") != "0"
+
+
+def value_checks_enabled() -> bool:
+    return _value_checks
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the checks of label and mask values on (the default) or off, for the whole process.
+
+    The checks raise a clear error for a label outside [0, V) or a float mask other than 0/1,
+    at the cost of one host-device synchronization per call on GPU tensors: the host waits for
+    the queued work (the model's forward) before launching the loss. Off, nothing waits: a label
+    >= V gives a NaN log-prob (never an out-of-bounds read), a negative label counts as masked,
+    and a float mask counts where it is nonzero. `FASTDPO_CHECK_LABELS=0` starts a process off.
+    """
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """`set_value_checks(enabled)` for the span of a `with` block."""
+    before = _value_checks
+    set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(before)
+
+
+def token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int) -> torch.Tensor:
+    """Flat int32 labels with every masked position set to -1, after a range check (unless
+    `set_value_checks(False)`).
+
+    The check is one reduction read on the host. It runs inside a custom op so that
     torch.compile(fullgraph=True) sees one opaque call rather than data-dependent Python.
     """
-    return _token_labels(labels, mask, ignore_index, vocab)
+    return _token_labels(labels, mask, ignore_index, vocab, _value_checks)
 
 
 @torch.library.custom_op("fastdpo::token_labels", mutates_args=())
-def _token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int) -> torch.Tensor:
+def _token_labels(
+    labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int, check: bool
+) -> torch.Tensor:
     valid = labels != ignore_index
     if mask is not None:
-        if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+        if check and mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask must hold only 0 and 1 (or be bool)")
         valid &= mask.bool()
+    if not check:  # no host read: the kernels turn a label >= V into NaN; a negative one is masked
+        return torch.where(valid & (labels >= 0), labels, -1).to(torch.int32).reshape(-1)
     bad = valid & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         where = tuple(int(i) for i in torch.nonzero(bad)[0])
@@ -91,7 +132,7 @@ def _token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index:
 
 
 @_token_labels.register_fake
-def _(labels, mask, ignore_index, vocab):
+def _(labels, mask, ignore_index, vocab, check):
     return labels.new_empty(labels.numel(), dtype=torch.int32)
 
 
