@@ -6,15 +6,17 @@
       --> the same PairLogps -> loss (+ TRL metrics) as fused_dpo_loss
 
 Masked tokens (prompt, padding) are dropped before any matmul. The only [tokens x vocab] buffer
-is one chunk of logits in the input dtype (``chunk_size`` tokens, default about 512 MiB); besides
-it the pass holds O(N H) floats and the gradients themselves, never [N, V].
+is one chunk of logits in the input dtype (``chunk_size`` tokens; by default about 512 MiB, or
+the largest pair's valid tokens if more, with grad_in_forward); besides it the pass holds O(N H)
+floats and the gradients themselves, never [N, V].
 
 Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
 - grad_in_forward (default for every loss whose pair gradients do not depend on other pairs, so
   all but the aot family): the gradient of each group of pairs is applied while its logits are
   still in the buffer, so the backward only scales what the forward built. 6 N H V FLOPs, with
   chunks of whole pairs (0.33 GB of bf16 logits for a pair of 1290 valid tokens at V = 128256);
-  a pair longer than ``chunk_size`` is forwarded in pieces and recomputed (8 N H V for it).
+  by default a chunk grows to hold the largest pair; a pair longer than an explicit
+  ``chunk_size`` is forwarded in pieces and recomputed (8 N H V for it).
 - recompute (aot, ``grad_in_forward=False``, or ``linear_sequence_logps``): the forward keeps
   one logsumexp per token and the backward recomputes each chunk's logits. 8 N H V FLOPs, with
   chunks of any size (a lean setting: small ``chunk_size``).
@@ -45,8 +47,9 @@ from .packed import check_cu_seqlens
 
 
 def _chunk_tokens(chunk_size: int | None, weight: torch.Tensor) -> int:
+    """Tokens per chunk, or 0 for the default, which the ops size once they know the pairs."""
     if chunk_size is None:
-        return linear_chunks.default_chunk_tokens(weight.shape[0], weight.dtype)
+        return 0
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
     return chunk_size
@@ -227,8 +230,9 @@ def fused_linear_dpo_loss(
             ``bias``, the case of a frozen lm_head).
         mask, beta, loss_type, loss_weights, label_smoothing, reference_free, temperature, softcap,
         return_metrics, **loss_options: as in :func:`fastdpo.fused_dpo_loss`.
-        chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits). With
-            grad_in_forward a chunk holds whole pairs; a longer pair costs a recomputation.
+        chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits, or the
+            largest pair if that is more). With grad_in_forward a chunk holds whole pairs; a pair
+            longer than an explicit ``chunk_size`` costs a recomputation.
         cu_seqlens: for a packed batch: hidden (and ref_hidden) [1, total_tokens, H], labels / mask
             [1, total_tokens], int32/int64 [B + 1] cumulative row lengths; rows as above.
         grad_in_forward: build the gradients in the forward pass, pair group by pair group

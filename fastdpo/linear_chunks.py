@@ -48,6 +48,15 @@ def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
     return max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
 
 
+def resolve_chunk_tokens(chunk_tokens: int, weight: torch.Tensor, plan: "Plan | None" = None) -> int:
+    """`chunk_tokens`, or for 0 (the default) about CHUNK_BYTES of logits; given the `plan` of a
+    pass that groups whole pairs, at least the largest pair, so that no pair is recomputed."""
+    if chunk_tokens:
+        return chunk_tokens
+    tokens = default_chunk_tokens(weight.shape[0], weight.dtype)
+    return max(tokens, max(pair_sizes(plan), default=0)) if plan is not None else tokens
+
+
 @dataclass
 class Plan:
     """Where the valid tokens are. Rows are contiguous in the flat layout, so they stay contiguous here."""
@@ -67,13 +76,18 @@ class Plan:
         return self.starts_t[1:] - self.starts_t[:-1]
 
 
-def make_plan(labels: torch.Tensor, offsets: torch.Tensor) -> Plan:
-    """labels: flat [N] int32 (-1 = masked); offsets: int64 [B + 1] row offsets into them."""
+def valid_starts(labels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[B + 1] positions, among the valid tokens, where each row's valid tokens start (no sync)."""
     valid = labels >= 0
     prefix = torch.cat([valid.new_zeros(1, dtype=torch.int64), valid.cumsum(0)])
-    starts_t = prefix[offsets]
+    return prefix[offsets]
+
+
+def make_plan(labels: torch.Tensor, offsets: torch.Tensor) -> Plan:
+    """labels: flat [N] int32 (-1 = masked); offsets: int64 [B + 1] row offsets into them."""
+    starts_t = valid_starts(labels, offsets)
     starts = starts_t.tolist()  # the host learns the chunk layout: one sync per pass
-    order = torch.nonzero(valid).squeeze(1)
+    order = torch.nonzero(labels >= 0).squeeze(1)
     B = offsets.numel() - 1
     counts = starts_t[1:] - starts_t[:-1]
     rows = torch.repeat_interleave(torch.arange(B, device=labels.device), counts, output_size=starts[-1])
@@ -99,7 +113,7 @@ def pair_groups(plan: Plan, chunk_tokens: int) -> list[tuple[list[int], Chunk]]:
     rows another.
     """
     s, P = plan.starts, (len(plan.starts) - 1) // 2
-    size = [s[i + 1] - s[i] + s[P + i + 1] - s[P + i] for i in range(P)]
+    size = pair_sizes(plan)
     groups, i = [], 0
     while i < P:
         j, tokens = i + 1, size[i]
@@ -111,6 +125,12 @@ def pair_groups(plan: Plan, chunk_tokens: int) -> list[tuple[list[int], Chunk]]:
             groups.append((rows, [(s[i], s[j]), (s[P + i], s[P + j])]))
         i = j
     return groups
+
+
+def pair_sizes(plan: Plan) -> list[int]:
+    """Valid tokens of each pair (rows i and i + P)."""
+    s, P = plan.starts, (len(plan.starts) - 1) // 2
+    return [s[i + 1] - s[i] + s[P + i + 1] - s[P + i] for i in range(P)]
 
 
 def split(chunk: Chunk, chunk_tokens: int) -> list[Chunk]:
@@ -262,7 +282,7 @@ def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum, ent, top1) -> Fo
 def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, token_metrics: bool,
             chunk_tokens: int) -> ForwardResult:
     """Row log-probs (and score sums, token metrics), saving one logsumexp per token for `backward`."""
-    chunks = token_chunks(plan, chunk_tokens)
+    chunks = token_chunks(plan, resolve_chunk_tokens(chunk_tokens, weight))
     run = _Pass(plan, hidden, weight, bias, opts, max((_size(c) for c in chunks), default=0))
     per_token = _per_token(plan, hidden, sum_scores, token_metrics)
     for chunk in chunks:
@@ -274,7 +294,7 @@ def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, t
 def backward(plan: Plan, hidden, weight, bias, opts: Options, lse: torch.Tensor, grad_rows: torch.Tensor,
              chunk_tokens: int, grads: Grads) -> Grads:
     """Recompute each chunk's logits, turn them into dz in place, fold dz into `grads`."""
-    chunks = token_chunks(plan, chunk_tokens)
+    chunks = token_chunks(plan, resolve_chunk_tokens(chunk_tokens, weight))
     run = _Pass(plan, hidden, weight, bias, opts, max((_size(c) for c in chunks), default=0))
     lse_valid = lse[plan.order]
     g_valid = grad_rows.to(lse.dtype)[plan.rows]
@@ -299,6 +319,7 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     Returns (ForwardResult, guess [B]: the row gradients the buffers were built with).
     """
     acc = acc_dtype(hidden.dtype)
+    chunk_tokens = resolve_chunk_tokens(chunk_tokens, weight, plan)
     groups = pair_groups(plan, chunk_tokens)
     run = _Pass(plan, hidden, weight, bias, opts, min(chunk_tokens, max((_size(c) for _, c in groups), default=0)))
     per_token = _per_token(plan, hidden, sum_scores, token_metrics)
@@ -309,7 +330,7 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     done = counts == 0
     current = -counts
     guess = torch.zeros_like(current)
-    for rows, chunk in groups:
+    for (_, chunk), rows in zip(groups, _device_rows(groups, hidden.device)):
         # A group fits in one chunk unless it is a single pair longer than a chunk: then its
         # pieces are forwarded first and recomputed for the gradient.
         pieces = split(chunk, chunk_tokens)
@@ -331,3 +352,14 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
             grads.add(dz, h, idx, weight)
     grads.finish()
     return _finish_forward(plan, hidden.shape[0], *per_token), guess
+
+
+def _device_rows(groups: list[tuple[list[int], Chunk]], device: torch.device) -> list[torch.Tensor]:
+    """Each group's rows as a device index, all in one asynchronous copy: indexing with a Python
+    list would copy, and wait for the queued work, once per group."""
+    if not groups:
+        return []
+    flat = torch.tensor([r for rows, _ in groups for r in rows], dtype=torch.int64)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(torch.split(flat, [len(rows) for rows, _ in groups]))

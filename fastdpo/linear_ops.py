@@ -114,6 +114,7 @@ def _setup_recompute(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse)
     ctx.opts = (inv_temp, softcap, chunk_tokens)
     ctx.mark_non_differentiable(zsum, entropy, top1, lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 
 def _backward_recompute(ctx, grad_rows, *_grads_of_detached):
@@ -223,20 +224,33 @@ def _(hidden, weight, bias, labels, offsets, ref_rows, spec, inv_temp, softcap, 
 _GUESS_TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
 
-def guess_scale(grad_rows: Tensor, guess: Tensor, counts: Tensor) -> float | None:
-    """s with grad_rows = s * guess on every row that has a valid token, or None if there is none."""
-    rows = counts > 0
-    a, g = grad_rows.double()[rows], guess.double()[rows]
-    if a.numel() == 0:
+def guess_scale(grad_rows: Tensor, guess: Tensor, counts: Tensor, used: Tensor) -> float | None:
+    """s with grad_rows = s * guess on every row that has a valid token, or None if there is none.
+
+    Everything, the 'used' flag [1] too, is reduced on the device and read back in one transfer:
+    one host sync. Raises if the flag says these gradients were handed out already.
+    """
+    live = counts > 0
+    a = torch.where(live, grad_rows.double(), 0.0)
+    g = torch.where(live, guess.double(), 0.0)
+    gg = (g * g).sum()
+    s = (a * g).sum() / torch.where(gg > 0, gg, 1.0)
+    finite = torch.isfinite(a).all() & torch.isfinite(g).all()
+    stats = [used[0] != 0, live.any(), finite, a.any(), gg, s, (a - s * g).abs().max(), a.abs().max()]
+    was_used, any_live, finite, any_grad, gg, s, resid, scale = torch.stack(stats).tolist()
+    if was_used:
+        raise RuntimeError(
+            "fused_linear_dpo_loss(grad_in_forward=True) supports one backward per call; "
+            "pass grad_in_forward=False to backward through the same graph twice"
+        )
+    if not any_live:
         return 1.0
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
+    if not finite:
         return None
-    gg = float((g * g).sum())
     if gg == 0.0:
-        return 1.0 if not bool(a.any()) else None
-    s = float((a * g).sum()) / gg
+        return None if any_grad else 1.0
     tol = _GUESS_TOL.get(guess.dtype, 1e-5)
-    if float((a - s * g).abs().max()) > tol * float(a.abs().max()):
+    if resid > tol * scale:
         return None
     return 1.0 if abs(s - 1.0) <= tol else s
 
@@ -250,16 +264,12 @@ def linear_logps_finish_(
     inv_temp: float, softcap: Optional[float], chunk_tokens: int,
 ) -> None:
     """Turn the gradients built for `guess` into the gradients for `grad_rows`, in place."""
-    if int(used[0]):
-        raise RuntimeError(
-            "fused_linear_dpo_loss(grad_in_forward=True) supports one backward per call; "
-            "pass grad_in_forward=False to backward through the same graph twice"
-        )
+    starts = C.valid_starts(labels, offsets)
+    s = guess_scale(grad_rows, guess, starts[1:] - starts[:-1], used)
     used.fill_(1)
-    plan = C.make_plan(labels, offsets)
-    s = guess_scale(grad_rows, guess, plan.counts)
     bufs = [t for t in (d_hidden, d_weight, d_bias) if t.numel()]
     if s is None:  # the guess does not explain the true gradient: recompute it exactly
+        plan = C.make_plan(labels, offsets)
         grads = C.Grads(hidden=d_hidden.zero_() if d_hidden.numel() else None,
                         weight=d_weight if d_weight.numel() else None,
                         bias=torch.zeros_like(d_bias, dtype=C.acc_dtype(d_bias.dtype)) if d_bias.numel() else None)
@@ -283,6 +293,8 @@ def _setup_grad_in_forward(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db)
     ctx.opts = (inv_temp, softcap, chunk_tokens)
     ctx.mark_non_differentiable(zsum, entropy, top1, lse, guess, used, dh, dw, db)
+    # Outputs without a gradient stay None: materializing them would zero-fill a second dW.
+    ctx.set_materialize_grads(False)
 
 
 def _backward_grad_in_forward(ctx, grad_rows, *_unused):

@@ -89,6 +89,7 @@ def _setup_token_logps(ctx, inputs, output):
     ctx.save_for_backward(logits, labels, lse)
     ctx.inv_temp, ctx.softcap, ctx.inplace = inv_temp, softcap, inplace
     ctx.mark_non_differentiable(lse, *metrics)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 
 _NO_GRADS = (None,) * 7  # labels and the six options

@@ -102,7 +102,7 @@ def test_ref_logits_get_no_gradient(backend, device):
 def test_reference_free(backend, device):
     logits, labels, mask = make_batch(2, 5, 23, torch.float32, device)
     loss = fastdpo.fused_dpo_loss(logits, labels, mask=mask, reference_free=True, beta=0.5)
-    expected = dpo_sigmoid64(seq_logps64(logits, labels, mask), torch.zeros(4), 0.5)
+    expected = dpo_sigmoid64(seq_logps64(logits, labels, mask), torch.zeros(4, device=device), 0.5)
     assert_close_rel(loss, expected, 2e-6, "reference-free loss")
 
 

@@ -58,3 +58,53 @@ def test_large_shapes(P, T, V, inplace):
     got = torch.stack([grad[b, t].double() for b, t in picks])
     assert_close_rel(got, grad64_rows(logits, labels, mask, g, picks), 8e-3, "grad rows")
     assert (grad[~mask] == 0).all()
+
+
+def _syncs(fn) -> list[str]:
+    """file:line of each host-device synchronization torch's sync debug mode sees during fn()."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def test_from_logits_step_never_waits_with_value_checks_off():
+    """Checks off, a from-logits step queues its work without waiting for the GPU: the host can
+    run ahead of the model's forward, as it does without fastdpo."""
+    logits = torch.randn(8, 256, 32000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 32000, (8, 256), device="cuda")
+    mask = torch.rand(8, 256, device="cuda") > 0.3
+    ref = -100 * torch.rand(8, device="cuda")
+
+    def step():
+        with fastdpo.value_checks(False):
+            fastdpo.fused_dpo_loss(logits, labels, ref, mask=mask).backward()
+
+    step()  # compile the kernels outside the watched span
+    assert _syncs(step) == []
+    assert len(_syncs(lambda: fastdpo.fused_dpo_loss(logits, labels, ref, mask=mask).backward())) == 1
+
+
+def test_fused_linear_waits_once_per_pass_not_per_pair():
+    """grad_in_forward: one read of the token layout in the forward and one of the gradient check
+    in the backward, however many pair groups the forward walks through."""
+    hidden = torch.randn(8, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(32000, 512, device="cuda") / 8).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 32000, (8, 256), device="cuda")
+    mask = torch.rand(8, 256, device="cuda") > 0.3
+
+    def step():
+        with fastdpo.value_checks(False):
+            loss = fastdpo.fused_linear_dpo_loss(hidden, weight, labels, torch.zeros(8, device="cuda"), mask=mask,
+                                                 grad_in_forward=True, chunk_size=256)  # 4 groups of one pair
+            torch.autograd.grad(loss, (hidden, weight))
+
+    step()
+    assert len(_syncs(step)) == 2, _syncs(step)

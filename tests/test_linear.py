@@ -209,7 +209,7 @@ def test_frozen_lm_head(backend, device):
         fastdpo.fused_linear_dpo_loss(h, weight, labels, torch.zeros(4, device=device), bias=b, mask=mask,
                                       grad_in_forward=mode).backward()
         h64, w64 = hidden.double().requires_grad_(), weight.double()
-        dpo_sigmoid64(seq_logps64(logits64(h64, w64, b.double()), labels, mask), torch.zeros(4), 0.1).backward()
+        dpo_sigmoid64(seq_logps64(logits64(h64, w64, b.double()), labels, mask), torch.zeros(4, device=device), 0.1).backward()
         assert_rel_to_max(h.grad, h64.grad, 1e-5, "grad hidden")
         assert weight.grad is None and b.grad is None
 
@@ -442,14 +442,14 @@ def test_token_metrics_packed(backend, device, mode):
     assert stats.entropy_sums[1].item() == 0.0
 
 
-def test_labels_prepared_once_for_both_passes(backend, monkeypatch):
+def test_labels_prepared_once_for_both_passes(backend, device, monkeypatch):
     """With ref_hidden / ref_weight the label check (a host sync) runs once, not once per pass."""
     import fastdpo.validation as validation
 
     calls = []
     original = validation.token_labels
     monkeypatch.setattr(validation, "token_labels", lambda *a, **k: calls.append(1) or original(*a, **k))
-    hidden, weight, bias, labels, mask = make_batch(2, 5, 8, 13, torch.float32, "cpu")
+    hidden, weight, bias, labels, mask = make_batch(2, 5, 8, 13, torch.float32, device)
     expected = fastdpo.fused_linear_dpo_loss(hidden, weight, labels, bias=bias, mask=mask,
                                              ref_logps=fastdpo.linear_sequence_logps(hidden + 0.1, weight, labels,
                                                                                      bias=bias, mask=mask))
@@ -458,3 +458,28 @@ def test_labels_prepared_once_for_both_passes(backend, monkeypatch):
                                          ref_hidden=hidden + 0.1, ref_weight=weight, ref_bias=bias)
     assert len(calls) == 1
     torch.testing.assert_close(loss, expected)
+
+
+def test_grad_in_forward_allocates_one_weight_gradient(backend, device):
+    """The backward of grad_in_forward hands over the dW built in the forward: no second [V, H]
+    tensor (autograd would zero-fill one for each gradient-free output unless told not to)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hidden, weight, _, labels, mask = make_batch(2, 6, 8, 61, torch.float32, device, bias=False)
+    h, w = leaves(hidden, weight)
+    shapes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    shapes.append((str(func), tuple(t.shape)))
+            return out
+
+    with Record():
+        loss = fastdpo.fused_linear_dpo_loss(h, w, labels, torch.zeros(4, device=device), mask=mask,
+                                             grad_in_forward=True)
+        torch.autograd.grad(loss, (h, w))
+    weight_sized = [f for f, s in shapes if s == tuple(weight.shape) and "view" not in f and "detach" not in f]
+    assert len(weight_sized) == 1, weight_sized
