@@ -3,6 +3,7 @@
     python benchmarks/bench_loss.py                   # shapes A, B, C of ANCHORS.md on the GPU
     python benchmarks/bench_loss.py --shape 4,2048,151936 --impls fastdpo,compile
     python benchmarks/bench_loss.py --device cpu      # smoke test on a tiny shape (not a result)
+    python benchmarks/bench_loss.py --linear [...]    # the fused-linear variant: bench_linear.py's flags
 
 For each shape: the policy step (loss forward + logits gradient) and the reference pass
 (per-row log-probs, no grad). Reports median time, extra peak memory, the HBM floor (3 passes
@@ -52,6 +53,14 @@ def dpo_from_logps(logps: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return -torch.nn.functional.logsigmoid(BETA * d).mean()
 
 
+def unchecked(fn: Callable) -> Callable:
+    def run(*args):
+        with fastdpo.value_checks(False):
+            return fn(*args)
+
+    return run
+
+
 def implementations(only: set[str] | None) -> dict[str, dict[str, Callable]]:
     """name -> {"step": f(logits, labels, mask, ref) -> grad, "ref": f(logits, labels, mask) -> logps}."""
 
@@ -71,7 +80,12 @@ def implementations(only: set[str] | None) -> dict[str, dict[str, Callable]]:
             "step": grad_of(lambda x, y, m, r: fastdpo.fused_dpo_loss(x, y, r, mask=m, beta=BETA)),
             "ref": lambda x, y, m: fastdpo.sequence_logps(x, y, mask=m),
         },
-        # Last: it overwrites the logits with their gradient, so it times on spent inputs.
+        # Without the host-side label check (one sync per call): fastdpo.value_checks(False).
+        "fastdpo-nocheck": {
+            "step": grad_of(unchecked(lambda x, y, m, r: fastdpo.fused_dpo_loss(x, y, r, mask=m, beta=BETA))),
+            "ref": unchecked(lambda x, y, m: fastdpo.sequence_logps(x, y, mask=m)),
+        },
+        # It overwrites the logits with their gradient, so it times on spent inputs.
         "fastdpo-inplace": {
             "step": grad_of(lambda x, y, m, r: fastdpo.fused_dpo_loss(x, y, r, mask=m, beta=BETA,
                                                                       inplace_backward=True)),
@@ -108,17 +122,20 @@ def bench_shape(name, P, T, V, impls, args, device, bandwidth) -> list[common.Re
     pass_ms = logits.numel() * logits.element_size() / bandwidth * 1e3
     results = []
     for impl, fns in impls.items():
-        for mode, key, floor in (("fwd+bwd", "step", 3 * pass_ms), ("fwd", "ref", pass_ms)):
+        # A fresh copy per implementation: Liger's cross-entropy and the in-place backward both
+        # overwrite their input with its gradient. The error is read on the first, unspent call.
+        x = logits.detach().clone().requires_grad_()
+        for mode, key, floor in (("fwd", "ref", pass_ms), ("fwd+bwd", "step", 3 * pass_ms)):
             if mode not in args.modes or key not in fns:
                 continue
             r = common.Result(name, impl, mode, floor_ms=floor, extra={"P": P, "T": T, "V": V})
             try:
                 if key == "step":
-                    fn = lambda: fns["step"](logits, labels, mask, ref)  # noqa: E731
+                    fn = lambda: fns["step"](x, labels, mask, ref)  # noqa: E731
                 else:
                     def fn():
                         with torch.no_grad():
-                            return fns["ref"](logits, labels, mask)
+                            return fns["ref"](x, labels, mask)
                     got = fn().double()
                     r.rel_err = ((got - exact).abs() / exact.abs().clamp(min=1)).max().item()
                 r.ms = common.time_ms(fn, device, args.warmup, args.iters)
@@ -126,6 +143,7 @@ def bench_shape(name, P, T, V, impls, args, device, bandwidth) -> list[common.Re
             except Exception as exc:  # one failing peer must not sink the whole run
                 r.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
             results.append(r)
+            fn = None  # drop the closure's hold on x before the next copy
             print(f"  {name} {mode:7s} {impl:16s} {r.ms or float('nan'):9.3f} ms  "
                   f"extra {r.extra_gb if r.extra_gb is not None else float('nan'):6.2f} GB  {r.error or ''}",
                   flush=True)
@@ -139,6 +157,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--linear" in argv:  # from hidden states: one entry point for both benchmarks
+        import bench_linear
+
+        argv.remove("--linear")
+        return bench_linear.main(argv)
     args = parse_args(argv)
     args.modes = set(args.modes.split(","))
     device = torch.device(args.device)

@@ -2,22 +2,33 @@
 # A lent GPU session: the test suite natively (large shapes included), then the benchmarks, each
 # writing JSON + Markdown + PNG under $OUT (or bench_results/), short tables last.
 #   bash benchmarks/run_gpu.sh            # everything (can exceed one 10-minute device call)
-#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, loss, linear, trl
+#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, trl
+#   TESTS="tests/test_gpu_large.py" bash benchmarks/run_gpu.sh tests   # a part of the suite
+# Peers (liger-kernel, cut-cross-entropy, trl and its needs) are installed from wheels in .whl/
+# when that folder exists, for a machine with no package index. Results go to $RESULTS, else
+# $OUT, else bench_results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-bench_results}"
+out="${RESULTS:-${OUT:-bench_results}}"
+py="${PYTHON:-python3}"
 stages="${*:-tests loss linear trl}"
+limit="${STAGE_TIMEOUT:-900}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || pip install -q --no-deps -e .
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+"$py" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || "$py" -m pip install -q --no-deps -e .
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for stage in $stages; do
   case "$stage" in
-    tests) python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tail -n 25 | tee "$out/tests.log" ;;
+    tests) timeout "$limit" "$py" -m pytest ${TESTS:-tests} -q -p no:cacheprovider --durations=5 > "$out/tests.log" 2>&1
+      tail -n 30 "$out/tests.log" ;;
+    tune) timeout "$limit" "$py" benchmarks/tune_kernel.py 2>&1 | tee "$out/tune_kernel.md" ;;
     loss|linear|trl)
-      timeout 900 python "benchmarks/bench_$stage.py" --out "$out" > "$out/bench_$stage.log" 2>&1 \
-        || echo "bench_$stage failed: see $out/bench_$stage.log" ;;
-    *) echo "unknown stage $stage (tests, loss, linear, trl)"; exit 2 ;;
+      timeout "$limit" "$py" "benchmarks/bench_$stage.py" --out "$out" > "$out/bench_$stage.log" 2>&1 \
+        || echo "bench_$stage failed or timed out: see $out/bench_$stage.log" ;;
+    *) echo "unknown stage $stage (tests, tune, loss, linear, trl)"; exit 2 ;;
   esac
 done
 for table in "$out"/*.md; do [ -f "$table" ] && { echo; echo "== $table"; cat "$table"; }; done
