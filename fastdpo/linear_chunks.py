@@ -83,11 +83,19 @@ def valid_starts(labels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return prefix[offsets]
 
 
+def _positions_of(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n true entries; with n known, no second sync (torch.nonzero waits to learn it)."""
+    try:
+        return torch.nonzero_static(valid, size=n).squeeze(1)
+    except (NotImplementedError, RuntimeError):  # a device without nonzero_static
+        return torch.nonzero(valid).squeeze(1)
+
+
 def make_plan(labels: torch.Tensor, offsets: torch.Tensor) -> Plan:
     """labels: flat [N] int32 (-1 = masked); offsets: int64 [B + 1] row offsets into them."""
     starts_t = valid_starts(labels, offsets)
     starts = starts_t.tolist()  # the host learns the chunk layout: one sync per pass
-    order = torch.nonzero(labels >= 0).squeeze(1)
+    order = _positions_of(labels >= 0, starts[-1])
     B = offsets.numel() - 1
     counts = starts_t[1:] - starts_t[:-1]
     rows = torch.repeat_interleave(torch.arange(B, device=labels.device), counts, output_size=starts[-1])
@@ -327,23 +335,25 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     counts = plan.counts.to(acc)
     # Rows not computed yet hold a placeholder of -1 nat per token (finite for every loss); rows
     # without a valid token hold their true value, 0, from the start.
-    done = counts == 0
+    # Group k's rows are those with group_id == k; done after group k: group_id <= k. Comparisons
+    # with a Python int, so the loop never copies to the device nor waits for it.
+    group_id = _group_ids(groups, counts.numel(), hidden.device)
     current = -counts
     guess = torch.zeros_like(current)
-    for (_, chunk), rows in zip(groups, _device_rows(groups, hidden.device)):
+    for k, (_, chunk) in enumerate(groups):
         # A group fits in one chunk unless it is a single pair longer than a chunk: then its
         # pieces are forwarded first and recomputed for the gradient.
         pieces = split(chunk, chunk_tokens)
         for piece in pieces:
             pos, idx, h, z = run.logits(piece)
             _store(per_token, pos, run.token_forward(z, pos, sum_scores, token_metrics))
-        done[rows] = True
-        current = torch.where(done, segment_sums(logp, plan.starts_t), current)
+        current = torch.where(group_id <= k, segment_sums(logp, plan.starts_t), current)
         g = loss_grad(current)
+        rows = group_id == k
         if g is None:  # no gradient available here: a NaN guess makes the backward recompute
-            guess[rows] = float("nan")
+            guess = torch.where(rows, float("nan"), guess)
             continue
-        guess[rows] = g[rows]
+        guess = torch.where(rows, g, guess)
         g_valid = g.to(acc)[plan.rows]
         for piece in pieces:
             if len(pieces) > 1:
@@ -354,12 +364,12 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     return _finish_forward(plan, hidden.shape[0], *per_token), guess
 
 
-def _device_rows(groups: list[tuple[list[int], Chunk]], device: torch.device) -> list[torch.Tensor]:
-    """Each group's rows as a device index, all in one asynchronous copy: indexing with a Python
-    list would copy, and wait for the queued work, once per group."""
-    if not groups:
-        return []
-    flat = torch.tensor([r for rows, _ in groups for r in rows], dtype=torch.int64)
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    return list(torch.split(flat, [len(rows) for rows, _ in groups]))
+def _group_ids(groups: list[tuple[list[int], Chunk]], B: int, device: torch.device) -> torch.Tensor:
+    """[B] index of the group each row belongs to (-1: in none, i.e. no valid token), copied to
+    the device once, asynchronously."""
+    ids = [-1] * B
+    for k, (rows, _) in enumerate(groups):
+        for r in rows:
+            ids[r] = k
+    out = torch.tensor(ids, dtype=torch.int64)
+    return out.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else out
