@@ -1,6 +1,7 @@
 """Shared fixtures. Without CUDA the Triton kernels run under the interpreter on CPU tensors."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -34,3 +35,14 @@ def _fresh_seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one process-wide state: a test that asked for the CPU (TRL's use_cpu) must
+    not leave a later trainer on the CPU of a machine that has a GPU."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -223,9 +223,13 @@ def test_every_shared_loss_type_matches_trl(models_, tokenizer, dataset, tmp_pat
 
 
 def test_triton_kernels_match_trl(models_, tokenizer, dataset, tmp_path, monkeypatch):
-    """The same step through the Triton kernels (the interpreter on CPU) instead of the PyTorch twin."""
+    """The same step through the Triton kernels instead of the PyTorch twin: compiled, with both
+    trainers on the GPU, where there is one; interpreted on the CPU otherwise."""
     monkeypatch.setenv("FASTDPO_BACKEND", "triton")
-    trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path)
+    on_gpu = torch.cuda.is_available()
+    trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path, use_cpu=not on_gpu)
+    if on_gpu:
+        batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
 
 

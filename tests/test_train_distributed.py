@@ -9,7 +9,6 @@ import pytest
 import torch
 from train_helpers import final_weights, run_cli, step_records, tiny_config
 
-from fastdpo.trainer import DPOTrainer
 from fastdpo.trainer.logs import read_metrics
 
 STEPS, GLOBAL_BATCH = 4, 8
@@ -21,21 +20,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Both runs on the CPU, also on a machine with a GPU: hiding it keeps accelerate's workers off
+# CUDA (their barrier would name a device) and the one-process baseline in the same fp32 numerics.
+CPU_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def train_flags(run_dir, batch_size: int, ref: str, cache) -> list[str]:
+    return ["--run-dir", str(run_dir), "--batch-size", str(batch_size), "--max-steps", str(STEPS),
+            "--sft-steps", "2", "--eval-steps", "2", "--max-train-pairs", "64", "--max-eval-pairs", "13",
+            "--logging-steps", "1", "--ref", ref, "--ref-cache-dir", str(cache), "--no-progress-bar"]
+
+
 @pytest.mark.parametrize("ref", ["copy", "precompute"])
 def test_two_processes_match_one_at_the_same_global_batch(tmp_path, ref):
-    common = dict(max_steps=STEPS, sft_steps=2, eval_steps=2, max_train_pairs=64, max_eval_pairs=13, ref=ref)
-    DPOTrainer(tiny_config(tmp_path / "one", batch_size=GLOBAL_BATCH, **common)).train()
+    one = run_cli(train_flags(tmp_path / "one", GLOBAL_BATCH, ref, tmp_path / "cache1"), env=CPU_ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
 
-    cfg = tiny_config(tmp_path / "two", batch_size=GLOBAL_BATCH // 2, **common)
+    cfg = tiny_config(tmp_path / "two", batch_size=GLOBAL_BATCH // 2)
     # accelerate's CPU multi-process path: torchrun-style workers (--multi_gpu) told to use the
     # CPU and gloo (ACCELERATE_USE_CPU); `--cpu` alone would expect an MPI launcher.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), "-m", "fastdpo.train"]
-    flags = ["--run-dir", cfg.run_dir, "--batch-size", str(cfg.batch_size), "--max-steps", str(STEPS),
-             "--sft-steps", "2", "--eval-steps", "2", "--max-train-pairs", "64", "--max-eval-pairs", "13",
-             "--logging-steps", "1", "--ref", ref, "--ref-cache-dir", str(tmp_path / "cache2"), "--no-progress-bar"]
-    result = run_cli(launch + flags, env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    result = run_cli(launch + train_flags(cfg.run_dir, cfg.batch_size, ref, tmp_path / "cache2"), env=CPU_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
 
     start = read_metrics(cfg.run_dir)[0]
