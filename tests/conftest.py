@@ -38,6 +38,15 @@ def _fresh_seed():
 
 
 @pytest.fixture(autouse=True)
+def _trainers_on_cpu(request, monkeypatch):
+    """The trainer tests compare implementations at fp32-on-CPU precision (1e-5), so accelerate is
+    told to use the CPU even where a GPU is present; the tests of the compiled Triton kernels
+    (named for the triton backend) are the exception: on such a machine they need the GPU."""
+    if not (HAS_CUDA and "triton" in request.node.name):
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+
+
+@pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     """accelerate keeps one process-wide state: a test that asked for the CPU (TRL's use_cpu) must
     not leave a later trainer on the CPU of a machine that has a GPU."""

@@ -161,4 +161,7 @@ def test_the_kernels_serve_the_trainer(tmp_path, backend, impl):
         pytest.skip("this fastdpo build has no fused_linear_dpo_loss")
     run(tmp_path / impl, loss_impl=impl, max_steps=2, max_eval_pairs=4)
     run(tmp_path / "reference", loss_impl="reference", max_steps=2, max_eval_pairs=4)
-    assert train_losses(tmp_path / impl) == pytest.approx(train_losses(tmp_path / "reference"), rel=1e-5)
+    # The Triton variant trains on the GPU where there is one (conftest), under bf16 autocast:
+    # there the implementations agree to ~1e-4 (8.6e-5 measured on an H100), not fp32's 1e-5.
+    rel = 1e-3 if backend == "triton" and torch.cuda.is_available() else 1e-5
+    assert train_losses(tmp_path / impl) == pytest.approx(train_losses(tmp_path / "reference"), rel=rel)
