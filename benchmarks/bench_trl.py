@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": a.warmup, "iters": a.iters, "precompute_ref": a.precompute,
             "gradient_checkpointing": not a.no_gradient_checkpointing, **versions()}
     results = []
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = "bench_trl_smoke" if smoke else "bench_trl"
     for impl in a.impls.split(","):
         why = available(impl)
         if why is not None:
@@ -259,12 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    a.out.mkdir(parents=True, exist_ok=True)
-    name = "bench_trl_smoke" if smoke else "bench_trl"
-    (a.out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    text = table(results, meta)
-    (a.out / f"{name}.md").write_text(text + "\n")
-    print(text)
+        # Written after each implementation: a run cut short by a time limit keeps what it measured.
+        print(f"bench_trl {impl}: {json.dumps(results[-1])}", flush=True)
+        (a.out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        (a.out / f"{name}.md").write_text(table(results, meta) + "\n")
+    print(table(results, meta))
     return 0
 
 

@@ -177,9 +177,10 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def markdown_table(results: list[Result], meta: dict) -> str:
+    rate = f", matmul {meta['matmul_tflops']:.0f} TFLOP/s" if meta.get("matmul_tflops") else ""
     lines = [
         f"{meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}, {meta.get('date')}; "
-        f"copy {meta.get('bandwidth_tbs', 0):.2f} TB/s, matmul {meta.get('matmul_tflops', 0):.0f} TFLOP/s",
+        f"copy {meta.get('bandwidth_tbs', 0):.2f} TB/s{rate}",
         "",
         "| shape | mode | impl | ms | extra GB | floor ms | floor / time | rel. err |",
         "|---|---|---|---|---|---|---|---|",
