@@ -155,3 +155,15 @@ def test_linear_token_metrics_compile(grad_in_forward):
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     assert_same(run(compiled, model, args), run(step, model, args))
+
+
+def test_unchecked_step_compiles():
+    """value_checks(False) around a fullgraph-compiled step: one graph, the eager numbers."""
+    model = Step()
+    backend, graphs = counting("aot_eager")
+    compiled = torch.compile(logits_step, fullgraph=True, backend=backend)
+    with fastdpo.value_checks(False):
+        for _ in range(2):
+            args = batch()
+            assert_same(run(compiled, model, args), run(logits_step, model, args))
+    assert len(graphs) == 1
