@@ -334,9 +334,9 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     logp, lse = per_token[:2]
     counts = plan.counts.to(acc)
     # Rows not computed yet hold a placeholder of -1 nat per token (finite for every loss); rows
-    # without a valid token hold their true value, 0, from the start.
-    # Group k's rows are those with group_id == k; done after group k: group_id <= k. Comparisons
-    # with a Python int, so the loop never copies to the device nor waits for it.
+    # without a valid token hold their true value, 0, from the start. Group k's rows are those
+    # with group_id == k, and the rows known after it those with group_id <= k: comparisons with
+    # a Python int, so the loop never copies to the device nor waits for it.
     group_id = _group_ids(groups, counts.numel(), hidden.device)
     current = -counts
     guess = torch.zeros_like(current)
