@@ -4,6 +4,7 @@
     python benchmarks/bench_linear.py --no-mask         # every token is a completion token
     python benchmarks/bench_linear.py --shape 4,2048,3584,151936 --impls fastdpo,compile
     python benchmarks/bench_linear.py --device cpu      # smoke test on a tiny shape (not a result)
+    python benchmarks/bench_linear.py --impls compile,cce-exact --lean 256:0,1024:4096   # lean settings
 
 For each shape: the policy step (DPO loss forward + gradients of hidden and weight) and the
 reference pass (per-row log-probs, no grad). Reports median time, extra peak memory (gradients
@@ -84,8 +85,24 @@ def cce_impls() -> dict:
     }
 
 
-def implementations(only: set[str] | None, lean_chunk: int, chunk: int | None) -> dict[str, dict[str, Callable]]:
-    """name -> {"step": loss(h, w, y, m, ref), "ref": logps(h, w, y, m)}; `chunk` tunes fastdpo's default."""
+def lean_impl(chunk: int, vocab_chunk: int) -> dict[str, Callable]:
+    """The recompute path with `chunk` tokens x `vocab_chunk` vocabulary rows (0: all) per tile."""
+    opts = dict(chunk_size=chunk, vocab_chunk_size=vocab_chunk or None)
+    return {
+        "step": lambda h, w, y, m, r: fastdpo.fused_linear_dpo_loss(h, w, y, r, mask=m, beta=BETA,
+                                                                    grad_in_forward=False, **opts),
+        "ref": lambda h, w, y, m: fastdpo.linear_sequence_logps(h, w, y, mask=m, **opts),
+    }
+
+
+def lean_name(chunk: int, vocab_chunk: int) -> str:
+    return f"fastdpo-lean-{chunk}x{vocab_chunk or 'V'}"
+
+
+def implementations(only: set[str] | None, lean: list[tuple[int, int]], chunk: int | None
+                    ) -> dict[str, dict[str, Callable]]:
+    """name -> {"step": loss(h, w, y, m, ref), "ref": logps(h, w, y, m)}; `chunk` tunes fastdpo's
+    default, `lean` lists the (tokens, vocabulary rows) tiles of the lean rows."""
     compiled_logps = torch.compile(eager_logps)
     impls = {
         "eager": {"step": lambda h, w, y, m, r: dpo_from_logps(eager_logps(h, w, y, m), r), "ref": eager_logps},
@@ -100,17 +117,14 @@ def implementations(only: set[str] | None, lean_chunk: int, chunk: int | None) -
             "step": lambda h, w, y, m, r: fastdpo.fused_linear_dpo_loss(h, w, y, r, mask=m, beta=BETA,
                                                                         grad_in_forward=False, chunk_size=chunk),
         },
-        "fastdpo-lean": {
-            "step": lambda h, w, y, m, r: fastdpo.fused_linear_dpo_loss(h, w, y, r, mask=m, beta=BETA,
-                                                                        grad_in_forward=False, chunk_size=lean_chunk),
-            "ref": lambda h, w, y, m: fastdpo.linear_sequence_logps(h, w, y, mask=m, chunk_size=lean_chunk),
-        },
     }
+    impls |= {lean_name(*tile): lean_impl(*tile) for tile in lean}
     liger = liger_impl()
     if liger is not None:
         impls["liger"] = liger
     impls |= cce_impls()
-    return {k: v for k, v in impls.items() if only is None or k in only}
+    return {k: v for k, v in impls.items() if only is None or k in only or (k.startswith("fastdpo-lean") and
+                                                                           "fastdpo-lean" in only)}
 
 
 def exact_logps64(hidden, weight, labels, mask, rows=512):
@@ -157,7 +171,8 @@ def bench_shape(name, P, T, H, V, impls, args, device, rate) -> list[common.Resu
         for mode, key in (("fwd+bwd", "step"), ("fwd", "ref")):
             if mode not in args.modes or key not in fns:
                 continue
-            per, per_fwd, over = FLOPS.get(impl, (6, 2, "all"))
+            kind = "fastdpo-lean" if impl.startswith("fastdpo-lean") else impl
+            per, per_fwd, over = FLOPS.get(kind, (6, 2, "all"))
             flops = (per if mode == "fwd+bwd" else (per_fwd or 2)) * (N if over == "all" else Nv) * H * V
             r = common.Result(name, impl, mode, floor_ms=floor if mode == "fwd+bwd" else floor / 3,
                               extra={"P": P, "T": T, "H": H, "V": V, "N": N, "valid": Nv, "flops": flops})
@@ -203,10 +218,20 @@ def flop_table(results: list[common.Result]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(p, "P,T,H,V")
-    p.add_argument("--lean-chunk", type=int, default=256, help="tokens per chunk of fastdpo-lean")
+    p.add_argument("--lean", type=parse_tiles, default=parse_tiles("256:0,1024:4096"),
+                   help="lean settings as tokens:vocab_rows tiles (0 = whole vocabulary), comma-separated; "
+                        "each is a row fastdpo-lean-TOKENSxVOCAB")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per chunk of fastdpo and fastdpo-recompute (default: fastdpo's, ~512 MiB of logits)")
     return p.parse_args(argv)
+
+
+def parse_tiles(text: str) -> list[tuple[int, int]]:
+    tiles = []
+    for item in filter(None, text.split(",")):
+        chunk, _, vocab = item.partition(":")
+        tiles.append((int(chunk), int(vocab or 0)))
+    return tiles
 
 
 def main(argv=None) -> None:
@@ -214,13 +239,13 @@ def main(argv=None) -> None:
     args.modes = set(args.modes.split(","))
     device = torch.device(args.device)
     shapes = common.select_shapes(args, device, "P,T,H,V", tiny=(2, 64, 64, 1000))
-    impls = implementations(set(args.impls.split(",")) if args.impls else None, args.lean_chunk, args.chunk_size)
+    impls = implementations(set(args.impls.split(",")) if args.impls else None, args.lean, args.chunk_size)
     rate = common.matmul_rate(device)
     meta = {
         "device": common.device_name(device), "torch": torch.__version__, "triton": common.triton_version(),
         "date": datetime.date.today().isoformat(), "bandwidth_tbs": common.copy_bandwidth(device) / 1e12,
         "matmul_tflops": rate / 1e12, "dtype": args.dtype, "masked": not args.no_mask,
-        "chunk_size": args.chunk_size, "lean_chunk": args.lean_chunk,
+        "chunk_size": args.chunk_size, "lean_tiles": args.lean,
     }
     print(f"{meta['device']}: matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
     results = []

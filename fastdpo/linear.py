@@ -19,7 +19,8 @@ Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
   ``chunk_size`` is forwarded in pieces and recomputed (8 N H V for it).
 - recompute (aot, ``grad_in_forward=False``, or ``linear_sequence_logps``): the forward keeps
   one logsumexp per token and the backward recomputes each chunk's logits. 8 N H V FLOPs, with
-  chunks of any size (a lean setting: small ``chunk_size``).
+  chunks of any size; with ``vocab_chunk_size`` the backward takes the vocabulary in slabs too,
+  so its logits are [chunk_size, vocab_chunk_size] (the lean setting: memory near the gradients).
 
 Why no mode that keeps chunk logits from the forward to the backward: it saves the recomputation
 only for the chunks it keeps, so 6 N H V needs all valid logits kept (1.3 GB more at ANCHORS.md's
@@ -55,6 +56,16 @@ def _chunk_tokens(chunk_size: int | None, weight: torch.Tensor) -> int:
     return chunk_size
 
 
+def _vocab_chunk(vocab_chunk_size: int | None) -> int:
+    """Rows of W per slab in the recomputing backward, or 0 for the whole vocabulary at once."""
+    if vocab_chunk_size is None:
+        return 0
+    if isinstance(vocab_chunk_size, bool) or not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 1:
+        raise ValueError(f"vocab_chunk_size must be a positive number of vocabulary rows or None, "
+                         f"got {vocab_chunk_size!r}")
+    return vocab_chunk_size
+
+
 def _wants_grad(*tensors: torch.Tensor | None) -> tuple[bool, bool, bool]:
     on = torch.is_grad_enabled()
     return tuple(bool(on and t is not None and t.requires_grad) for t in tensors)  # type: ignore[return-value]
@@ -73,6 +84,7 @@ def linear_sequence_stats(
     sum_scores: bool = False,
     token_metrics: bool = False,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
     grad_spec: tuple[str, torch.Tensor] | None = None,
     prefix: str = "",
@@ -90,6 +102,7 @@ def linear_sequence_stats(
     V.check_same_device(hidden, labels=labels, mask=mask)
     _check_options(temperature, softcap)
     chunk = _chunk_tokens(chunk_size, weight)
+    vocab_chunk = _vocab_chunk(vocab_chunk_size)
     if layout is None:
         layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index,
                               cu_seqlens=cu_seqlens)
@@ -97,7 +110,7 @@ def linear_sequence_stats(
     B, T, H = hidden.shape
     flat_hidden = hidden.reshape(B * T, H)
     want = _wants_grad(hidden, weight, bias)
-    args = (1.0 / temperature, softcap, sum_scores, token_metrics, chunk)
+    args = (1.0 / temperature, softcap, sum_scores, token_metrics, chunk, vocab_chunk)
     if grad_spec is not None and any(want):
         spec, ref_rows = grad_spec
         logps, zsum, ent, top1, *_ = linear_logps_grad_in_forward(flat_hidden, weight, bias, flat, offsets, ref_rows,
@@ -123,6 +136,7 @@ def linear_sequence_logps(
     temperature: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of log p(label) over the unmasked positions of each row, from hidden states and lm_head.
@@ -138,6 +152,8 @@ def linear_sequence_logps(
         mask: optional [B, T] bool or 0/1; positions with 0 are skipped.
         temperature, softcap: scores are ``softcap * tanh(z / softcap) / temperature``.
         chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits).
+        vocab_chunk_size: vocabulary rows per slab in the backward (default: all): the backward
+            then holds [chunk_size, vocab_chunk_size] logits and one fp32 [chunk_size, H] sum.
         cu_seqlens: for a packed batch: hidden [1, total_tokens, H], labels / mask
             [1, total_tokens], and int32/int64 [B + 1] cumulative row lengths.
 
@@ -147,7 +163,7 @@ def linear_sequence_logps(
     """
     return linear_sequence_stats(
         hidden, weight, labels, bias=bias, mask=mask, ignore_index=ignore_index, temperature=temperature,
-        softcap=softcap, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+        softcap=softcap, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, cu_seqlens=cu_seqlens,
     ).logps
 
 
@@ -210,6 +226,7 @@ def fused_linear_dpo_loss(
     softcap: float | None = None,
     return_metrics: bool = False,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
     grad_in_forward: bool | None = None,
     **loss_options: Any,
@@ -233,6 +250,11 @@ def fused_linear_dpo_loss(
         chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits, or the
             largest pair if that is more). With grad_in_forward a chunk holds whole pairs; a pair
             longer than an explicit ``chunk_size`` costs a recomputation.
+        vocab_chunk_size: vocabulary rows per slab when the backward recomputes the logits
+            (``grad_in_forward=False``, or a loss that couples pairs); default: all. For the
+            least memory, for example ``grad_in_forward=False, chunk_size=1024,
+            vocab_chunk_size=4096``: the backward then holds [1024, 4096] logits and [1024, H]
+            sums besides the gradients, and the forward [1024, V] logits.
         cu_seqlens: for a packed batch: hidden (and ref_hidden) [1, total_tokens, H], labels / mask
             [1, total_tokens], int32/int64 [B + 1] cumulative row lengths; rows as above.
         grad_in_forward: build the gradients in the forward pass, pair group by pair group
@@ -256,7 +278,7 @@ def fused_linear_dpo_loss(
     # Labels, mask and rows are checked and prepared once, for the policy and reference passes.
     layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     common = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                  chunk_size=chunk_size, cu_seqlens=cu_seqlens, layout=layout)
+                  chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, cu_seqlens=cu_seqlens, layout=layout)
     reference = _reference_linear(ref_hidden, ref_weight, ref_bias, weight, bias, hidden)
     ref_pass = None
     if reference is not None:
@@ -299,4 +321,5 @@ class FusedLinearDPOLoss(nn.Module):
 
 
 _CALL_KEYS = {"bias", "ref_hidden", "ref_weight", "ref_bias", "mask", "ignore_index", "reference_free",
-              "temperature", "softcap", "return_metrics", "chunk_size", "cu_seqlens", "grad_in_forward"}
+              "temperature", "softcap", "return_metrics", "chunk_size", "vocab_chunk_size", "cu_seqlens",
+              "grad_in_forward"}

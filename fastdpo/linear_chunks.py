@@ -17,6 +17,16 @@ pairs by group of pairs, as soon as a group's loss gradient is known, so z is ne
 recompute (8 Nv H V for that pair), so that both hold at most one chunk of logits at a time
 besides the gradients themselves, however long the rows.
 
+`backward` can also take the vocabulary in slabs of W (`vocab_chunk` rows), for the least memory:
+
+    for each chunk:  for each slab W_s:  z_s = h W_s^T + b_s  ->  dz_s   [C, Vs], the only logits
+                     dW_s += dz_s^T h,   db_s += sum_t dz_s,   dh += dz_s W_s   (dh: fp32 [C, H])
+                     dH[chunk] = dh
+
+The token backward needs no other change: lse is the whole row's (saved by the forward), and a
+label outside the slab adds no one-hot term. The FLOPs stay 8 Nv H V; what the slabs cost is
+smaller GEMMs, and what a small `chunk_tokens` costs is one more read and write of dW per chunk.
+
 dW accumulates over chunks in the weight's dtype (each chunk's GEMM accumulates in fp32 inside
 cuBLAS, then adds into dW with one rounding): an fp32 accumulator would cost 2 x |W| more bytes
 (2.1 GB at V = 128256, H = 4096), more than the whole budget of the pass. With k chunks the
@@ -187,20 +197,35 @@ class Grads:
     hidden: torch.Tensor | None  # [N, H], zero on masked rows
     weight: torch.Tensor | None  # [V, H]
     bias: torch.Tensor | None  # [V], accumulated in fp32 and cast by `finish`
-    weight_started: bool = False
+    weight_started: bool = False  # dW holds a first chunk of tokens (over the whole vocabulary)
 
-    def add(self, dz: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> None:
-        """Fold one chunk's logits gradient dz [C, V] into dH, dW and db."""
+    def add(self, dz: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+            vocab: slice = slice(None), dh: torch.Tensor | None = None) -> None:
+        """Fold the logits gradient dz [C, Vs] of the vocabulary rows `vocab` into dW[vocab] and
+        db[vocab], and into dH: written at once when dz spans the whole vocabulary (dh None), else
+        added to `dh` [C, H], the chunk's running sum over vocabulary slabs (see `end_chunk`)."""
+        w = weight[vocab]
         if self.hidden is not None:
-            self.hidden.index_copy_(0, idx, torch.mm(dz, weight))
+            if dh is None:
+                self.hidden.index_copy_(0, idx, torch.mm(dz, w))
+            elif dh.dtype == dz.dtype:
+                dh.addmm_(dz, w)
+            else:  # each slab's [C, H] product is rounded once to the input dtype, summed in fp32
+                dh += torch.mm(dz, w)
         if self.weight is not None:
+            dw = self.weight[vocab]
             if self.weight_started:
-                self.weight.addmm_(dz.t(), h)
-            else:  # the first chunk writes dW, so it needs no zero fill
-                torch.mm(dz.t(), h, out=self.weight)
-                self.weight_started = True
+                dw.addmm_(dz.t(), h)
+            else:  # the first chunk of tokens writes dW, so it needs no zero fill
+                torch.mm(dz.t(), h, out=dw)
         if self.bias is not None:
-            self.bias += dz.sum(0, dtype=self.bias.dtype)
+            self.bias[vocab] += dz.sum(0, dtype=self.bias.dtype)
+
+    def end_chunk(self, idx: torch.Tensor, dh: torch.Tensor | None = None) -> None:
+        """A chunk of tokens is done over the whole vocabulary: store its dH sum, if it kept one."""
+        if self.hidden is not None and dh is not None:
+            self.hidden.index_copy_(0, idx, dh.to(self.hidden.dtype))
+        self.weight_started = True
 
     def finish(self) -> None:
         if self.weight is not None and not self.weight_started:
@@ -221,18 +246,27 @@ def new_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 class _Pass:
     """The per-chunk work shared by every mode: gather, matmul, kernels, gradient."""
 
-    def __init__(self, plan: Plan, hidden, weight, bias, opts: Options, max_chunk: int):
+    def __init__(self, plan: Plan, hidden, weight, bias, opts: Options, max_chunk: int, max_vocab: int = 0):
         self.plan, self.hidden, self.weight, self.bias, self.opts = plan, hidden, weight, bias, opts
         self.backend = get_backend(hidden.device)
-        # One logits buffer for the whole pass, sliced per chunk: no allocator churn.
-        self.buf = hidden.new_empty((max(max_chunk, 0), weight.shape[0]))
+        # One logits buffer for the whole pass ([chunk, vocabulary slab]), sliced per chunk: no
+        # allocator churn.
+        self.buf = hidden.new_empty(max(max_chunk, 0) * (max_vocab or weight.shape[0]))
 
-    def logits(self, chunk: Chunk):
+    def gather(self, chunk: Chunk):
+        """(positions among the valid tokens, flat token indices, hidden rows [C, H]) of a chunk."""
         pos = _positions(chunk, self.hidden.device)
         idx = self.plan.order[pos]
-        h = self.hidden.index_select(0, idx)
-        z = _logits(h, self.weight, self.bias, self.buf[: h.shape[0]])
-        return pos, idx, h, z
+        return pos, idx, self.hidden.index_select(0, idx)
+
+    def logits(self, chunk: Chunk):
+        pos, idx, h = self.gather(chunk)
+        return pos, idx, h, self.slab_logits(h, slice(0, self.weight.shape[0]))
+
+    def slab_logits(self, h: torch.Tensor, vocab: slice) -> torch.Tensor:
+        """z = h W[vocab]^T (+ b[vocab]) [C, Vs], contiguous, in the pass's buffer."""
+        z = self.buf[: h.shape[0] * (vocab.stop - vocab.start)].view(h.shape[0], -1)
+        return _logits(h, self.weight[vocab], None if self.bias is None else self.bias[vocab], z)
 
     def token_forward(self, z: torch.Tensor, pos, sum_scores: bool, token_metrics: bool):
         """(logp, lse, zsum, entropy, top1) of the chunk's tokens; the last three None unless asked."""
@@ -241,14 +275,30 @@ class _Pass:
             save_lse=True, sum_scores=sum_scores, token_metrics=token_metrics,
         )
 
-    def token_backward_(self, z: torch.Tensor, pos, lse: torch.Tensor, g_tok: torch.Tensor) -> torch.Tensor:
-        """dz over z, in place (each element is read before it is written, softcap included)."""
+    def token_backward_(self, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                        g_tok: torch.Tensor) -> torch.Tensor:
+        """dz over z, in place (each element is read before it is written, softcap included).
+        A label >= z's width (in another vocabulary slab) adds no one-hot term."""
         view = z.unsqueeze(0)
         self.backend.token_logps_backward(
-            view, self.plan.labels[pos], lse, g_tok.contiguous(), inv_temp=self.opts.inv_temp,
+            view, labels, lse, g_tok.contiguous(), inv_temp=self.opts.inv_temp,
             softcap=self.opts.softcap, out=view,
         )
         return z
+
+
+def vocab_slabs(vocab: int, width: int) -> list[slice]:
+    """Consecutive vocabulary ranges of at most `width` rows (0: the whole vocabulary at once)."""
+    width = width or vocab
+    return [slice(a, min(a + width, vocab)) for a in range(0, vocab, width)]
+
+
+def slab_labels(labels: torch.Tensor, vocab: slice) -> torch.Tensor:
+    """Labels relative to a vocabulary slab; a label outside it becomes the slab's width, which
+    the token backward reads as 'no one-hot term here' (never negative: that means masked)."""
+    width = vocab.stop - vocab.start
+    inside = (labels >= vocab.start) & (labels < vocab.stop)
+    return torch.where(inside, labels - vocab.start, width).to(labels.dtype)
 
 
 @dataclass
@@ -300,16 +350,30 @@ def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, t
 
 
 def backward(plan: Plan, hidden, weight, bias, opts: Options, lse: torch.Tensor, grad_rows: torch.Tensor,
-             chunk_tokens: int, grads: Grads) -> Grads:
-    """Recompute each chunk's logits, turn them into dz in place, fold dz into `grads`."""
+             chunk_tokens: int, grads: Grads, vocab_chunk: int = 0) -> Grads:
+    """Recompute each chunk's logits, turn them into dz in place, fold dz into `grads`.
+
+    With `vocab_chunk` (rows of W per slab; 0: all), each chunk of tokens is done slab by slab, so
+    the only [tokens x vocab] buffer is [chunk, vocab_chunk]; dH then sums the slabs in fp32 (one
+    [chunk, H] accumulator). The FLOPs are the same; the GEMMs are smaller.
+    """
     chunks = token_chunks(plan, resolve_chunk_tokens(chunk_tokens, weight))
-    run = _Pass(plan, hidden, weight, bias, opts, max((_size(c) for c in chunks), default=0))
+    slabs = vocab_slabs(weight.shape[0], vocab_chunk)
+    max_chunk = max((_size(c) for c in chunks), default=0)
+    run = _Pass(plan, hidden, weight, bias, opts, max_chunk, max(s.stop - s.start for s in slabs))
     lse_valid = lse[plan.order]
     g_valid = grad_rows.to(lse.dtype)[plan.rows]
     for chunk in chunks:
-        pos, idx, h, z = run.logits(chunk)
-        dz = run.token_backward_(z, pos, lse_valid[pos], g_valid[pos])
-        grads.add(dz, h, idx, weight)
+        pos, idx, h = run.gather(chunk)
+        labels, lse_c, g_c = plan.labels[pos], lse_valid[pos], g_valid[pos]
+        dh = None
+        if grads.hidden is not None and len(slabs) > 1:
+            dh = torch.zeros(h.shape, dtype=acc_dtype(h.dtype), device=h.device)
+        for vocab in slabs:
+            z = run.slab_logits(h, vocab)
+            dz = run.token_backward_(z, labels if len(slabs) == 1 else slab_labels(labels, vocab), lse_c, g_c)
+            grads.add(dz, h, idx, weight, vocab, dh)
+        grads.end_chunk(idx, dh)
     grads.finish()
     return grads
 
@@ -358,8 +422,9 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
         for piece in pieces:
             if len(pieces) > 1:
                 pos, idx, h, z = run.logits(piece)
-            dz = run.token_backward_(z, pos, lse[pos], g_valid[pos])
+            dz = run.token_backward_(z, plan.labels[pos], lse[pos], g_valid[pos])
             grads.add(dz, h, idx, weight)
+            grads.end_chunk(idx)
     grads.finish()
     return _finish_forward(plan, hidden.shape[0], *per_token), guess
 

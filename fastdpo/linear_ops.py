@@ -76,43 +76,46 @@ def _forward_outputs(out: C.ForwardResult) -> tuple[Tensor, Tensor, Tensor, Tens
 def linear_logps(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
     inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, chunk_tokens: int,
+    vocab_chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> row log-probs [B], row score sums [B] (empty unless `sum_scores`), row entropy sums and
-    top-1 counts [B] (empty unless `token_metrics`), logsumexp [N]."""
+    top-1 counts [B] (empty unless `token_metrics`), logsumexp [N]. `vocab_chunk` is for the backward."""
     plan = C.make_plan(labels, offsets)
     out = C.forward(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores, token_metrics, chunk_tokens)
     return _forward_outputs(out)
 
 
 @linear_logps.register_fake
-def _(hidden, weight, bias, labels, offsets, inv_temp, softcap, sum_scores, token_metrics, chunk_tokens):
+def _(hidden, weight, bias, labels, offsets, inv_temp, softcap, sum_scores, token_metrics, chunk_tokens,
+      vocab_chunk):
     return _fake_forward(hidden, weight, offsets, sum_scores, token_metrics)
 
 
 @torch.library.custom_op("fastdpo::linear_logps_backward", mutates_args=())
 def linear_logps_backward(
     grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
-    lse: Tensor, inv_temp: float, softcap: Optional[float], chunk_tokens: int,
+    lse: Tensor, inv_temp: float, softcap: Optional[float], chunk_tokens: int, vocab_chunk: int,
     want_hidden: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> d hidden [N, H], d weight [V, H], d bias [V]; each empty when not wanted."""
     plan = C.make_plan(labels, offsets)
     grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
-    C.backward(plan, hidden, weight, bias, _opts(inv_temp, softcap), lse, grad_rows, chunk_tokens, grads)
+    C.backward(plan, hidden, weight, bias, _opts(inv_temp, softcap), lse, grad_rows, chunk_tokens, grads,
+               vocab_chunk)
     return _grad_outputs(grads, hidden, bias)
 
 
 @linear_logps_backward.register_fake
-def _(grad_rows, hidden, weight, bias, labels, offsets, lse, inv_temp, softcap, chunk_tokens,
+def _(grad_rows, hidden, weight, bias, labels, offsets, lse, inv_temp, softcap, chunk_tokens, vocab_chunk,
       want_hidden, want_weight, want_bias):
     return _fake_grads(hidden, weight, want_hidden, want_weight, want_bias, bias is not None)
 
 
 def _setup_recompute(ctx, inputs, output):
-    hidden, weight, bias, labels, offsets, inv_temp, softcap, _sum_scores, _token_metrics, chunk_tokens = inputs
+    hidden, weight, bias, labels, offsets, inv_temp, softcap, _sum_scores, _token_metrics, *chunks = inputs
     _logps, zsum, entropy, top1, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse)
-    ctx.opts = (inv_temp, softcap, chunk_tokens)
+    ctx.opts = (inv_temp, softcap, *chunks)
     ctx.mark_non_differentiable(zsum, entropy, top1, lse)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
@@ -121,10 +124,10 @@ def _backward_recompute(ctx, grad_rows, *_grads_of_detached):
     hidden, weight, bias, labels, offsets, lse = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
     if grad_rows is None or not any(want):
-        return (None,) * 10
+        return (None,) * 11
     dh, dw, db = linear_logps_backward(grad_rows, hidden, weight, bias, labels, offsets, lse, *ctx.opts,
                                        want[0], want[1], want[2] and bias is not None)
-    return _pick(want, dh, dw, db) + (None,) * 7
+    return _pick(want, dh, dw, db) + (None,) * 8
 
 
 def _pick(want, dh, dw, db):
@@ -196,7 +199,7 @@ def _default_dispatch_keys():
 def linear_logps_grad_in_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, ref_rows: Tensor,
     spec: str, inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, chunk_tokens: int,
-    want_hidden: bool, want_weight: bool, want_bias: bool,
+    vocab_chunk: int, want_hidden: bool, want_weight: bool, want_bias: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> row log-probs, row score sums, row entropy sums, row top-1 counts, logsumexp [N] (as
     `linear_logps`), the row gradients guessed [B], a 'used' flag [1], and the gradients of hidden,
@@ -213,7 +216,7 @@ def linear_logps_grad_in_forward(
 
 @linear_logps_grad_in_forward.register_fake
 def _(hidden, weight, bias, labels, offsets, ref_rows, spec, inv_temp, softcap, sum_scores, token_metrics,
-      chunk_tokens, want_hidden, want_weight, want_bias):
+      chunk_tokens, vocab_chunk, want_hidden, want_weight, want_bias):
     forward = _fake_forward(hidden, weight, offsets, sum_scores, token_metrics)
     return (*forward, torch.empty_like(forward[0]), hidden.new_empty(1, dtype=torch.int32),
             *_fake_grads(hidden, weight, want_hidden, want_weight, want_bias, bias is not None))
@@ -261,7 +264,7 @@ def guess_scale(grad_rows: Tensor, guess: Tensor, counts: Tensor, used: Tensor) 
 def linear_logps_finish_(
     grad_rows: Tensor, guess: Tensor, used: Tensor, d_hidden: Tensor, d_weight: Tensor, d_bias: Tensor,
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, lse: Tensor,
-    inv_temp: float, softcap: Optional[float], chunk_tokens: int,
+    inv_temp: float, softcap: Optional[float], chunk_tokens: int, vocab_chunk: int,
 ) -> None:
     """Turn the gradients built for `guess` into the gradients for `grad_rows`, in place."""
     starts = C.valid_starts(labels, offsets)
@@ -273,7 +276,8 @@ def linear_logps_finish_(
         grads = C.Grads(hidden=d_hidden.zero_() if d_hidden.numel() else None,
                         weight=d_weight if d_weight.numel() else None,
                         bias=torch.zeros_like(d_bias, dtype=C.acc_dtype(d_bias.dtype)) if d_bias.numel() else None)
-        C.backward(plan, hidden, weight, bias, _opts(inv_temp, softcap), lse, grad_rows, chunk_tokens, grads)
+        C.backward(plan, hidden, weight, bias, _opts(inv_temp, softcap), lse, grad_rows, chunk_tokens, grads,
+                   vocab_chunk)
         if grads.bias is not None:
             d_bias.copy_(grads.bias)
     elif s != 1.0:
@@ -283,15 +287,15 @@ def linear_logps_finish_(
 
 @linear_logps_finish_.register_fake
 def _(grad_rows, guess, used, d_hidden, d_weight, d_bias, hidden, weight, bias, labels, offsets, lse,
-      inv_temp, softcap, chunk_tokens):
+      inv_temp, softcap, chunk_tokens, vocab_chunk):
     return None
 
 
 def _setup_grad_in_forward(ctx, inputs, output):
-    hidden, weight, bias, labels, offsets, _ref, _spec, inv_temp, softcap, _ss, _tm, chunk_tokens, *_want = inputs
+    hidden, weight, bias, labels, offsets, _ref, _spec, inv_temp, softcap, _ss, _tm, *chunks_and_want = inputs
     _logps, zsum, entropy, top1, lse, guess, used, dh, dw, db = output
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db)
-    ctx.opts = (inv_temp, softcap, chunk_tokens)
+    ctx.opts = (inv_temp, softcap, *chunks_and_want[:2])  # chunk_tokens, vocab_chunk
     ctx.mark_non_differentiable(zsum, entropy, top1, lse, guess, used, dh, dw, db)
     # Outputs without a gradient stay None: materializing them would zero-fill a second dW.
     ctx.set_materialize_grads(False)
@@ -301,11 +305,11 @@ def _backward_grad_in_forward(ctx, grad_rows, *_unused):
     hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
     if not any(want):
-        return (None,) * 15
+        return (None,) * 16
     if grad_rows is None:
         grad_rows = torch.zeros_like(guess)
     linear_logps_finish_(grad_rows, guess, used, dh, dw, db, hidden, weight, bias, labels, offsets, lse, *ctx.opts)
-    return _pick(want, dh, dw, db) + (None,) * 12
+    return _pick(want, dh, dw, db) + (None,) * 13
 
 
 linear_logps_grad_in_forward.register_autograd(_backward_grad_in_forward, setup_context=_setup_grad_in_forward)

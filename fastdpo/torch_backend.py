@@ -103,7 +103,8 @@ def token_logps_backward(
         z = logits[b, t].to(acc)
         p = torch.exp(_scores(z, inv_temp, softcap) - lse[idx, None])
         dz = -p
-        dz.scatter_add_(1, y[:, None], torch.ones_like(dz[:, :1]))
+        # A label >= V (one in another vocabulary slab, see linear_chunks) adds no one-hot term.
+        dz.scatter_add_(1, y.clamp(max=V - 1)[:, None], (y < V).to(acc)[:, None])
         dz *= grad_logp[idx, None].to(acc)
         dz *= _scores_grad(z, inv_temp, softcap)
         out[b, t] = dz.to(out.dtype)

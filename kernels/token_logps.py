@@ -9,6 +9,8 @@ optional soft-cap c and temperature tau, the scores are s = c * tanh(z / c) / ta
                H_n    = lse_n - sum_v softmax(s_n)_v s_nv    optional entropy (TRL's `entropy`)
                top1_n = 1[first argmax_v s_nv == y_n]        optional (TRL's `mean_token_accuracy`)
     backward:  dz_nv  = g_n * (1[v == y_n] - exp(s_nv - lse_n)) * ds_nv/dz_nv   0 for masked rows
+               (a label y_n >= V adds no one-hot term: the fused linear pass gives the logits
+               of one vocabulary slab at a time, with lse_n over the whole vocabulary)
 
 One program owns one token row. Forward reads the row once; backward reads it once and writes
 the gradient once, in place over the logits if asked. Masked rows skip the read entirely, so

@@ -72,11 +72,11 @@ def logits_step(model, x, labels, mask, ref, inplace=False):
                                   inplace_backward=inplace)
 
 
-def linear_step(model, x, labels, mask, ref, grad_in_forward=None):
+def linear_step(model, x, labels, mask, ref, grad_in_forward=None, vocab_chunk_size=None):
     hidden = torch.tanh(model.body(x))
     return fastdpo.fused_linear_dpo_loss(hidden, model.head.weight, labels, ref, bias=model.head.bias, mask=mask,
                                          return_metrics=True, chunk_size=4, temperature=0.9,
-                                         grad_in_forward=grad_in_forward)
+                                         grad_in_forward=grad_in_forward, vocab_chunk_size=vocab_chunk_size)
 
 
 @pytest.mark.parametrize("step_fn,options", [
@@ -84,7 +84,8 @@ def linear_step(model, x, labels, mask, ref, grad_in_forward=None):
     (logits_step, {"inplace": True}),  # compiled: the out-of-place backward is used
     (linear_step, {"grad_in_forward": True}),
     (linear_step, {"grad_in_forward": False}),
-], ids=["logits", "logits-inplace", "linear-grad_in_forward", "linear-recompute"])
+    (linear_step, {"grad_in_forward": False, "vocab_chunk_size": 7}),
+], ids=["logits", "logits-inplace", "linear-grad_in_forward", "linear-recompute", "linear-vocab-slabs"])
 def test_fullgraph_step_matches_eager(step_fn, options):
     model = Step()
     backend, graphs = counting("aot_eager")

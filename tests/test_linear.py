@@ -130,15 +130,18 @@ def test_linear_sequence_logps(backend, device):
     ("aot", None, "grad_in_forward"),  # couples pairs: the backward must notice and recompute
     ("aot", None, "recompute"),
 ])
-def test_other_losses_match_from_logits(backend, device, loss_type, weights, mode):
-    """Any loss: the same loss and gradients as fused_dpo_loss on the materialized float64 logits."""
+@pytest.mark.parametrize("vocab_chunk", [None, 6], ids=["whole-vocab", "vocab-slabs"])
+def test_other_losses_match_from_logits(backend, device, loss_type, weights, mode, vocab_chunk):
+    """Any loss: the same loss and gradients as fused_dpo_loss on the materialized float64 logits
+    (aot through grad_in_forward: its recomputing fallback, in vocabulary slabs too)."""
     hidden, weight, b, labels, mask = make_batch(4, 5, 8, 29, torch.float64, device, bias=False)
     ref = -15 * torch.rand(8, device=device)
     opts = dict(loss_type=loss_type, loss_weights=weights, mask=mask, beta=0.3)
     needs_ref = loss_type not in ("orpo",)
     ref = ref if needs_ref else None
     h, w = leaves(hidden, weight)
-    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, chunk_size=4, grad_in_forward=GRAD_MODES[mode], **opts)
+    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, chunk_size=4, grad_in_forward=GRAD_MODES[mode],
+                                         vocab_chunk_size=vocab_chunk, **opts)
     loss.backward()
     h64, w64 = leaves(hidden, weight)
     loss64 = fastdpo.fused_dpo_loss(h64 @ w64.T, labels, ref, **opts)
@@ -317,6 +320,8 @@ ERRORS = {
     "both references": (_bad(ref_hidden=torch.randn(4, 3, 8)), ValueError, "not both"),
     "no reference": (_bad(ref_logps=None), ValueError, "needs a reference"),
     "chunk_size": (_bad(chunk_size=0), ValueError, "chunk_size must be a positive"),
+    "vocab_chunk_size": (_bad(vocab_chunk_size=0), ValueError, "vocab_chunk_size must be a positive"),
+    "vocab_chunk_size bool": (_bad(vocab_chunk_size=True), ValueError, "vocab_chunk_size must be a positive"),
     "softcap": (_bad(softcap=0.0), ValueError, "softcap must be > 0"),
     "unknown loss": (_bad(loss_type="nope"), ValueError, "unknown loss_type"),
 }
@@ -483,3 +488,77 @@ def test_grad_in_forward_allocates_one_weight_gradient(backend, device):
         torch.autograd.grad(loss, (h, w))
     weight_sized = [f for f, s in shapes if s == tuple(weight.shape) and "view" not in f and "detach" not in f]
     assert len(weight_sized) == 1, weight_sized
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("vocab_chunk", [7, 50, 131], ids=["slabs-of-7", "slabs-of-50", "one-slab"])
+@pytest.mark.parametrize("opts", [{}, dict(temperature=0.7, softcap=5.0)], ids=["plain", "softcap-temperature"])
+def test_vocab_slabs(backend, device, dtype, vocab_chunk, opts):
+    """The recomputing backward done in vocabulary slabs (V = 131: slabs of 7 and 50 leave a short
+    last one) gives the float64 loss gradients for hidden, weight and bias, an upstream gradient
+    other than 1 and a row without completion tokens included."""
+    hidden, weight, b, labels, mask = make_batch(3, 7, 16, 131, dtype, device, empty_row=2)
+    ref = -30 * torch.rand(6, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, bias=bb, mask=mask, beta=0.3, chunk_size=5,
+                                         vocab_chunk_size=vocab_chunk, grad_in_forward=False, **opts)
+    (2.5 * loss).backward()
+    h64, w64, b64 = leaves(hidden, weight, b, dtype=torch.float64)
+    loss64 = dpo_sigmoid64(seq_logps64(logits64(h64, w64, b64), labels, mask, **opts), ref, 0.3)
+    (2.5 * loss64).backward()
+    rel = 2e-6 if dtype == torch.float32 else 1e-12
+    assert_close_rel(loss, loss64, rel, "loss")
+    check_grads((h, w, bb), (h64, w64, b64), 1e-5 if dtype == torch.float32 else 1e-11)
+    assert torch.all(h.grad[~valid_mask(labels, mask)] == 0), "masked positions must get exactly zero gradient"
+
+
+def test_vocab_slabs_bfloat16(backend, device):
+    """In bf16 each slab's share of dH is rounded once and the slabs summed in fp32, so dH is as
+    close to the float64 gradient as with the whole vocabulary at once (dW is unchanged)."""
+    hidden, weight, _, labels, mask = make_batch(2, 24, 32, 300, torch.bfloat16, device, bias=False)
+    ref = -30 * torch.rand(4, device=device)
+    h64, w64 = leaves(hidden, weight, dtype=torch.float64)
+    dpo_sigmoid64(seq_logps64(h64 @ w64.T, labels, mask), ref, 0.1).backward()
+    errors = {}
+    for vocab_chunk in (None, 16):
+        h, w = leaves(hidden, weight)
+        fastdpo.fused_linear_dpo_loss(h, w, labels, ref, mask=mask, chunk_size=8, vocab_chunk_size=vocab_chunk,
+                                      grad_in_forward=False).backward()
+        errors[vocab_chunk] = (h.grad.double() - h64.grad).abs().max().item() / h64.grad.abs().max().item()
+        check_grads((h, w), (h64, w64), 2e-2, names=("hidden", "weight"))
+    assert errors[16] <= 2 * errors[None] + 1e-3, errors
+
+
+def test_vocab_slabs_never_hold_full_vocabulary_rows(backend, device):
+    """With vocab_chunk_size the recomputing backward allocates one [chunk, vocab_chunk] logits
+    buffer and [chunk, H] tiles, never a vocabulary-wide row. (Recorded inside the chunk layer,
+    gradient buffers given: a dispatch mode sees a custom op whole.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastdpo import linear_chunks as C
+    from fastdpo.logps import build_layout
+
+    V, H = 97, 8
+    hidden, weight, b, labels, mask = make_batch(2, 6, H, V, torch.float32, device)
+    layout = build_layout(hidden, labels, V, mask=mask, ignore_index=-100, cu_seqlens=None)
+    plan = C.make_plan(layout.labels, layout.offsets)
+    flat, opts = hidden.reshape(-1, H), C.Options(inv_temp=1.0, softcap=None)
+    lse = C.forward(plan, flat, weight, b, opts, False, False, 4).lse
+    grads = C.new_grads(flat, weight, b, (True, True, True))
+    new = []  # shapes of the tensors the backward allocates (not views, not in-place results)
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+            seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    new.append(tuple(t.shape))
+            return out
+
+    with Record():
+        C.backward(plan, flat, weight, b, opts, lse, torch.randn(4, device=device), 4, grads, vocab_chunk=10)
+    assert (40,) in new, "expected one [chunk x vocab_chunk] logits buffer"
+    # Nothing larger than a [chunk, H] tile (the slab products and the fp32 dH sum) or the logits tile.
+    assert max(int(torch.tensor(s).prod()) for s in new) == 4 * max(10, H), new

@@ -239,3 +239,22 @@ def test_scalar_split_keeps_fp64_precision():
     for x in (1 / 0.7, 30.3, 1e-3 / 3, 1.0):
         hi, lo = _split(x)
         assert abs((hi + lo) - x) <= 1e-14 * abs(x)
+
+
+@pytest.mark.parametrize("V", [5, 37])
+def test_backward_label_beyond_vocab_adds_no_one_hot(backend, device, V):
+    """The backward reads a label >= V as 'in another vocabulary slab' (the fused linear pass
+    hands it one slab of logits at a time, with the logsumexp of the whole row): -g p, no one-hot,
+    while labels inside the slab keep theirs. Checked against float64 on a slab of a wider row."""
+    from fastdpo.backend import get_backend
+
+    full = 4.0 * torch.randn(2, 3, V + 9, device=device, dtype=torch.float64)
+    labels = torch.randint(0, V + 9, (2 * 3,), device=device)
+    labels[0], labels[1] = V + 3, 2  # one outside the slab, one inside, whatever the draw
+    lse = torch.logsumexp(full, -1).reshape(-1)
+    g = torch.randn(6, device=device, dtype=torch.float64)
+    slab = full[..., :V].contiguous()
+    dz = get_backend(torch.device(device)).token_logps_backward(slab, labels, lse, g)
+    one_hot = torch.nn.functional.one_hot(labels, V + 9)[:, :V].reshape(2, 3, V).double()
+    want = g.reshape(2, 3, 1) * (one_hot - torch.exp(slab - lse.reshape(2, 3, 1)))
+    assert_close_rel(dz, want, 1e-12, "slab gradient")
