@@ -2,7 +2,8 @@
 # A lent GPU session: the test suite natively (large shapes included), then the benchmarks, each
 # writing JSON + Markdown + PNG under $OUT (or bench_results/), short tables last.
 #   bash benchmarks/run_gpu.sh            # everything (can exceed one 10-minute device call)
-#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, trl
+#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, lean, trl
+#   (lean: the lean fused-linear tiles beside torch.compile and CCE exact, shapes A and C, into $out/lean)
 #   TESTS="tests/test_gpu_large.py" bash benchmarks/run_gpu.sh tests   # a part of the suite
 # Peers (liger-kernel, cut-cross-entropy, trl and its needs) are installed from wheels in .whl/
 # when that folder exists, for a machine with no package index. Results go to $RESULTS, else
@@ -25,10 +26,14 @@ for stage in $stages; do
     tests) timeout "$limit" "$py" -m pytest ${TESTS:-tests} -q -p no:cacheprovider --durations=5 > "$out/tests.log" 2>&1
       tail -n 30 "$out/tests.log" ;;
     tune) timeout "$limit" "$py" benchmarks/tune_kernel.py 2>&1 | tee "$out/tune_kernel.md" ;;
+    lean) mkdir -p "$out/lean"
+      timeout "$limit" "$py" benchmarks/bench_linear.py --shapes A,C --modes fwd+bwd \
+        --impls compile,cce-exact,fastdpo,fastdpo-lean --lean "${LEAN_TILES:-256:0,256:4096,512:4096,1024:4096,1024:8192}" \
+        --out "$out/lean" > "$out/lean/bench_linear.log" 2>&1 || echo "lean failed or timed out: see $out/lean" ;;
     loss|linear|trl)
       timeout "$limit" "$py" "benchmarks/bench_$stage.py" --out "$out" > "$out/bench_$stage.log" 2>&1 \
         || echo "bench_$stage failed or timed out: see $out/bench_$stage.log" ;;
-    *) echo "unknown stage $stage (tests, tune, loss, linear, trl)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, tune, loss, linear, lean, trl)"; exit 2 ;;
   esac
 done
-for table in "$out"/*.md; do [ -f "$table" ] && { echo; echo "== $table"; cat "$table"; }; done
+for table in "$out"/*.md "$out"/*/*.md; do [ -f "$table" ] && { echo; echo "== $table"; cat "$table"; }; done
