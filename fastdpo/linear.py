@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import linear_chunks
 from . import validation as V
 from .dpo import loss_from_rows, resolve_reference
 from .linear_ops import linear_logps, linear_logps_grad_in_forward, loss_spec

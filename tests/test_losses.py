@@ -8,7 +8,6 @@ EXO's KL, ORPO's odds and the batch sorting of AOT are each written out again fr
 
 from __future__ import annotations
 
-import math
 import os
 from types import SimpleNamespace
 
