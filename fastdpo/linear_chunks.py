@@ -23,8 +23,8 @@ besides the gradients themselves, however long the rows.
                      dW_s += dz_s^T h,   db_s += sum_t dz_s,   dh += dz_s W_s   (dh: fp32 [C, H])
                      dH[chunk] = dh
 
-The token backward needs no other change: lse is the whole row's (saved by the forward), and a
-label outside the slab adds no one-hot term. The FLOPs stay 8 Nv H V; what the slabs cost is
+The token backward takes the slab's first column: lse is the whole row's (saved by the forward),
+and a label outside the slab adds no one-hot term. The FLOPs stay 8 Nv H V; what the slabs cost is
 smaller GEMMs, and what a small `chunk_tokens` costs is one more read and write of dW per chunk.
 
 dW accumulates over chunks in the weight's dtype (each chunk's GEMM accumulates in fp32 inside
@@ -275,14 +275,14 @@ class _Pass:
             save_lse=True, sum_scores=sum_scores, token_metrics=token_metrics,
         )
 
-    def token_backward_(self, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                        g_tok: torch.Tensor) -> torch.Tensor:
-        """dz over z, in place (each element is read before it is written, softcap included).
-        A label >= z's width (in another vocabulary slab) adds no one-hot term."""
+    def token_backward_(self, z: torch.Tensor, pos, lse: torch.Tensor, g_tok: torch.Tensor,
+                        first_column: int = 0) -> torch.Tensor:
+        """dz over z, in place (each element is read before it is written, softcap included);
+        z holds the vocabulary columns from `first_column` on, lse is over the whole vocabulary."""
         view = z.unsqueeze(0)
         self.backend.token_logps_backward(
-            view, labels, lse, g_tok.contiguous(), inv_temp=self.opts.inv_temp,
-            softcap=self.opts.softcap, out=view,
+            view, self.plan.labels[pos], lse, g_tok.contiguous(), inv_temp=self.opts.inv_temp,
+            softcap=self.opts.softcap, out=view, label_offset=first_column,
         )
         return z
 
@@ -291,14 +291,6 @@ def vocab_slabs(vocab: int, width: int) -> list[slice]:
     """Consecutive vocabulary ranges of at most `width` rows (0: the whole vocabulary at once)."""
     width = width or vocab
     return [slice(a, min(a + width, vocab)) for a in range(0, vocab, width)]
-
-
-def slab_labels(labels: torch.Tensor, vocab: slice) -> torch.Tensor:
-    """Labels relative to a vocabulary slab; a label outside it becomes the slab's width, which
-    the token backward reads as 'no one-hot term here' (never negative: that means masked)."""
-    width = vocab.stop - vocab.start
-    inside = (labels >= vocab.start) & (labels < vocab.stop)
-    return torch.where(inside, labels - vocab.start, width).to(labels.dtype)
 
 
 @dataclass
@@ -365,13 +357,13 @@ def backward(plan: Plan, hidden, weight, bias, opts: Options, lse: torch.Tensor,
     g_valid = grad_rows.to(lse.dtype)[plan.rows]
     for chunk in chunks:
         pos, idx, h = run.gather(chunk)
-        labels, lse_c, g_c = plan.labels[pos], lse_valid[pos], g_valid[pos]
+        lse_c, g_c = lse_valid[pos], g_valid[pos]
         dh = None
         if grads.hidden is not None and len(slabs) > 1:
             dh = torch.zeros(h.shape, dtype=acc_dtype(h.dtype), device=h.device)
         for vocab in slabs:
             z = run.slab_logits(h, vocab)
-            dz = run.token_backward_(z, labels if len(slabs) == 1 else slab_labels(labels, vocab), lse_c, g_c)
+            dz = run.token_backward_(z, pos, lse_c, g_c, first_column=vocab.start)
             grads.add(dz, h, idx, weight, vocab, dh)
         grads.end_chunk(idx, dh)
     grads.finish()
@@ -422,7 +414,7 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
         for piece in pieces:
             if len(pieces) > 1:
                 pos, idx, h, z = run.logits(piece)
-            dz = run.token_backward_(z, plan.labels[pos], lse[pos], g_valid[pos])
+            dz = run.token_backward_(z, pos, lse[pos], g_valid[pos])
             grads.add(dz, h, idx, weight)
             grads.end_chunk(idx)
     grads.finish()

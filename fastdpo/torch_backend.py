@@ -88,10 +88,13 @@ def token_logps_backward(
     inv_temp: float = 1.0,
     softcap: float | None = None,
     out: torch.Tensor | None = None,
+    label_offset: int = 0,
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`)."""
+    """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
+    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose logsumexp
+    is `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     if out is None:
@@ -103,8 +106,9 @@ def token_logps_backward(
         z = logits[b, t].to(acc)
         p = torch.exp(_scores(z, inv_temp, softcap) - lse[idx, None])
         dz = -p
-        # A label >= V (one in another vocabulary slab, see linear_chunks) adds no one-hot term.
-        dz.scatter_add_(1, y.clamp(max=V - 1)[:, None], (y < V).to(acc)[:, None])
+        column = y - label_offset  # outside [0, V): the label is in another vocabulary slab
+        inside = (column >= 0) & (column < V)
+        dz.scatter_add_(1, column.clamp(0, V - 1)[:, None], inside.to(acc)[:, None])
         dz *= grad_logp[idx, None].to(acc)
         dz *= _scores_grad(z, inv_temp, softcap)
         out[b, t] = dz.to(out.dtype)

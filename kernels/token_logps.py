@@ -9,8 +9,9 @@ optional soft-cap c and temperature tau, the scores are s = c * tanh(z / c) / ta
                H_n    = lse_n - sum_v softmax(s_n)_v s_nv    optional entropy (TRL's `entropy`)
                top1_n = 1[first argmax_v s_nv == y_n]        optional (TRL's `mean_token_accuracy`)
     backward:  dz_nv  = g_n * (1[v == y_n] - exp(s_nv - lse_n)) * ds_nv/dz_nv   0 for masked rows
-               (a label y_n >= V adds no one-hot term: the fused linear pass gives the logits
-               of one vocabulary slab at a time, with lse_n over the whole vocabulary)
+               (z may be the columns [o, o + V) of wider rows, o = label_offset, with lse_n
+               over the whole row: the one-hot term is at v = y_n - o, none if that is outside
+               [0, V). The fused linear pass hands over one vocabulary slab at a time.)
 
 One program owns one token row. Forward reads the row once; backward reads it once and writes
 the gradient once, in place over the logits if asked. Masked rows skip the read entirely, so
@@ -116,7 +117,7 @@ def token_logps_bwd_kernel(
     z_ptr, stride_zb, stride_zt, stride_zv,
     dz_ptr, stride_db, stride_dt, stride_dv,
     labels_ptr, lse_ptr, g_ptr,
-    T, V, inv_temp, inv_temp_lo, softcap, softcap_lo,
+    T, V, label_offset, inv_temp, inv_temp_lo, softcap, softcap_lo,
     HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -136,12 +137,13 @@ def token_logps_bwd_kernel(
             tl.store(drow + offs * stride_dv, zero.to(dz_ptr.dtype.element_ty), mask=offs < V)
     else:
         lse = tl.load(lse_ptr + n).to(ACC_DTYPE)
+        column = label - label_offset  # outside [0, V) when the label is in another slab: no one-hot
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             valid = offs < V
             z = tl.load(row + offs * stride_zv, mask=valid, other=0.0).to(ACC_DTYPE)
             p = tl.exp(_scores(z, inv_temp, softcap, HAS_SOFTCAP) - lse)
-            dz = (g * inv_temp) * (tl.where(offs == label, 1.0, 0.0) - p)
+            dz = (g * inv_temp) * (tl.where(offs == column, 1.0, 0.0) - p)
             if HAS_SOFTCAP:
                 dz = dz * _softcap_grad(z, softcap)
             tl.store(drow + offs * stride_dv, dz.to(dz_ptr.dtype.element_ty), mask=valid)
@@ -228,10 +230,13 @@ def token_logps_backward(
     inv_temp: float = 1.0,
     softcap: float | None = None,
     out: torch.Tensor | None = None,
+    label_offset: int = 0,
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`)."""
+    """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
+    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose logsumexp
+    is `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
     B, T, V = logits.shape
     N = B * T
     if out is None:
@@ -243,7 +248,7 @@ def token_logps_backward(
         logits, *logits.stride(),
         out, *out.stride(),
         labels, lse, grad_logp,
-        T, V, *_split(inv_temp), *_split(softcap or 1.0),
+        T, V, label_offset, *_split(inv_temp), *_split(softcap or 1.0),
         HAS_SOFTCAP=softcap is not None, ACC_DTYPE=_TL_ACC.get(_acc_dtype(logits.dtype), tl.float32),
         BLOCK_V=block_v, num_warps=num_warps,
     )

@@ -241,20 +241,22 @@ def test_scalar_split_keeps_fp64_precision():
         assert abs((hi + lo) - x) <= 1e-14 * abs(x)
 
 
-@pytest.mark.parametrize("V", [5, 37])
-def test_backward_label_beyond_vocab_adds_no_one_hot(backend, device, V):
-    """The backward reads a label >= V as 'in another vocabulary slab' (the fused linear pass
-    hands it one slab of logits at a time, with the logsumexp of the whole row): -g p, no one-hot,
-    while labels inside the slab keep theirs. Checked against float64 on a slab of a wider row."""
+@pytest.mark.parametrize("V,offset", [(5, 0), (5, 4), (37, 11)])
+def test_backward_on_a_vocabulary_slab(backend, device, V, offset):
+    """The backward of the columns [offset, offset + V) of wider rows, given the whole rows'
+    logsumexp (what the fused linear pass hands over, slab by slab): the one-hot term sits at
+    column label - offset, and a label outside the slab (below or above it) adds none."""
     from fastdpo.backend import get_backend
 
-    full = 4.0 * torch.randn(2, 3, V + 9, device=device, dtype=torch.float64)
-    labels = torch.randint(0, V + 9, (2 * 3,), device=device)
-    labels[0], labels[1] = V + 3, 2  # one outside the slab, one inside, whatever the draw
+    full = 4.0 * torch.randn(2, 3, offset + V + 9, device=device, dtype=torch.float64)
+    labels = torch.randint(0, full.shape[-1], (6,), device=device)
+    labels[:3] = torch.tensor([offset + V + 3, offset + 2, max(offset - 1, offset + V)])  # above, inside, outside
+    labels[3] = -1  # masked: zero
     lse = torch.logsumexp(full, -1).reshape(-1)
     g = torch.randn(6, device=device, dtype=torch.float64)
-    slab = full[..., :V].contiguous()
-    dz = get_backend(torch.device(device)).token_logps_backward(slab, labels, lse, g)
-    one_hot = torch.nn.functional.one_hot(labels, V + 9)[:, :V].reshape(2, 3, V).double()
-    want = g.reshape(2, 3, 1) * (one_hot - torch.exp(slab - lse.reshape(2, 3, 1)))
-    assert_close_rel(dz, want, 1e-12, "slab gradient")
+    slab = full[..., offset : offset + V].contiguous()
+    dz = get_backend(torch.device(device)).token_logps_backward(slab, labels, lse, g, label_offset=offset)
+    one_hot = torch.nn.functional.one_hot(labels.clamp(min=0), full.shape[-1])[:, offset : offset + V]
+    want = g[:, None] * (one_hot.double() - torch.exp(slab.reshape(6, V) - lse[:, None]))
+    want[3] = 0
+    assert_close_rel(dz.reshape(6, V), want, 1e-12, "slab gradient")
