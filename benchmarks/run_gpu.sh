@@ -5,6 +5,7 @@
 #   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, lean, trl
 #   (lean: the lean fused-linear tiles beside torch.compile and CCE exact, shapes A and C, into $out/lean)
 #   TESTS="tests/test_gpu_large.py" bash benchmarks/run_gpu.sh tests   # a part of the suite
+#   BENCH_ARGS="--impls fastdpo-linear,trl" bash benchmarks/run_gpu.sh trl   # flags for the bench_* stages
 # Peers (liger-kernel, cut-cross-entropy, trl and its needs) are installed from wheels in .whl/
 # when that folder exists, for a machine with no package index. Results go to $RESULTS, else
 # $OUT, else bench_results/.
@@ -31,7 +32,7 @@ for stage in $stages; do
         --impls compile,cce-exact,fastdpo,fastdpo-lean --lean "${LEAN_TILES:-256:0,256:4096,512:4096,1024:4096,1024:8192}" \
         --out "$out/lean" > "$out/lean/bench_linear.log" 2>&1 || echo "lean failed or timed out: see $out/lean" ;;
     loss|linear|trl)
-      timeout "$limit" "$py" "benchmarks/bench_$stage.py" --out "$out" > "$out/bench_$stage.log" 2>&1 \
+      timeout "$limit" "$py" "benchmarks/bench_$stage.py" --out "$out" ${BENCH_ARGS:-} > "$out/bench_$stage.log" 2>&1 \
         || echo "bench_$stage failed or timed out: see $out/bench_$stage.log" ;;
     *) echo "unknown stage $stage (tests, tune, loss, linear, lean, trl)"; exit 2 ;;
   esac
