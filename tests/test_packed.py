@@ -75,8 +75,9 @@ def test_fused_dpo_loss_packed_equals_padded(backend, device):
     assert_close_rel(xp.grad, pack(x.grad, index), 1e-13, "grad")
 
 
-@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["grad_in_forward", "recompute"])
-def test_fused_linear_packed_equals_padded(backend, device, grad_in_forward):
+@pytest.mark.parametrize("grad_in_forward,vocab_chunk", [(True, None), (False, None), (False, 9)],
+                         ids=["grad_in_forward", "recompute", "recompute-vocab-slabs"])
+def test_fused_linear_packed_equals_padded(backend, device, grad_in_forward, vocab_chunk):
     P, T, H, V = 2, 7, 8, 41
     _, mask, index, cu = padded_and_packed(P, T, device=device)
     hidden = torch.randn(2 * P, T, H, device=device, dtype=torch.float64)
@@ -84,7 +85,8 @@ def test_fused_linear_packed_equals_padded(backend, device, grad_in_forward):
     bias = torch.randn(V, device=device, dtype=torch.float64)
     labels = rand_labels(2 * P, T, V, device)
     ref_hidden = hidden + 0.3 * torch.randn_like(hidden)
-    opts = dict(return_metrics=True, chunk_size=4, grad_in_forward=grad_in_forward, temperature=0.8)
+    opts = dict(return_metrics=True, chunk_size=4, grad_in_forward=grad_in_forward, temperature=0.8,
+                vocab_chunk_size=vocab_chunk)
     grads = []
     results = []
     for layout in ("padded", "packed"):
