@@ -22,6 +22,14 @@ Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
   chunks of any size; with ``vocab_chunk_size`` the backward takes the vocabulary in slabs too,
   so its logits are [chunk_size, vocab_chunk_size] (the lean setting: memory near the gradients).
 
+What the lean setting trades: a chunk of C tokens costs one read and write of dW (2 |W| bytes
+of traffic: 2.1 GB at V = 128256, H = 4096) and holds about C (2 vocab_chunk_size + 8 H) bytes
+(bf16) besides the gradients, the fp32 [C, H] dH sum the largest part. Fewer bytes held mean more
+dW traffic: 10 MB at C = 256 (20 chunks at shape A) against 40 MB at C = 1024 (5 chunks). Fused
+Triton tiles (Cut Cross-Entropy) hold nothing but the gradients, at the price of atomic or locked
+adds into dH and dW from every tile; measured beside this path (README) they are several times
+slower exact, which is why the matmuls here are cuBLAS chunks.
+
 Why no mode that keeps chunk logits from the forward to the backward: it saves the recomputation
 only for the chunks it keeps, so 6 N H V needs all valid logits kept (1.3 GB more at ANCHORS.md's
 shape A, 2.4 GB with the gradients), while grad_in_forward reaches 6 N H V holding one chunk.
