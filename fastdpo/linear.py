@@ -19,8 +19,9 @@ Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
   ``chunk_size`` is forwarded in pieces and recomputed (8 N H V for it).
 - recompute (aot, ``grad_in_forward=False``, or ``linear_sequence_logps``): the forward keeps
   one logsumexp per token and the backward recomputes each chunk's logits. 8 N H V FLOPs, with
-  chunks of any size; with ``vocab_chunk_size`` the backward takes the vocabulary in slabs too,
-  so its logits are [chunk_size, vocab_chunk_size] (the lean setting: memory near the gradients).
+  chunks of any size; with ``vocab_chunk_size`` both passes take the vocabulary in slabs too,
+  so the logits are never more than [chunk_size, vocab_chunk_size] (the lean setting: memory
+  near the gradients themselves).
 
 What the lean setting trades: a chunk of C tokens costs one read and write of dW (2 |W| bytes
 of traffic: 2.1 GB at V = 128256, H = 4096) and holds about C (2 vocab_chunk_size + 8 H) bytes
@@ -159,8 +160,8 @@ def linear_sequence_logps(
         mask: optional [B, T] bool or 0/1; positions with 0 are skipped.
         temperature, softcap: scores are ``softcap * tanh(z / softcap) / temperature``.
         chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits).
-        vocab_chunk_size: vocabulary rows per slab in the backward (default: all): the backward
-            then holds [chunk_size, vocab_chunk_size] logits and one fp32 [chunk_size, H] sum.
+        vocab_chunk_size: vocabulary rows per slab (default: all): the pass then holds
+            [chunk_size, vocab_chunk_size] logits, and the backward one fp32 [chunk_size, H] sum.
         cu_seqlens: for a packed batch: hidden [1, total_tokens, H], labels / mask
             [1, total_tokens], and int32/int64 [B + 1] cumulative row lengths.
 
@@ -257,11 +258,11 @@ def fused_linear_dpo_loss(
         chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits, or the
             largest pair if that is more). With grad_in_forward a chunk holds whole pairs; a pair
             longer than an explicit ``chunk_size`` costs a recomputation.
-        vocab_chunk_size: vocabulary rows per slab when the backward recomputes the logits
-            (``grad_in_forward=False``, or a loss that couples pairs); default: all. For the
-            least memory, for example ``grad_in_forward=False, chunk_size=1024,
-            vocab_chunk_size=4096``: the backward then holds [1024, 4096] logits and [1024, H]
-            sums besides the gradients, and the forward [1024, V] logits.
+        vocab_chunk_size: vocabulary rows per slab (default: all), for the least memory: the
+            logits are then made [chunk_size, vocab_chunk_size] at a time, forward and backward
+            (which also holds a few [chunk_size, H] tiles besides the gradients), for example
+            ``chunk_size=256, vocab_chunk_size=4096``. It implies the recomputing backward
+            (``grad_in_forward=True`` with it is an error): 8 N H V FLOPs.
         cu_seqlens: for a packed batch: hidden (and ref_hidden) [1, total_tokens, H], labels / mask
             [1, total_tokens], int32/int64 [B + 1] cumulative row lengths; rows as above.
         grad_in_forward: build the gradients in the forward pass, pair group by pair group
@@ -277,6 +278,11 @@ def fused_linear_dpo_loss(
     options = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
                    **loss_options)
     cfg = LossConfig(**options)
+    if vocab_chunk_size is not None:
+        if grad_in_forward:
+            raise ValueError("grad_in_forward=True keeps whole rows of logits; vocab_chunk_size needs the "
+                             "recomputing backward (grad_in_forward=False, its default with vocab_chunk_size)")
+        grad_in_forward = False
     hidden, weight, bias = V.check_linear(hidden, weight, bias)
     rows = hidden.shape[0] if cu_seqlens is None else check_cu_seqlens(cu_seqlens, hidden.shape, hidden)
     V.check_pairs(rows, "hidden" if cu_seqlens is None else "cu_seqlens")

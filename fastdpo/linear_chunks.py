@@ -275,6 +275,20 @@ class _Pass:
             save_lse=True, sum_scores=sum_scores, token_metrics=token_metrics,
         )
 
+    def slab_forward(self, h: torch.Tensor, pos, slabs: list[slice], sum_scores: bool, token_metrics: bool):
+        """`token_forward` of a chunk whose logits are made one vocabulary slab at a time."""
+        if len(slabs) == 1:
+            return self.token_forward(self.slab_logits(h, slabs[0]), pos, sum_scores, token_metrics)
+        labels = self.plan.labels[pos]
+        parts = [
+            self.backend.token_slab_forward(
+                self.slab_logits(h, vocab).unsqueeze(0), labels, vocab.start, inv_temp=self.opts.inv_temp,
+                softcap=self.opts.softcap, sum_scores=sum_scores, token_metrics=token_metrics,
+            )
+            for vocab in slabs
+        ]
+        return merge_slabs(parts, labels, slabs[-1].stop)
+
     def token_backward_(self, z: torch.Tensor, pos, lse: torch.Tensor, g_tok: torch.Tensor,
                         first_column: int = 0) -> torch.Tensor:
         """dz over z, in place (each element is read before it is written, softcap included);
@@ -285,6 +299,26 @@ class _Pass:
             softcap=self.opts.softcap, out=view, label_offset=first_column,
         )
         return z
+
+
+def merge_slabs(parts: list[tuple], labels: torch.Tensor, vocab: int) -> tuple:
+    """One token's results from those of its vocabulary slabs (`token_slab_forward`'s tuples, in
+    vocabulary order): (logp, lse, zsum, entropy, top1) as `token_forward` gives them.
+
+        lse = logsumexp_s lse_s,   w_s = exp(lse_s - lse)   (each slab's share of the probability)
+        entropy = sum_s w_s H_s - sum_s w_s log w_s         (no cancellation at the logits' size)
+        top1 = top1 of the first slab holding the overall max score
+    """
+    score, lse_s, zsum, ent, top1, top = (None if p[0] is None else torch.stack(p) for p in zip(*parts))
+    lse = torch.logsumexp(lse_s, 0)
+    # A label >= V (label checks off) is in no slab: NaN, as the unsplit kernel gives.
+    logp = torch.where(labels < vocab, score.sum(0) - lse, float("nan"))
+    if ent is not None:
+        log_w = lse_s - lse
+        w = log_w.exp()
+        ent = (w * ent).sum(0) - (w * log_w).sum(0)
+        top1 = top1.gather(0, top.argmax(0, keepdim=True)).squeeze(0)  # argmax: the first maximum
+    return logp, lse, None if zsum is None else zsum.sum(0), ent, top1
 
 
 def vocab_slabs(vocab: int, width: int) -> list[slice]:
@@ -330,14 +364,17 @@ def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum, ent, top1) -> Fo
 
 
 def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, token_metrics: bool,
-            chunk_tokens: int) -> ForwardResult:
-    """Row log-probs (and score sums, token metrics), saving one logsumexp per token for `backward`."""
+            chunk_tokens: int, vocab_chunk: int = 0) -> ForwardResult:
+    """Row log-probs (and score sums, token metrics), saving one logsumexp per token for `backward`;
+    with `vocab_chunk`, each chunk's logits are made slab by slab and the slabs' results merged."""
     chunks = token_chunks(plan, resolve_chunk_tokens(chunk_tokens, weight))
-    run = _Pass(plan, hidden, weight, bias, opts, max((_size(c) for c in chunks), default=0))
+    slabs = vocab_slabs(weight.shape[0], vocab_chunk)
+    max_chunk = max((_size(c) for c in chunks), default=0)
+    run = _Pass(plan, hidden, weight, bias, opts, max_chunk, max(s.stop - s.start for s in slabs))
     per_token = _per_token(plan, hidden, sum_scores, token_metrics)
     for chunk in chunks:
-        pos, _idx, _h, z = run.logits(chunk)
-        _store(per_token, pos, run.token_forward(z, pos, sum_scores, token_metrics))
+        pos, _idx, h = run.gather(chunk)
+        _store(per_token, pos, run.slab_forward(h, pos, slabs, sum_scores, token_metrics))
     return _finish_forward(plan, hidden.shape[0], *per_token)
 
 

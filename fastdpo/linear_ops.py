@@ -79,9 +79,10 @@ def linear_logps(
     vocab_chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> row log-probs [B], row score sums [B] (empty unless `sum_scores`), row entropy sums and
-    top-1 counts [B] (empty unless `token_metrics`), logsumexp [N]. `vocab_chunk` is for the backward."""
+    top-1 counts [B] (empty unless `token_metrics`), logsumexp [N]."""
     plan = C.make_plan(labels, offsets)
-    out = C.forward(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores, token_metrics, chunk_tokens)
+    out = C.forward(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores, token_metrics, chunk_tokens,
+                    vocab_chunk)
     return _forward_outputs(out)
 
 

@@ -52,31 +52,63 @@ def token_logps_forward(
 ) -> tuple[torch.Tensor, ...]:
     """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
     (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None)."""
+    return _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics)[:5]
+
+
+def token_slab_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_offset: int,
+    *,
+    inv_temp: float = 1.0,
+    softcap: float | None = None,
+    sum_scores: bool = False,
+    token_metrics: bool = False,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows:
+    (label scores, 0 where the label is outside the slab; the slab's logsumexp; its score sums,
+    entropy, is-top-1 and max score, each None unless asked)."""
+    return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics)
+
+
+def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scores, token_metrics):
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
+    slab = label_offset is not None
     logp = torch.zeros(B * T, dtype=acc, device=logits.device)
 
     def vector(wanted: bool) -> torch.Tensor | None:
         return torch.zeros_like(logp) if wanted else None
 
     lse_all, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    top = torch.full_like(logp, float("-inf")) if slab and token_metrics else None
     for b, t, idx, y in _chunks(labels, T, V):
         s = _scores(logits[b, t].to(acc), inv_temp, softcap)
         lse = torch.logsumexp(s, dim=-1)
-        picked = s.gather(1, y.clamp(max=V - 1)[:, None]).squeeze(1)
-        logp[idx] = torch.where(y < V, picked - lse, float("nan"))  # as the kernel: NaN for a label >= V
+        column = y - (label_offset or 0)
+        inside = (column >= 0) & (column < V)
+        picked = s.gather(1, column.clamp(0, V - 1)[:, None]).squeeze(1)
+        if slab:  # the label's score, or 0 when the label is in another slab
+            logp[idx] = torch.where(inside, picked, 0.0)
+        else:
+            logp[idx] = torch.where(y < V, picked - lse, float("nan"))  # as the kernel: NaN for a label >= V
         if save_lse:
             lse_all[idx] = lse
         if sum_scores:
             zsum[idx] = s.sum(-1)
         if token_metrics:
             # log S - E_p[s - max] with S = sum exp(s - max): no cancellation at the logits' size.
-            shifted = s - s.max(-1, keepdim=True).values
+            best = s.max(-1, keepdim=True).values
+            shifted = s - best
             e = shifted.exp()
             total = e.sum(-1)
             ent[idx] = total.log() - (e * torch.where(e > 0, shifted, 0.0)).sum(-1) / total  # e = 0 where s = -inf
-            top1[idx] = (s.argmax(-1) == y).to(acc)
-    return logp, lse_all, zsum, ent, top1
+            top1[idx] = (s.argmax(-1) == column).to(acc)
+            if slab:
+                top[idx] = best.squeeze(1)
+    return logp, lse_all, zsum, ent, top1, top
 
 
 def token_logps_backward(

@@ -9,9 +9,12 @@ optional soft-cap c and temperature tau, the scores are s = c * tanh(z / c) / ta
                H_n    = lse_n - sum_v softmax(s_n)_v s_nv    optional entropy (TRL's `entropy`)
                top1_n = 1[first argmax_v s_nv == y_n]        optional (TRL's `mean_token_accuracy`)
     backward:  dz_nv  = g_n * (1[v == y_n] - exp(s_nv - lse_n)) * ds_nv/dz_nv   0 for masked rows
-               (z may be the columns [o, o + V) of wider rows, o = label_offset, with lse_n
-               over the whole row: the one-hot term is at v = y_n - o, none if that is outside
-               [0, V). The fused linear pass hands over one vocabulary slab at a time.)
+
+Vocabulary slabs (the fused linear pass may hand over the columns [o, o + V) of wider rows, with
+o = label_offset): the label falls at column y_n - o, or outside the slab. The slab forward
+returns the label's score s_{n, y_n - o} (0 when outside) in place of logp_n, and the slab's
+max score for merging top1_n; the backward takes lse_n of the whole row and adds a one-hot term
+only inside the slab. Merging slabs: linear_chunks.merge_slabs.
 
 One program owns one token row. Forward reads the row once; backward reads it once and writes
 the gradient once, in place over the logits if asked. Masked rows skip the read entirely, so
@@ -49,10 +52,10 @@ def _softcap_grad(z, softcap):
 @triton.jit
 def token_logps_fwd_kernel(
     z_ptr, stride_zb, stride_zt, stride_zv,
-    labels_ptr, logp_ptr, lse_ptr, zsum_ptr, ent_ptr, top1_ptr,
-    T, V, inv_temp, inv_temp_lo, softcap, softcap_lo,
+    labels_ptr, logp_ptr, lse_ptr, zsum_ptr, ent_ptr, top1_ptr, max_ptr,
+    T, V, label_offset, inv_temp, inv_temp_lo, softcap, softcap_lo,
     HAS_SOFTCAP: tl.constexpr, SAVE_LSE: tl.constexpr, SUM_SCORES: tl.constexpr,
-    TOKEN_METRICS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    TOKEN_METRICS: tl.constexpr, SLAB: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # int64: n * stride overflows int32 once N * V > 2^31
     inv_temp, softcap = _scalar(inv_temp, inv_temp_lo, ACC_DTYPE), _scalar(softcap, softcap_lo, ACC_DTYPE)
@@ -62,10 +65,10 @@ def token_logps_fwd_kernel(
     zs = tl.zeros((), ACC_DTYPE)
     ent = tl.zeros((), ACC_DTYPE)
     top1 = tl.zeros((), ACC_DTYPE)
+    m = tl.full((), float("-inf"), ACC_DTYPE)
     if label >= 0:  # masked rows are not read at all
         row = z_ptr + (n // T) * stride_zb + (n % T) * stride_zt
         neg_inf = float("-inf")
-        m = tl.full((), neg_inf, ACC_DTYPE)
         s = tl.zeros((), ACC_DTYPE)
         sz = tl.zeros((), ACC_DTYPE)  # sum_v exp(s_v - shift) * (s_v - shift), for the entropy
         best = tl.zeros((), tl.int64)  # first index of the running max
@@ -95,13 +98,19 @@ def token_logps_fwd_kernel(
             s = s * alpha + tl.sum(e, axis=0)
             m = m_new
         lse = tl.where(m == neg_inf, 0.0, m) + tl.log(s)  # an all -inf row gives -inf, as torch does
-        # A label >= V (possible only with the host-side label check turned off) gives NaN, not a
-        # read past the row.
-        z_label = tl.load(row + label * stride_zv, mask=label < V, other=float("nan")).to(ACC_DTYPE)
-        logp = _scores(z_label, inv_temp, softcap, HAS_SOFTCAP) - lse
+        column = label - label_offset
+        if SLAB:  # the label's score, or 0 when the label is in another slab
+            inside = (column >= 0) & (column < V)
+            z_label = tl.load(row + column * stride_zv, mask=inside, other=0.0).to(ACC_DTYPE)
+            logp = tl.where(inside, _scores(z_label, inv_temp, softcap, HAS_SOFTCAP), 0.0)
+        else:
+            # A label >= V (possible only with the host-side label check turned off) gives NaN,
+            # not a read past the row.
+            z_label = tl.load(row + label * stride_zv, mask=label < V, other=float("nan")).to(ACC_DTYPE)
+            logp = _scores(z_label, inv_temp, softcap, HAS_SOFTCAP) - lse
         if TOKEN_METRICS:
             ent = tl.log(s) - sz / s  # = lse - E_p[s]
-            top1 = tl.where(best == label, 1.0, 0.0).to(ACC_DTYPE)
+            top1 = tl.where(best == column, 1.0, 0.0).to(ACC_DTYPE)
     tl.store(logp_ptr + n, logp)
     if SAVE_LSE:
         tl.store(lse_ptr + n, lse)
@@ -110,6 +119,8 @@ def token_logps_fwd_kernel(
     if TOKEN_METRICS:
         tl.store(ent_ptr + n, ent)
         tl.store(top1_ptr + n, top1)
+        if SLAB:
+            tl.store(max_ptr + n, m)
 
 
 @triton.jit
@@ -199,26 +210,53 @@ def token_logps_forward(
 ) -> tuple[torch.Tensor, ...]:
     """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
     (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None)."""
+    out = _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics, block_v, num_warps)
+    return out[:5]
+
+
+def token_slab_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_offset: int,
+    *,
+    inv_temp: float = 1.0,
+    softcap: float | None = None,
+    sum_scores: bool = False,
+    token_metrics: bool = False,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows:
+    (label scores, 0 where the label is outside the slab; the slab's logsumexp; its score sums,
+    entropy, is-top-1 and max score, each None unless asked)."""
+    return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics, block_v,
+                    num_warps)
+
+
+def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scores, token_metrics, block_v,
+             num_warps):
     B, T, V = logits.shape
     N = B * T
     acc = _acc_dtype(logits.dtype)
+    slab = label_offset is not None
 
     def vector(wanted: bool) -> torch.Tensor | None:
         return torch.empty(N, dtype=acc, device=logits.device) if wanted else None
 
     logp = vector(True)
     lse, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    top = vector(slab and token_metrics)
     if N > 0:
         block_v, num_warps = _launch_config(V, block_v, num_warps, backward=False)
         token_logps_fwd_kernel[(N,)](
             logits, *logits.stride(),
-            labels, logp, *(x if x is not None else logp for x in (lse, zsum, ent, top1)),
-            T, V, *_split(inv_temp), *_split(softcap or 1.0),
+            labels, logp, *(x if x is not None else logp for x in (lse, zsum, ent, top1, top)),
+            T, V, label_offset or 0, *_split(inv_temp), *_split(softcap or 1.0),
             HAS_SOFTCAP=softcap is not None, SAVE_LSE=save_lse, SUM_SCORES=sum_scores,
-            TOKEN_METRICS=token_metrics, ACC_DTYPE=_TL_ACC.get(acc, tl.float32), BLOCK_V=block_v,
+            TOKEN_METRICS=token_metrics, SLAB=slab, ACC_DTYPE=_TL_ACC.get(acc, tl.float32), BLOCK_V=block_v,
             num_warps=num_warps,
         )
-    return logp, lse, zsum, ent, top1
+    return logp, lse, zsum, ent, top1, top
 
 
 def token_logps_backward(

@@ -123,25 +123,29 @@ def test_linear_sequence_logps(backend, device):
     check_grads((h, w, bb), (h64, w64, b64), 1e-5)
 
 
+PASSES = {"grad_in_forward": dict(grad_in_forward=True), "recompute": dict(grad_in_forward=False),
+          "vocab-slabs": dict(vocab_chunk_size=6)}  # slabs of 6 of V = 29; they imply the recompute
+
+
 @pytest.mark.parametrize("loss_type,weights,mode", [
     ("ipo", None, "grad_in_forward"),
+    ("ipo", None, "vocab-slabs"),
     (["sigmoid", "sft"], [1.0, 0.5], "grad_in_forward"),  # RPO: the NLL term's gradient uses all counts
+    (["sigmoid", "sft"], [1.0, 0.5], "vocab-slabs"),
     ("orpo", None, "grad_in_forward"),
     ("aot", None, "grad_in_forward"),  # couples pairs: the backward must notice and recompute
     ("aot", None, "recompute"),
+    ("aot", None, "vocab-slabs"),
 ])
-@pytest.mark.parametrize("vocab_chunk", [None, 6], ids=["whole-vocab", "vocab-slabs"])
-def test_other_losses_match_from_logits(backend, device, loss_type, weights, mode, vocab_chunk):
-    """Any loss: the same loss and gradients as fused_dpo_loss on the materialized float64 logits
-    (aot through grad_in_forward: its recomputing fallback, in vocabulary slabs too)."""
+def test_other_losses_match_from_logits(backend, device, loss_type, weights, mode):
+    """Any loss: the same loss and gradients as fused_dpo_loss on the materialized float64 logits."""
     hidden, weight, b, labels, mask = make_batch(4, 5, 8, 29, torch.float64, device, bias=False)
     ref = -15 * torch.rand(8, device=device)
     opts = dict(loss_type=loss_type, loss_weights=weights, mask=mask, beta=0.3)
     needs_ref = loss_type not in ("orpo",)
     ref = ref if needs_ref else None
     h, w = leaves(hidden, weight)
-    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, chunk_size=4, grad_in_forward=GRAD_MODES[mode],
-                                         vocab_chunk_size=vocab_chunk, **opts)
+    loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, chunk_size=4, **PASSES[mode], **opts)
     loss.backward()
     h64, w64 = leaves(hidden, weight)
     loss64 = fastdpo.fused_dpo_loss(h64 @ w64.T, labels, ref, **opts)
@@ -322,6 +326,8 @@ ERRORS = {
     "chunk_size": (_bad(chunk_size=0), ValueError, "chunk_size must be a positive"),
     "vocab_chunk_size": (_bad(vocab_chunk_size=0), ValueError, "vocab_chunk_size must be a positive"),
     "vocab_chunk_size bool": (_bad(vocab_chunk_size=True), ValueError, "vocab_chunk_size must be a positive"),
+    "vocab_chunk_size with grad_in_forward": (_bad(vocab_chunk_size=4, grad_in_forward=True), ValueError,
+                                              "vocab_chunk_size needs the recomputing backward"),
     "softcap": (_bad(softcap=0.0), ValueError, "softcap must be > 0"),
     "unknown loss": (_bad(loss_type="nope"), ValueError, "unknown loss_type"),
 }
@@ -395,13 +401,27 @@ def stats_and_grads(mode, hidden, weight, bias, labels, **opts):
 def test_token_metrics(backend, device, mode, chunk, opts):
     """Entropy sums and top-1 counts come from the chunks of logits that give the log-probs, and equal
     float64 from the materialized logits; a tie goes to the first maximum, as torch.argmax."""
+    check_token_metrics(device, mode, chunk, opts)
+
+
+@pytest.mark.parametrize("vocab_chunk", [5, 8], ids=["tie-across-slabs", "tie-in-one-slab"])
+@pytest.mark.parametrize("chunk,opts", [(3, dict(temperature=0.7, softcap=20.0)), (10, {})],
+                         ids=["chunks-of-3-softcap-temperature", "chunks-of-10"])
+def test_token_metrics_vocab_slabs(backend, device, vocab_chunk, chunk, opts):
+    """The same, with the logits made in vocabulary slabs (of 5: the tied rows 3 and 7 in two
+    slabs, the first of which must win; of 8: both in the first) and merged."""
+    check_token_metrics(device, "recompute", chunk, dict(opts, vocab_chunk_size=vocab_chunk))
+
+
+def check_token_metrics(device, mode, chunk, opts):
     P, T, H, V = 2, 6, 8, 40
     # Even rows: a tie labelled with its last maximum (t = 1); odd rows: with its first (t = 0). The
     # row sums then differ whichever way a wrong tie rule goes.
     ties = [(b, 1 - b % 2) for b in range(2 * P)]
     hidden, weight, bias = tied_batch(2 * P, T, H, V, torch.float32, device, ties)
     z64 = logits64(hidden.double(), weight.double(), bias.double())
-    entropy, first, last = token_metrics64(z64, **opts)
+    score_opts = {k: v for k, v in opts.items() if k in ("temperature", "softcap")}
+    entropy, first, last = token_metrics64(z64, **score_opts)
     labels = labels_on_ties(first, last, V)
     mask = torch.rand(2 * P, T, device=device) > 0.25
     mask[:, :2] = True  # the tied positions
@@ -416,7 +436,7 @@ def test_token_metrics(backend, device, mode, chunk, opts):
     assert not stats.entropy_sums.requires_grad and not stats.top1_counts.requires_grad
     # The log-probs and their gradients are unchanged by the extra results.
     want = leaves(hidden, weight, bias, dtype=torch.float64)
-    logps64 = seq_logps64(logits64(*want), labels, mask, **opts)
+    logps64 = seq_logps64(logits64(*want), labels, mask, **score_opts)
     (logps64 * up.double()).sum().backward()
     assert_close_rel(stats.logps, logps64, 2e-6, "logps")
     check_grads(got, want, 1e-5)

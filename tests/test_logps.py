@@ -260,3 +260,30 @@ def test_backward_on_a_vocabulary_slab(backend, device, V, offset):
     want = g[:, None] * (one_hot.double() - torch.exp(slab.reshape(6, V) - lse[:, None]))
     want[3] = 0
     assert_close_rel(dz.reshape(6, V), want, 1e-12, "slab gradient")
+
+
+@pytest.mark.parametrize("V,offset", [(5, 0), (37, 11)])
+def test_forward_on_a_vocabulary_slab(backend, device, V, offset):
+    """The slab forward: the label's score (0 when the label is outside the slab), the slab's
+    logsumexp, score sum, entropy and max, and whether the label is the slab's first maximum."""
+    from fastdpo.backend import get_backend
+
+    full = 4.0 * torch.randn(2, 4, offset + V + 9, device=device)
+    labels = torch.randint(offset, offset + V, (8,), device=device)
+    labels[:3] = torch.tensor([offset + V + 3, max(offset - 1, offset + V), -1])  # above, outside, masked
+    slab = full[..., offset : offset + V]  # a strided view: the kernels take any strides
+    column = labels[3] - offset
+    slab.reshape(8, V)[3, column] = slab.reshape(8, V)[3].max() + 1  # row 3: the label is the maximum
+    s = slab.reshape(8, V).double() / 0.7
+    score, lse, zsum, ent, top1, top = get_backend(torch.device(device)).token_slab_forward(
+        slab, labels, offset, inv_temp=1 / 0.7, sum_scores=True, token_metrics=True)
+    valid = labels >= 0
+    inside = valid & (labels >= offset) & (labels < offset + V)
+    want_score = torch.where(inside, s.gather(1, (labels - offset).clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
+    logp = s.log_softmax(-1)
+    checks = {"label score": (score, want_score), "lse": (lse, torch.logsumexp(s, -1)), "zsum": (zsum, s.sum(-1)),
+              "entropy": (ent, -(logp.exp() * logp).sum(-1)), "max": (top, s.max(-1).values)}
+    for name, (got, want) in checks.items():
+        assert_close_rel(got[valid], want[valid], 2e-6, name)
+    assert torch.equal(top1[valid].cpu(), (s.argmax(-1) == labels - offset)[valid].double().cpu().to(top1.dtype))
+    assert top1[3].item() == 1.0 and score[2].item() == 0.0
