@@ -28,7 +28,7 @@ for stage in $stages; do
       tail -n 30 "$out/tests.log" ;;
     tune) timeout "$limit" "$py" benchmarks/tune_kernel.py 2>&1 | tee "$out/tune_kernel.md" ;;
     lean) mkdir -p "$out/lean"
-      timeout "$limit" "$py" benchmarks/bench_linear.py --shapes A,C --modes fwd+bwd \
+      timeout "$limit" "$py" benchmarks/bench_linear.py --shapes A,C \
         --impls compile,cce-exact,fastdpo,fastdpo-lean --lean "${LEAN_TILES:-256:0,256:4096,512:4096,1024:4096,1024:8192}" \
         --out "$out/lean" > "$out/lean/bench_linear.log" 2>&1 || echo "lean failed or timed out: see $out/lean" ;;
     loss|linear|trl)

@@ -32,7 +32,8 @@ def case(compiled: dict, name: str) -> dict:
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp64"])
-@pytest.mark.parametrize("features", [False, True], ids=["plain", "softcap+lse+sums+token-metrics"])
+@pytest.mark.parametrize("features", [False, True, "slab"],
+                         ids=["plain", "softcap+lse+sums+token-metrics", "all-on-a-vocabulary-slab"])
 def test_forward_compiles(compiled, dtype, features):
     assert case(compiled, f"fwd-{dtype}-{features}")["vector_loads"], "logits rows are not read with 128-bit loads"
 
