@@ -55,23 +55,13 @@ from .packed import check_cu_seqlens
 
 
 
-def _chunk_tokens(chunk_size: int | None, weight: torch.Tensor) -> int:
-    """Tokens per chunk, or 0 for the default, which the ops size once they know the pairs."""
-    if chunk_size is None:
+def _size_or_default(value: int | None, name: str, unit: str) -> int:
+    """A positive chunk size, or 0 for None: the default, which the chunk layer resolves."""
+    if value is None:
         return 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size!r}")
-    return chunk_size
-
-
-def _vocab_chunk(vocab_chunk_size: int | None) -> int:
-    """Rows of W per slab in the recomputing backward, or 0 for the whole vocabulary at once."""
-    if vocab_chunk_size is None:
-        return 0
-    if isinstance(vocab_chunk_size, bool) or not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 1:
-        raise ValueError(f"vocab_chunk_size must be a positive number of vocabulary rows or None, "
-                         f"got {vocab_chunk_size!r}")
-    return vocab_chunk_size
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive number of {unit} or None, got {value!r}")
+    return value
 
 
 def _wants_grad(*tensors: torch.Tensor | None) -> tuple[bool, bool, bool]:
@@ -109,8 +99,8 @@ def linear_sequence_stats(
     V.check_labels(labels, hidden.shape[:2], mask)
     V.check_same_device(hidden, labels=labels, mask=mask)
     _check_options(temperature, softcap)
-    chunk = _chunk_tokens(chunk_size, weight)
-    vocab_chunk = _vocab_chunk(vocab_chunk_size)
+    chunk = _size_or_default(chunk_size, "chunk_size", "tokens")
+    vocab_chunk = _size_or_default(vocab_chunk_size, "vocab_chunk_size", "vocabulary rows")
     if layout is None:
         layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index,
                               cu_seqlens=cu_seqlens)

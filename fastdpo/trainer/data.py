@@ -180,25 +180,24 @@ def to_pair(row: Any) -> Pair:
     raise RowError(f"field 'prompt' must be a string or a list of messages, got {_type(prompt)}")
 
 
-def _text(row: dict, key: str) -> str:
+def _field(row: dict, key: str, kind: type, what: str):
+    """row[key], present, of `kind` and not empty; else a RowError naming the field."""
     value = row.get(key)
     if value is None:
         raise RowError(f"missing field {key!r}")
-    if not isinstance(value, str):
-        raise RowError(f"field {key!r} must be a string, got {_type(value)}")
+    if not isinstance(value, kind):
+        raise RowError(f"field {key!r} must be {what}, got {_type(value)}")
     if not value:
         raise RowError(f"empty field {key!r}")
     return value
 
 
+def _text(row: dict, key: str) -> str:
+    return _field(row, key, str, "a string")
+
+
 def _messages(row: dict, key: str) -> Messages:
-    value = row.get(key)
-    if value is None:
-        raise RowError(f"missing field {key!r}")
-    if not isinstance(value, list):
-        raise RowError(f"field {key!r} must be a list of messages, got {_type(value)}")
-    if not value:
-        raise RowError(f"empty field {key!r}")
+    value = _field(row, key, list, "a list of messages")
     for i, m in enumerate(value, 1):
         if not isinstance(m, dict):
             raise RowError(f"field {key!r} message {i} must be an object with role and content, got {_type(m)}")
