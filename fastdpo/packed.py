@@ -63,10 +63,19 @@ def segment_sums(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     values' dtype (differentiable).
 
     A difference of prefix sums taken in float64 (int64 for integers): deterministic on every
-    device (no atomics), and exact enough that the result matches a plain fp32 row sum.
+    device (no atomics), and exact enough that the result matches a plain fp32 row sum. A NaN or
+    inf would poison the prefix of every later segment, so the prefix runs over the finite values
+    and each segment's non-finite ones are added back from their counts: NaN, inf or -inf in that
+    segment alone, as a plain sum gives.
     """
     if not values.is_floating_point():  # counts (bool / integer input): int64 sums
         prefix = torch.cat([values.new_zeros(1, dtype=torch.int64), values.to(torch.int64).cumsum(0)])
         return prefix[offsets[1:]] - prefix[offsets[:-1]]
-    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values.to(torch.float64).cumsum(0)])
-    return (prefix[offsets[1:]] - prefix[offsets[:-1]]).to(values.dtype)
+    finite = torch.isfinite(values)
+    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64),
+                        torch.where(finite, values, 0.0).to(torch.float64).cumsum(0)])
+    sums = prefix[offsets[1:]] - prefix[offsets[:-1]]
+    nan, pos, neg = (segment_sums(x, offsets) > 0 for x in (values.isnan(), values == float("inf"),
+                                                            values == float("-inf")))
+    special = torch.where(nan | (pos & neg), float("nan"), torch.where(pos, float("inf"), float("-inf")))
+    return torch.where(nan | pos | neg, special, sums).to(values.dtype)

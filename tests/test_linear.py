@@ -582,3 +582,17 @@ def test_vocab_slabs_never_hold_full_vocabulary_rows(backend, device):
     assert new.count((40,)) == 2, "expected one [chunk x vocab_chunk] logits buffer per pass"
     # Nothing larger than a [chunk, H] tile (the slab products and the fp32 dH sum) or the logits tile.
     assert max(int(torch.tensor(s).prod()) for s in new) == 4 * max(10, H), new
+
+
+def test_vocab_slabs_unchecked_label_gives_nan(backend, device):
+    """With the label checks off, a label >= V lies in no slab: its row is NaN, as without slabs
+    (never a silent 0 for the missing label score), and the other rows are exact."""
+    hidden, weight, b, labels, mask = make_batch(2, 6, 8, 23, torch.float64, device)
+    mask[:] = True
+    labels[1, 3] = 23
+    with fastdpo.value_checks(False):
+        got = fastdpo.linear_sequence_logps(hidden, weight, labels, bias=b, mask=mask, chunk_size=4,
+                                            vocab_chunk_size=5)
+    assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2, 3]]).all()
+    want = seq_logps64(logits64(hidden, weight, b), labels.clamp(max=22), mask)
+    assert_close_rel(got[[0, 2, 3]], want[[0, 2, 3]], 1e-12, "unchecked rows")

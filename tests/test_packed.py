@@ -150,3 +150,24 @@ def test_bad_cu_seqlens_linear():
     labels = torch.randint(0, 11, (1, 6))
     with pytest.raises(ValueError, match="end at total_tokens = 6"):
         fastdpo.fused_linear_dpo_loss(hidden, weight, labels, torch.zeros(2), cu_seqlens=torch.tensor([0, 2, 5]))
+
+
+def test_segment_sums_keep_non_finite_values_in_their_segment():
+    """A NaN or inf in one segment leaves every other segment's sum exact (a prefix-sum difference
+    would carry it into all later ones); within its segment it gives what a plain sum gives."""
+    from fastdpo.packed import segment_sums
+
+    inf = float("inf")
+    values = torch.randn(14, dtype=torch.float64)
+    values[[1, 4, 7, 8, 11]] = torch.tensor([float("nan"), inf, inf, -inf, -inf], dtype=torch.float64)
+    offsets = torch.tensor([0, 3, 3, 6, 10, 13, 14])  # nan | empty | inf | inf and -inf | -inf | finite
+    x = values.clone().requires_grad_()
+    got = segment_sums(x, offsets)
+    want = torch.stack([values[a:b].sum() for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    assert torch.equal(got[~finite & ~want.isnan()], want[~finite & ~want.isnan()])
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-15, atol=1e-15)
+    assert finite.tolist() == [False, True, False, False, False, True]
+    got[finite].sum().backward()  # the finite segments stay differentiable
+    assert torch.equal(x.grad, torch.tensor([0.0] * 13 + [1.0], dtype=torch.float64))
