@@ -8,12 +8,12 @@ import pytest
 import torch
 from train_helpers import tiny_config, write_jsonl
 
+from fastdpo.layouts import build
 from fastdpo.trainer import embedded
 from fastdpo.trainer.data import (
     Encoder,
     Pair,
     PairLoader,
-    collate,
     find_sources,
     load_pairs,
     prepare_data,
@@ -51,11 +51,14 @@ def test_standard_rows_mask_the_prompt_and_append_eos(tok):
     assert e.prompt == ids(tok, "sort: ba\n")
     assert e.chosen == ids(tok, "ab") + [tok.eos_token_id]
     assert e.rejected == ids(tok, "ba") + [tok.eos_token_id]
-    batch = collate([e, e], [0, 1], tok.pad_token_id)
-    P, n = 2, len(e.prompt)
-    assert batch.input_ids.shape == (2 * P, n + 3)
-    assert (batch.labels[:, :n] == -100).all()  # prompt tokens are not scored
-    assert batch.labels[0, n:].tolist() == e.chosen and batch.labels[P, n:].tolist() == e.rejected
+    batch = build("padded", [e, e], [0, 1], tok.pad_token_id)
+    P, n, T = 2, len(e.prompt), len(e.prompt) + 3
+    assert batch.input_ids.shape == (2 * P, T)
+    # position n - 1 + k of each row scores answer token k; prompt tokens are not scored
+    s = batch.scoring
+    assert s.offsets.tolist() == [0, 3, 6, 9, 12]
+    assert s.positions[:3].tolist() == [n - 1, n, n + 1] and s.positions[6:9].tolist() == [2 * T + n - 1 + k for k in range(3)]
+    assert s.targets[:3].tolist() == e.chosen and s.targets[6:9].tolist() == e.rejected
     assert batch.attention_mask.sum().item() == 4 * (n + 3)
 
 

@@ -7,7 +7,7 @@
     trainer.train()   # or: patch_trainer(existing_dpo_trainer); FastDPOTrainer(..., fastdpo_mode="linear")
 
 What changes: the policy and reference log-probs (and TRL's precompute pass) come from fastdpo's
-head (see `fastdpo.integrations.lm_head`): by default the from-logits kernel over the completion
+head (see `fastdpo.head`): by default the from-logits kernel over the completion
 positions only, or with `fastdpo_mode="linear"` the fused-linear path (hidden states and
 `lm_head.weight`, the logits are never built); the loss comes from `fastdpo.losses`, one term per
 TRL loss type with TRL's weights. Everything else is TRL's: batches are [chosen; rejected] rows
@@ -64,7 +64,9 @@ from trl.trainer.utils import use_adapter  # noqa: E402
 
 from ..dpo import loss_from_rows  # noqa: E402
 from ..losses import LOSSES, LossConfig  # noqa: E402
-from .lm_head import HeadOptions, RowStats, install_head  # noqa: E402
+from ..attention import activation_dtype, layout_support, model_inputs  # noqa: E402
+from ..head import HeadOptions, RowStats, install_head  # noqa: E402
+from ..layouts import LayoutBatch, build, pairs_from_padded  # noqa: E402
 
 # The loss types of DPOTrainer in the supported TRL versions.
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -129,22 +131,69 @@ def _check_trainer(trainer: DPOTrainer) -> None:
             raise NotImplementedError("fastdpo_mode='linear' reads lm_head.weight directly and does not support ZeRO-3")
 
 
+def requested_layout(args: Any, share_prompt: bool, padding_free: bool | None) -> str:
+    """fastdpo's batch layout for these options: shared, packed (padding-free) or padded."""
+    if share_prompt and padding_free is False:
+        raise ValueError("share_prompt=True runs pairs padding-free; it conflicts with padding_free=False")
+    if share_prompt:
+        return "shared"
+    if padding_free is None:
+        padding_free = bool(getattr(args, "padding_free", False))
+    return "packed" if padding_free else "padded"
+
+
+def check_layout(trainer: DPOTrainer, layout: str) -> str:
+    """`layout`, once checked against the trainer's model and collator; raises with the reason."""
+    if layout == "padded":
+        return layout
+    if getattr(trainer.args, "truncation_mode", "keep_start") != "keep_start":
+        raise ValueError(f"fastdpo's {layout} layout needs truncation_mode='keep_start' (with keep_end the chosen and "
+                         "rejected rows of a pair may keep different parts of the prompt)")
+    inner = trainer.accelerator.unwrap_model(trainer.model)
+    lm = inner.get_base_model() if is_peft_model(inner) else inner
+    reason = layout_support(type(lm), lm.config, layout)
+    if reason is not None:
+        option = "share_prompt" if layout == "shared" else "padding_free"
+        raise ValueError(f"{option}=True: {reason}")
+    return layout
+
+
 class FastDPOMixin:
     """Overrides of DPOTrainer's log-prob, reference and loss computation; everything else is TRL's."""
 
     fastdpo_options: HeadOptions
 
     # ---- the head -------------------------------------------------------------------------------
-    def _fastdpo_rows(self, model, model_kwargs: dict, labels: torch.Tensor, call: str) -> RowStats:
+    def _fastdpo_inputs(self, inputs: dict) -> tuple[dict, LayoutBatch | torch.Tensor]:
+        """(model kwargs, what the head scores) of one of TRL's padded batches: its own kwargs and
+        labels, or with padding_free / share_prompt the same pairs re-laid out (fastdpo.layouts)."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.fastdpo_layout == "padded":
+            return model_kwargs, inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        extra = sorted(set(model_kwargs) - {"input_ids", "attention_mask", "use_cache"})
+        if extra:
+            raise NotImplementedError(f"fastdpo's {self.fastdpo_layout} layout takes input_ids alone; this batch also "
+                                      f"has {extra}")
+        pairs = pairs_from_padded(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        batch = build(self.fastdpo_layout, pairs, range(len(pairs)), pad_id=0)
+        return {"use_cache": False}, batch.to(inputs["input_ids"].device)
+
+    def _fastdpo_rows(self, model, model_kwargs: dict, scored: LayoutBatch | torch.Tensor, call: str,
+                      **extra) -> RowStats:
         """Per-row statistics from `model` (any wrapper of a causal LM) through the fastdpo head."""
         inner = self.accelerator.unwrap_model(model)
-        install_head(inner.get_base_model() if is_peft_model(inner) else inner, self.fastdpo_options)
+        lm = inner.get_base_model() if is_peft_model(inner) else inner
+        install_head(lm, self.fastdpo_options)
         # The head is installed after Accelerate wrapped the forward for mixed precision, so enter the same
         # autocast here (a no-op without mixed precision, harmless when nested).
         with self.accelerator.autocast():
-            return model(**model_kwargs, labels=labels, fastdpo_head=call)
+            if isinstance(scored, LayoutBatch):
+                layout = model_inputs(scored, lm.config, activation_dtype(lm))
+                return model(**model_kwargs, **layout, fastdpo_scoring=scored.scoring, fastdpo_head=call, **extra)
+            return model(**model_kwargs, labels=scored, fastdpo_head=call, **extra)
 
-    def _fastdpo_reference(self, model, model_kwargs: dict, labels: torch.Tensor) -> torch.Tensor:
+    def _fastdpo_reference(self, model, model_kwargs: dict, labels: LayoutBatch | torch.Tensor) -> torch.Tensor:
         """The reference's per-row log-probs: the ref model, or the policy with its adapter swapped."""
         adapter = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
@@ -154,29 +203,25 @@ class FastDPOMixin:
             return self._fastdpo_rows(model, model_kwargs, labels, "reference").logps.detach()
 
     def compute_ref_log_probs(self, model, inputs):
-        """TRL's precompute pass (one padded batch), through the fastdpo head."""
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        return self._fastdpo_reference(model, model_kwargs, labels).chunk(2, dim=0)
+        """TRL's precompute pass (one batch of its collator), through the fastdpo head."""
+        model_kwargs, scored = self._fastdpo_inputs(inputs)
+        return self._fastdpo_reference(model, model_kwargs, scored).chunk(2, dim=0)
 
     # ---- the loss -------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
+        model_kwargs, scored = self._fastdpo_inputs(inputs)
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         # The reference first: in "linear" mode the policy pass can then build its gradients in the forward.
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         else:
             ref_model = self.model if self.ref_model is None else self.ref_model
-            ref = self._fastdpo_reference(ref_model, model_kwargs, labels)
+            ref = self._fastdpo_reference(ref_model, model_kwargs, scored)
         extra = {}
         if self.fastdpo_options.mode == "linear" and (spec := self._fastdpo_grad_spec()) is not None:
             extra["fastdpo_grad"] = (spec, ref.detach().float())
-        policy = self._fastdpo_rows(model, {**model_kwargs, **extra}, labels, "policy")
+        policy = self._fastdpo_rows(model, model_kwargs, scored, "policy", **extra)
         ref = ref.to(policy.logps.device)
         loss = self._fastdpo_loss(policy, ref, completion_mask)
         self._fastdpo_log(mode, policy, ref, inputs)
@@ -187,7 +232,7 @@ class FastDPOMixin:
             FutureWarning, stacklevel=2,
         )
         with torch.no_grad():
-            return loss, model(**model_kwargs)
+            return loss, model(**{k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS})
 
     def _fastdpo_loss(self, policy: RowStats, ref: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         """sum_k weight_k * mean(loss_k), one fastdpo loss per TRL loss type with TRL's hyper-parameters."""
@@ -276,15 +321,25 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
         fastdpo_token_metrics: also log TRL's `entropy` and `mean_token_accuracy` (and, in "linear"
             mode, `logits/*`), at the cost of one extra no-grad pass over the scores.
         fastdpo_inplace_backward: in "logits" mode, write the logits gradient over the logits.
+        share_prompt: run each pair as one sequence [prompt, chosen, rejected] (the prompt computed
+            once; needs sdpa, eager or flex attention). Implies padding-free batches.
+        padding_free: run each batch as one row of packed sequences, no padding (default: the
+            DPOConfig's `padding_free`, which TRL itself currently ignores).
     """
 
     def __init__(self, *args: Any, fastdpo_mode: str = "logits", fastdpo_token_metrics: bool = True,
-                 fastdpo_inplace_backward: bool = True, **kwargs: Any) -> None:
-        # Set before DPOTrainer.__init__: its reference precompute already runs through fastdpo.
+                 fastdpo_inplace_backward: bool = True, share_prompt: bool = False, padding_free: bool | None = None,
+                 **kwargs: Any) -> None:
+        # Set before DPOTrainer.__init__: its reference precompute already runs through fastdpo
+        # (padded: the values are per pair, so any layout can use them).
         self.fastdpo_options = HeadOptions(mode=fastdpo_mode, token_metrics=fastdpo_token_metrics,
                                            inplace_backward=fastdpo_inplace_backward)
-        check_args(kwargs.get("args", args[2] if len(args) > 2 else None))
+        self.fastdpo_layout = "padded"
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        check_args(config)
+        layout = requested_layout(config, share_prompt, padding_free)
         super().__init__(*args, **kwargs)
+        self.fastdpo_layout = check_layout(self, layout)
         _check_trainer(self)
 
 
@@ -292,10 +347,12 @@ _PATCHED: dict[type, type] = {}
 
 
 def patch_trainer(trainer: DPOTrainer, *, mode: str = "logits", token_metrics: bool = True,
-                  inplace_backward: bool = True) -> DPOTrainer:
+                  inplace_backward: bool = True, share_prompt: bool = False,
+                  padding_free: bool | None = None) -> DPOTrainer:
     """Switch an existing DPOTrainer (or subclass) instance to fastdpo in place; returns it.
 
     Reference log-probs it already precomputed (TRL's columns) are kept and used as they are.
+    `share_prompt` and `padding_free` are FastDPOTrainer's.
     """
     if not isinstance(trainer, DPOTrainer):
         raise TypeError(f"trainer must be a trl.DPOTrainer, got {type(trainer).__name__}")
@@ -307,6 +364,7 @@ def patch_trainer(trainer: DPOTrainer, *, mode: str = "logits", token_metrics: b
             _PATCHED[cls] = type(f"FastDPO{cls.__name__}", (FastDPOMixin, cls), {"__module__": __name__})
         trainer.__class__ = _PATCHED[cls]
     trainer.fastdpo_options = options
+    trainer.fastdpo_layout = check_layout(trainer, requested_layout(trainer.args, share_prompt, padding_free))
     _check_trainer(trainer)
     return trainer
 

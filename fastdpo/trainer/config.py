@@ -62,6 +62,12 @@ class TrainConfig:
     max_train_pairs: int = _opt(0, "use only the first N training pairs (0 = all)")
     max_eval_pairs: int = _opt(0, "use only the first N eval pairs (0 = all)")
     skip_invalid: bool = _opt(False, "skip malformed rows (counted in the log) instead of stopping")
+    padding_free: Optional[bool] = _opt(None, "run each micro-batch as one row of packed sequences, no padding "
+                                        "(default: on where the model's attention supports it)")
+    share_prompt: bool = _opt(False, "run each pair as one sequence [prompt, chosen, rejected], the prompt "
+                              "computed once (padding-free, with a custom attention mask)")
+    max_tokens: int = _opt(0, "fill micro-batches with whole pairs up to N token positions instead of "
+                           "--batch-size pairs (0 = off)")
 
     # Reference and loss
     ref: str = _opt("copy", "reference: frozen copy, precomputed log-probs, LoRA base (adapter), or none",
@@ -148,7 +154,7 @@ def check(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_steps", "sft_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r",
-                 "max_train_pairs", "max_eval_pairs", "cpu_threads"):
+                 "max_train_pairs", "max_eval_pairs", "cpu_threads", "max_tokens"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     for name in ("learning_rate", "sft_learning_rate", "num_epochs"):
@@ -171,6 +177,8 @@ def check(cfg: TrainConfig) -> None:
     if cfg.ref == "adapter" and cfg.sft_steps:
         raise ConfigError("--ref adapter conflicts with --sft-steps: the warm-up would train the adapters, "
                           "so the base model would not be the starting policy")
+    if cfg.share_prompt and cfg.padding_free is False:
+        raise ConfigError("--share-prompt runs pairs padding-free; it conflicts with --no-padding-free")
     if cfg.inplace_backward and cfg.loss_impl != "fused":
         raise ConfigError("--inplace-backward applies to --loss-impl fused only")
     if cfg.loss_impl == "fused_linear":
@@ -206,7 +214,7 @@ def build_parser(prog: str = "fastdpo train") -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if "choices" in meta:
             kw["choices"] = meta.pop("choices")
-        if f.type in ("bool", bool):
+        if f.type in ("bool", bool, "Optional[bool]"):
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name == "loss_options":
             kw["type"] = _json_object

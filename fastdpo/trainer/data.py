@@ -1,6 +1,6 @@
 """Preference data: read rows, check them, tokenize pairs, and cut [2P, T] batches.
 
-    rows (JSONL / JSON / Parquet / Hub) --to_pair--> Pair --Encoder--> Encoded --collate--> Batch
+    rows (JSONL / JSON / Parquet / Hub) --to_pair--> Pair --Encoder--> Encoded --layout--> LayoutBatch
 
 Three row formats are accepted (the format is decided per row):
 - standard: `prompt`, `chosen`, `rejected` strings;
@@ -8,7 +8,9 @@ Three row formats are accepted (the format is decided per row):
   (or strings); the chat template is applied, the prompt with the generation prompt;
 - minimind / implicit prompt: `chosen` and `rejected` full conversations that share a prefix of
   messages; the shared prefix is the prompt.
-Batches are [chosen; rejected]: pair i is rows i and i + P. Labels are -100 on prompt and padding.
+Micro-batches are LayoutBatches (fastdpo.layouts): padded, padding-free or shared-prompt, rows
+[chosen; rejected] (pair i is rows i and i + P); only completion tokens are scored. A micro-batch is
+--batch-size pairs, or with --max-tokens as many whole pairs as fit in that many token positions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator, Union
 
 import torch
+
+from fastdpo.layouts import LayoutBatch, PairTokens, build, layout_tokens
 
 from .config import EMBEDDED_DATASET, ConfigError, TrainConfig
 
@@ -48,13 +52,9 @@ class Pair:
         return isinstance(self.prompt, list)
 
 
-@dataclass
-class Encoded:
-    """Token ids of one pair: the shared prompt and each completion (already truncated)."""
-
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
+# Token ids of one pair (prompt, chosen, rejected), completions already truncated: the unit every
+# batch layout (fastdpo.layouts) is built from.
+Encoded = PairTokens
 
 
 @dataclass
@@ -323,88 +323,127 @@ def _leading_special_tokens(tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches
+# Micro-batches
 
 
-@dataclass
-class Batch:
-    """[2P, T] rows: chosen then rejected. `index` [P] are the pairs' positions in their split."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    index: torch.Tensor
-
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask,
-                                                                  self.labels, self.index)))
-
-    @property
-    def pairs(self) -> int:
-        return self.index.numel()
+def budget_groups(order: list[int], data: list[Encoded], kind: str, max_tokens: int) -> list[list[int]]:
+    """Pairs in `order`, cut into consecutive groups of at most `max_tokens` token positions in
+    layout `kind` (a pair that does not fit alone makes a group of its own: see check_budget)."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    for i in order:
+        if group and group_tokens([data[j] for j in group + [i]], kind) > max_tokens:
+            groups.append(group)
+            group = []
+        group.append(i)
+    return groups + [group] if group else groups
 
 
-def collate(data: list[Encoded], index: list[int], pad_id: int) -> Batch:
-    """Right-padded [2P, T] batch of the pairs data[i] for i in index."""
-    rows = [(data[i].prompt, data[i].chosen) for i in index] + [(data[i].prompt, data[i].rejected) for i in index]
-    T = max(len(p) + len(c) for p, c in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for r, (prompt, completion) in enumerate(rows):
-        n, m = len(prompt), len(prompt) + len(completion)
-        input_ids[r, :m] = torch.tensor(prompt + completion)
-        labels[r, n:m] = torch.tensor(completion)
-        attention_mask[r, :m] = 1
-    return Batch(input_ids, attention_mask, labels, torch.tensor(index, dtype=torch.long))
+def group_tokens(pairs: list[Encoded], kind: str) -> int:
+    """Token positions a micro-batch of `pairs` takes in layout `kind` (padded: rows x longest row)."""
+    if kind == "padded":
+        return 2 * len(pairs) * max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
+    return sum(layout_tokens(p, kind) for p in pairs)
+
+
+def check_budget(data: list[Encoded], kind: str, max_tokens: int, split: str) -> None:
+    """Fail in one line if some pair alone needs more than --max-tokens positions."""
+    need = [layout_tokens(pair, kind) for pair in data]
+    worst = max(range(len(data)), key=need.__getitem__)
+    if need[worst] > max_tokens:
+        raise DataError(f"--max-tokens {max_tokens} is smaller than pair {worst} of the {split} data, which needs "
+                        f"{need[worst]} token positions in the {kind} layout; raise --max-tokens to at least "
+                        f"{max(need)} or lower --max-length")
 
 
 class PairLoader:
     """Training micro-batches addressed by number: micro-batch m is a pure function of (seed, m).
 
-    Each global micro-batch is `batch_size * world` consecutive pairs of a seeded per-epoch
-    permutation, and rank k takes the k-th slice; so a run on 2 processes sees the same global
-    batches as a run on one with twice the batch size, and resuming only needs m.
+    Each epoch is a seeded permutation of the pairs, cut into global micro-batches of `world`
+    local ones (`batch_size` pairs each, or with `max_tokens` consecutive pairs up to that many
+    token positions); rank k takes the k-th. So a run on 2 processes sees the same global batches
+    as a run on one with twice the batch size, and resuming only needs m.
     """
 
-    def __init__(self, data: list[Encoded], batch_size: int, *, world: int, rank: int, seed: int, pad_id: int):
+    def __init__(self, data: list[Encoded], batch_size: int, *, world: int, rank: int, seed: int, pad_id: int,
+                 layout: str = "padded", max_tokens: int = 0):
         self.data, self.batch_size, self.world, self.rank = data, batch_size, world, rank
-        self.seed, self.pad_id = seed, pad_id
-        self.global_batch = batch_size * world
-        self.per_epoch = len(data) // self.global_batch
+        self.seed, self.pad_id, self.layout, self.max_tokens = seed, pad_id, layout, max_tokens
+        self.global_batch = batch_size * world  # pairs per global micro-batch without max_tokens
+        if max_tokens:
+            check_budget(data, layout, max_tokens, "training")
+        self._groups_of: tuple[int, list[list[list[int]]]] = (-1, [])  # the last epoch's micro-batches
+        self._counts: dict[int, int] = {}  # micro-batches per epoch
+        self.per_epoch = len(self._groups(0))
         if self.per_epoch == 0:
-            raise DataError(f"{len(data)} training pairs are fewer than one global micro-batch "
-                            f"({batch_size} pairs x {world} processes)")
-        self._order: tuple[int, list[int]] = (-1, [])
+            unit = f"{max_tokens}-token micro-batch" if max_tokens else f"micro-batch ({batch_size} pairs"
+            raise DataError(f"{len(data)} training pairs are fewer than one global {unit} x {world} processes"
+                            f"{'' if max_tokens else ')'}")
 
-    def epoch_of(self, m: int) -> float:
-        return m / self.per_epoch
-
-    def batch(self, m: int) -> Batch:
-        epoch, position = divmod(m, self.per_epoch)
-        start = position * self.global_batch + self.rank * self.batch_size
-        return collate(self.data, self._permutation(epoch)[start:start + self.batch_size], self.pad_id)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        if self._order[0] != epoch:
+    def _groups(self, epoch: int) -> list[list[list[int]]]:
+        """Global micro-batches of an epoch: per rank, the pair ids."""
+        if self._groups_of[0] != epoch:
             order = list(range(len(self.data)))
             random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            self._order = (epoch, order)
-        return self._order[1]
+            if self.max_tokens:
+                local = budget_groups(order, self.data, self.layout, self.max_tokens)
+            else:
+                local = [order[s:s + self.batch_size]
+                         for s in range(0, len(order) - self.batch_size + 1, self.batch_size)]
+            count = len(local) // self.world  # the last, incomplete global micro-batch is dropped
+            self._groups_of = (epoch, [local[g * self.world:(g + 1) * self.world] for g in range(count)])
+            self._counts[epoch] = count
+        return self._groups_of[1]
+
+    def _count(self, epoch: int) -> int:
+        if epoch not in self._counts:
+            self._groups(epoch)
+        return self._counts[epoch]
+
+    def _locate(self, m: int) -> tuple[int, int]:
+        """(epoch, position in it) of global micro-batch m."""
+        if not self.max_tokens:  # every epoch has the same number of micro-batches
+            return divmod(m, self.per_epoch)
+        epoch = 0
+        while m >= self._count(epoch):
+            m -= self._count(epoch)
+            epoch += 1
+        return epoch, m
+
+    def epoch_of(self, m: int) -> float:
+        epoch, position = self._locate(m)
+        return epoch + position / self._count(epoch)
+
+    def pairs_of(self, m: int, rank: int | None = None) -> list[int]:
+        """The pair ids of micro-batch m on `rank` (default: this process's)."""
+        epoch, position = self._locate(m)
+        return self._groups(epoch)[position][self.rank if rank is None else rank]
+
+    def global_pairs(self, m: int) -> int:
+        """Pairs in global micro-batch m, over every rank."""
+        return sum(len(self.pairs_of(m, k)) for k in range(self.world))
+
+    def batch(self, m: int, *, chosen_only: bool = False) -> LayoutBatch:
+        index = self.pairs_of(m)
+        return build(self.layout, [self.data[i] for i in index], index, self.pad_id, chosen_only=chosen_only)
 
 
-def sharded_batches(data: list[Encoded], batch_size: int, *, world: int, rank: int,
-                    pad_id: int) -> Iterator[tuple[Batch, int]]:
+def sharded_batches(data: list[Encoded], batch_size: int, *, world: int, rank: int, pad_id: int,
+                    layout: str = "padded", max_tokens: int = 0) -> Iterator[tuple[LayoutBatch, int]]:
     """Every pair once, in order, split across ranks: (batch, pairs that count) per step.
 
     All ranks take the same number of steps (sharded models need every rank in each forward); a
     rank with nothing left gets pair 0 again with a count of 0.
     """
-    step = batch_size * world
-    for start in range(0, len(data), step):
-        lo = min(start + rank * batch_size, len(data))
-        index = list(range(lo, min(lo + batch_size, start + step, len(data))))
-        yield collate(data, index or [0], pad_id), len(index)
+    order = list(range(len(data)))
+    if max_tokens:
+        groups = budget_groups(order, data, layout, max_tokens)
+    else:
+        groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    for start in range(0, len(groups), world):
+        index = groups[start + rank] if start + rank < len(groups) else []
+        chosen = index or [0]
+        yield build(layout, [data[i] for i in chosen], chosen, pad_id), len(index)
 
 
 def split_off(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:

@@ -29,10 +29,18 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import ConfigError, TrainConfig, check, resolve
-from .data import PairLoader, prepare_data, sharded_batches
+from .data import PairLoader, check_budget, prepare_data, sharded_batches
 from .logs import RunLog, peak_memory_gb
-from .loss import LossFn, loss_config, sft_nll
-from .model import check_model_source, frozen_copy, load_model, load_tokenizer, weight_dtype
+from .loss import LossFn, attach_head, head_options, loss_config, sft_nll
+from .model import (
+    check_layout,
+    check_model_source,
+    choose_layout,
+    frozen_copy,
+    load_model,
+    load_tokenizer,
+    weight_dtype,
+)
 from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
 
 WARMUP_DIR = "warmup"  # the policy after the supervised warm-up: the starting point of DPO
@@ -57,9 +65,12 @@ class DPOTrainer:
         with self.accelerator.main_process_first():  # one download per machine, then the cache
             self.tokenizer = load_tokenizer(cfg)
             self.data = prepare_data(cfg, self.tokenizer)
+        self.layout = choose_layout(cfg, self.log.info)
+        if cfg.max_tokens and self.data.eval:
+            check_budget(self.data.eval, self.layout, cfg.max_tokens, "eval")
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         self.loader = PairLoader(self.data.train, cfg.batch_size, world=world, rank=rank, seed=cfg.seed,
-                                 pad_id=self.tokenizer.pad_token_id)
+                                 pad_id=self.tokenizer.pad_token_id, layout=self.layout, max_tokens=cfg.max_tokens)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.loader.per_epoch / cfg.grad_accum))
         self.loss_fn = LossFn(cfg, self.autocast)
         # A reference-free loss never reads the reference: do not spend a model copy or a pass on one.
@@ -83,8 +94,11 @@ class DPOTrainer:
         start = self._warm_up() if cfg.sft_steps else cfg.model
         if start is None:
             return  # interrupted during the warm-up
-        model = load_model(start, cfg, self.tokenizer, weight_dtype(cfg, self.device.type == "cuda"))
+        model = self._load(start)
         frozen = frozen_copy(model).to(self.device) if self.ref_mode == "copy" else None
+        for m in (model, frozen):
+            if m is not None:
+                attach_head(m, head_options(cfg))
         key = cache_key(model, self._splits(), self._ref_settings(start)) if self.ref_mode == "precompute" else None
         self.model = acc.prepare(model)
         self.optimizer, self.scheduler = acc.prepare(*make_optimizer(self.model, cfg.learning_rate, cfg,
@@ -97,18 +111,24 @@ class DPOTrainer:
         self._saved_step = self.step
         self._evaluated_step = -1
 
+    def _load(self, source: str):
+        """The model from `source`, checked against this run's batch layout."""
+        model = load_model(source, self.cfg, self.tokenizer, weight_dtype(self.cfg, self.device.type == "cuda"))
+        check_layout(model, self.layout)
+        return model
+
     def _make_reference(self, frozen, key: str | None) -> Reference:
         cfg = self.cfg
-        linear = cfg.loss_impl == "fused_linear"  # score the reference without logits too
         if self.ref_mode == "copy":
-            return ModelReference(frozen, self.autocast, linear)
+            return ModelReference(frozen, self.autocast)
         if self.ref_mode == "adapter":
-            return AdapterReference(self.model, self.autocast, linear)
+            return AdapterReference(self.model, self.autocast)
         if self.ref_mode == "precompute":
             cache = Path(cfg.ref_cache_dir or default_cache_dir()) / f"{key}.pt"
             hit = cache.is_file()
             ref = precompute(self.model, self.accelerator, self._splits(), cache, batch_size=cfg.batch_size,
-                             pad_id=self.tokenizer.pad_token_id, autocast=self.autocast, linear=linear)
+                             pad_id=self.tokenizer.pad_token_id, autocast=self.autocast, layout=self.layout,
+                             max_tokens=cfg.max_tokens)
             self.log.info(f"reference log-probs {'loaded from' if hit else 'precomputed into'} {cache}")
             return ref
         return Reference()
@@ -129,7 +149,9 @@ class DPOTrainer:
         snapshot = Path(cfg.run_dir) / WARMUP_DIR
         if (snapshot / "config.json").is_file():
             return str(snapshot)
-        model = acc.prepare(load_model(cfg.model, cfg, self.tokenizer, weight_dtype(cfg, self.device.type == "cuda")))
+        model = self._load(cfg.model)
+        attach_head(model, head_options(cfg))
+        model = acc.prepare(model)
         optimizer, scheduler = acc.prepare(*make_optimizer(model, cfg.sft_learning_rate, cfg, cfg.sft_steps))
         self.log.start_bar(cfg.sft_steps, 0, "warm-up")
         with StopOnSignal() as stop:
@@ -154,7 +176,7 @@ class DPOTrainer:
         model.train()
         loss = 0.0
         for micro in range(cfg.grad_accum):
-            batch = self.loader.batch(step * cfg.grad_accum + micro).to(self.device)
+            batch = self.loader.batch(step * cfg.grad_accum + micro, chosen_only=True).to(self.device)
             with acc.accumulate(model):
                 nll, tokens = sft_nll(model, batch, self.autocast)
                 # Divide by the tokens of the whole global micro-batch, times the world size that
@@ -205,25 +227,32 @@ class DPOTrainer:
         cfg, acc = self.cfg, self.accelerator
         self.model.train()
         totals: dict[str, torch.Tensor] = {}
-        tokens = 0
+        tokens = real_tokens = 0
+        first = self.step * cfg.grad_accum
+        local_pairs = sum(len(self.loader.pairs_of(first + k)) for k in range(cfg.grad_accum))
+        global_pairs = sum(self.loader.global_pairs(first + k) for k in range(cfg.grad_accum))
         for micro in range(cfg.grad_accum):
-            batch = self.loader.batch(self.step * cfg.grad_accum + micro).to(self.device)
+            batch = self.loader.batch(first + micro).to(self.device)
             ref_logps = self.reference.logps(batch, "train")
             # accumulate(): gradients sync, and the optimizer steps, on the last micro-batch only;
-            # backward() divides the loss by --grad-accum.
+            # backward() divides the loss by --grad-accum and DDP averages over ranks. The weight
+            # undoes both and gives each pair the same share of the step (1 unless --max-tokens
+            # makes micro-batches of different sizes).
+            weight = batch.pairs * cfg.grad_accum * acc.num_processes / global_pairs
             with acc.accumulate(self.model):
                 loss, metrics = self.loss_fn(self.model, batch, ref_logps)
-                acc.backward(loss)
+                acc.backward(loss * weight)
                 if acc.sync_gradients:  # (DeepSpeed clips inside backward and reports no norm here)
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             for name, value in {"loss": loss.detach(), **metrics}.items():
-                totals[name] = totals.get(name, 0.0) + value.float() / cfg.grad_accum
-            tokens += int(batch.attention_mask.sum())
+                totals[name] = totals.get(name, 0.0) + value.float() * batch.pairs / local_pairs
+            tokens += batch.tokens
+            real_tokens += batch.real_tokens
         self.scheduler.step()
         grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm, dtype=torch.float32)
-        return {**totals, "grad_norm": grad_norm, "tokens": tokens}
+        return {**totals, "grad_norm": grad_norm, "tokens": tokens, "real_tokens": real_tokens}
 
     def _after_step(self, window: "Window", stats: dict) -> None:
         cfg = self.cfg
@@ -247,7 +276,8 @@ class DPOTrainer:
         sums: torch.Tensor | float = 0.0
         names: list[str] = []
         for batch, n in sharded_batches(self.data.eval, self.cfg.batch_size, world=acc.num_processes,
-                                        rank=acc.process_index, pad_id=self.tokenizer.pad_token_id):
+                                        rank=acc.process_index, pad_id=self.tokenizer.pad_token_id,
+                                        layout=self.layout, max_tokens=self.cfg.max_tokens):
             batch = batch.to(self.device)
             loss, metrics = self.loss_fn(self.model, batch, self.reference.logps(batch, "eval"))
             names = ["loss", *sorted(metrics)]
@@ -320,7 +350,8 @@ class DPOTrainer:
         facts = {"processes": acc.num_processes, "per_device_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
                  "global_batch": global_batch, "total_steps": self.total_steps, "train_pairs": len(data.train),
                  "eval_pairs": len(data.eval), "skipped_invalid": data.skipped_invalid,
-                 "dropped_too_long": data.dropped_too_long, "device": str(self.device), "autocast_bf16": self.autocast}
+                 "dropped_too_long": data.dropped_too_long, "device": str(self.device), "autocast_bf16": self.autocast,
+                 "layout": self.layout, "max_tokens": cfg.max_tokens}
         if acc.is_main_process:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             write_json_atomic(Path(cfg.run_dir) / "config.json", cfg.to_dict())
@@ -329,6 +360,7 @@ class DPOTrainer:
         self.log.info(f"fastdpo: {acc.num_processes} process(es) on {self.device}, {cfg.batch_size} pairs per device "
                       f"x {acc.num_processes} x {cfg.grad_accum} accumulation = global batch {global_batch} pairs; "
                       f"{self.total_steps} steps; {len(data.train)} train / {len(data.eval)} eval pairs; "
+                      f"{self.layout} batches; "
                       f"run dir {cfg.run_dir}")
         if self.ref_mode != cfg.ref:
             self.log.info(f"--loss-type {cfg.loss_type} reads no reference: --ref {cfg.ref} is not used")
@@ -386,9 +418,6 @@ def check_distributed(cfg: TrainConfig, accelerator) -> None:
     from accelerate.utils import DistributedType
 
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and cfg.loss_impl == "fused_linear":
-        raise ConfigError("--loss-impl fused_linear reads lm_head.weight outside the forward, which FSDP / DeepSpeed "
-                          "shard; use --loss-impl fused there")
     if sharded and cfg.ref in ("copy", "adapter") and loss_config(cfg).needs_reference:
         raise ConfigError(f"--ref {cfg.ref} runs an unsharded model beside FSDP / DeepSpeed; use --ref precompute")
 
@@ -415,29 +444,38 @@ def make_optimizer(model, lr: float, cfg: TrainConfig, steps: int):
 class Window:
     """Metrics summed over the steps since the last log line."""
 
+    COUNTS = ("tokens", "real_tokens")  # summed over the window and the ranks, not averaged
+
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.seconds, self.tokens, self.last_rate = 0, 0.0, 0, 0.0
+        self.counts = dict.fromkeys(self.COUNTS, 0)
+        self.steps, self.seconds, self.last_rate = 0, 0.0, 0.0
 
     def add(self, stats: dict, seconds: float) -> None:
         for name, value in stats.items():
-            if name != "tokens":
+            if name not in self.COUNTS:
                 self.sums[name] = self.sums.get(name, 0.0) + value.detach().float().cpu()
         self.steps += 1
         self.seconds += seconds
-        self.tokens += stats["tokens"]
+        for name in self.COUNTS:
+            self.counts[name] += stats[name]
         self.last_rate = stats["tokens"] / max(seconds, 1e-9)
 
     def flush(self, accelerator) -> dict[str, float]:
-        """Means over the window and over the ranks; tokens/s over all ranks."""
+        """Means over the window and over the ranks; `tokens` (positions the policy computed, padding
+        included) and `real_tokens` (prompt and answer tokens of every row) summed over the window and
+        the ranks, and each per second."""
         names = sorted(self.sums)
-        values = torch.stack([self.sums[n] for n in names] + [torch.tensor(float(self.tokens))])
-        values[:-1] /= self.steps
+        k = len(self.COUNTS)
+        values = torch.stack([self.sums[n] for n in names] + [torch.tensor(float(self.counts[c])) for c in self.COUNTS])
+        values[:-k] /= self.steps
         if accelerator.num_processes > 1:
             values = accelerator.reduce(values.to(accelerator.device), "sum").cpu()
-            values[:-1] /= accelerator.num_processes
-        record = dict(zip(names, values[:-1].tolist()))
-        record["tokens/s"] = values[-1].item() / max(self.seconds, 1e-9)
+            values[:-k] /= accelerator.num_processes
+        record = dict(zip(names, values[:-k].tolist()))
+        for name, total in zip(self.COUNTS, values[-k:].tolist()):
+            record[name] = int(total)
+            record[f"{name}/s"] = total / max(self.seconds, 1e-9)
         self.__init__()
         return record
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from . import embedded
+from fastdpo.attention import layout_support
+
 from .config import EMBEDDED_MODEL, ConfigError, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,18 +129,45 @@ def frozen_copy(model):
     return ref
 
 
-def output_head(model) -> nn.Module:
-    """The LM head (lm_head) whose weight the fused linear loss multiplies with the hidden states."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ConfigError("--loss-impl fused_linear needs a model with an output embedding (lm_head)")
-    return head
+def model_class_and_config(name: str):
+    """The causal LM class and config `name` loads as (no weights read), or (None, config) when
+    transformers has no built-in class for it (custom code)."""
+    if name == EMBEDDED_MODEL:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM, LlamaConfig()
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(os.path.expanduser(name))
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config
+    except KeyError:
+        return None, config
 
 
-def final_softcap(model) -> float | None:
-    """Gemma-style final logit soft-capping, which the fused linear loss must reproduce."""
-    config = getattr(model, "config", None)
-    for name in ("logit_scale", "logits_scaling"):
-        if getattr(config, name, None) not in (None, 1, 1.0):
-            raise ConfigError(f"--loss-impl fused_linear does not support models with {name}; use --loss-impl fused")
-    return getattr(config, "final_logit_softcapping", None)
+def choose_layout(cfg: TrainConfig, log) -> str:
+    """The batch layout of this run: shared (--share-prompt), packed (--padding-free, the default
+    where the model supports it) or padded. Where the model cannot run the one asked for, an
+    explicit flag fails with the reason and the default falls back to padding, logging why."""
+    want = "shared" if cfg.share_prompt else ("padded" if cfg.padding_free is False else "packed")
+    if want == "padded":
+        return want
+    cls, config = model_class_and_config(cfg.model)
+    reason = f"{type(config).__name__} has no built-in transformers model class" if cls is None else \
+        layout_support(cls, config, want)
+    if reason is None:
+        return want
+    if cfg.share_prompt:
+        raise ConfigError(f"--share-prompt: {reason}")
+    if cfg.padding_free:
+        raise ConfigError(f"--padding-free: {reason}")
+    log(f"padding-free batches are off for {cfg.model}: {reason}")
+    return "padded"
+
+
+def check_layout(model, kind: str) -> None:
+    """The loaded model (its attention implementation is known now) can run `kind`."""
+    reason = layout_support(type(model), model.config, kind)
+    if reason is not None:
+        raise ConfigError(f"the {kind} batch layout cannot run on this model: {reason}")

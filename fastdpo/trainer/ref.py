@@ -16,40 +16,42 @@ from pathlib import Path
 
 import torch
 
-from .data import Batch, Encoded, sharded_batches
+from fastdpo.layouts import LayoutBatch
+
+from .data import Encoded, sharded_batches
 from .loss import sequence_logps, unwrap
 
 
 class Reference:
     """Per-row reference log-probs [2P] for a batch of the named split, or None."""
 
-    def logps(self, batch: Batch, split: str) -> torch.Tensor | None:
+    def logps(self, batch: LayoutBatch, split: str) -> torch.Tensor | None:
         return None
 
 
 class ModelReference(Reference):
-    """--ref copy: a separate frozen model (`linear`: scored from hidden states, no logits)."""
+    """--ref copy: a separate frozen model, scored through its own fastdpo head."""
 
-    def __init__(self, model, autocast: bool, linear: bool) -> None:
-        self.model, self.autocast, self.linear = model, autocast, linear
+    def __init__(self, model, autocast: bool) -> None:
+        self.model, self.autocast = model, autocast
 
-    def logps(self, batch: Batch, split: str) -> torch.Tensor:
-        return sequence_logps(self.model, batch, self.autocast, linear=self.linear)
+    def logps(self, batch: LayoutBatch, split: str) -> torch.Tensor:
+        return sequence_logps(self.model, batch, self.autocast)
 
 
 class AdapterReference(Reference):
     """--ref adapter: the policy itself with its LoRA adapters switched off."""
 
-    def __init__(self, policy, autocast: bool, linear: bool) -> None:
-        self.policy, self.autocast, self.linear = policy, autocast, linear
+    def __init__(self, policy, autocast: bool) -> None:
+        self.policy, self.autocast = policy, autocast
 
-    def logps(self, batch: Batch, split: str) -> torch.Tensor:
+    def logps(self, batch: LayoutBatch, split: str) -> torch.Tensor:
         peft_model = unwrap(self.policy)
         was_training = peft_model.training
         peft_model.eval()
         try:
             with peft_model.disable_adapter():
-                return sequence_logps(peft_model, batch, self.autocast, linear=self.linear)
+                return sequence_logps(peft_model, batch, self.autocast)
         finally:
             peft_model.train(was_training)
 
@@ -60,14 +62,16 @@ class PrecomputedReference(Reference):
     def __init__(self, tables: dict[str, torch.Tensor]) -> None:
         self.tables = tables
 
-    def logps(self, batch: Batch, split: str) -> torch.Tensor:
+    def logps(self, batch: LayoutBatch, split: str) -> torch.Tensor:
         rows = self.tables[split][batch.index.cpu()]
         return torch.cat([rows[:, 0], rows[:, 1]]).to(batch.input_ids.device)
 
 
 def precompute(policy, accelerator, splits: dict[str, list[Encoded]], cache_file: Path, *,
-               batch_size: int, pad_id: int, autocast: bool, linear: bool) -> PrecomputedReference:
-    """Load the cached tables, or compute them with the (prepared) policy and cache them."""
+               batch_size: int, pad_id: int, autocast: bool, layout: str = "padded",
+               max_tokens: int = 0) -> PrecomputedReference:
+    """Load the cached tables, or compute them with the (prepared) policy and cache them. Values
+    are kept per pair, so a table made in one batch layout serves every other."""
     if cache_file.is_file():
         return PrecomputedReference(torch.load(cache_file, map_location="cpu"))
     was_training = policy.training
@@ -76,9 +80,10 @@ def precompute(policy, accelerator, splits: dict[str, list[Encoded]], cache_file
     for name, data in splits.items():
         table = torch.zeros(len(data), 2, dtype=torch.float32, device=accelerator.device)
         for batch, n in sharded_batches(data, batch_size, world=accelerator.num_processes,
-                                        rank=accelerator.process_index, pad_id=pad_id):
+                                        rank=accelerator.process_index, pad_id=pad_id, layout=layout,
+                                        max_tokens=max_tokens):
             batch = batch.to(accelerator.device)
-            lp = sequence_logps(policy, batch, autocast, linear=linear)
+            lp = sequence_logps(policy, batch, autocast)
             P = batch.pairs
             table[batch.index[:n]] = torch.stack([lp[:P], lp[P:]], dim=1)[:n]
         # Each rank filled its own disjoint rows; the sum assembles the whole table everywhere.

@@ -1,0 +1,234 @@
+"""fastdpo's model head: where a Hugging Face causal LM and a batch become per-row log-probs.
+
+`install_head(model, options)` wraps `model.forward` so that
+
+    model(**model_inputs, fastdpo_head="policy", fastdpo_scoring=scoring)
+
+runs the backbone and returns a `RowStats` of per-row sums (log-probs, token counts, and for the
+policy TRL's logit metrics) over the positions that `scoring` lists (fastdpo.layouts.Scoring:
+padded, padding-free and shared-prompt batches alike), instead of logits. `labels=` (unshifted,
+-100 off the completions, as a Hugging Face loss takes them) or `shift_labels=` (already aligned)
+may stand in for `fastdpo_scoring` on a padded batch. Without `fastdpo_head` the forward is
+unchanged. The trainer (policy, reference, the warm-up's NLL) and the TRL integration both go
+through here, and nowhere else.
+
+Running inside the forward keeps wrappers that act around it (DDP, FSDP, DeepSpeed, PEFT) in
+charge of the parameters: FSDP and ZeRO-3 have gathered `lm_head` when the head reads it. Modes:
+
+- "logits" (default): only the scored positions are projected (`lm_head(hidden[positions])`,
+  [M, V]), then fastdpo's from-logits kernel computes the log-probs and logit sums in one pass,
+  with the logits gradient written over the logits (nothing else reads them: the matmul's
+  backward needs only its inputs).
+- "linear": `fastdpo.linear.linear_sequence_stats` on the scored hidden states and
+  `lm_head.weight`: the logits are never built beyond one chunk of positions.
+- "eager": the pure-PyTorch method (`log_softmax(logits.float()).gather`) on the scored positions:
+  the A/B baseline of `fastdpo train --loss-impl reference`.
+
+The logits the model's config asks for are reproduced: scores = softcap * tanh(z * scale / softcap),
+with `scale` the config's logit multiplier and `softcap` its `final_logit_softcapping`.
+
+Entropy and top-1 accuracy (TRL's `entropy` and `mean_token_accuracy`, with `token_metrics=True`)
+come from the same pass as the log-probs: the from-logits kernel's forward in "logits" mode, the
+fused-linear op's forward chunk loop in "linear" mode. No second read of the logits, no extra matmul.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+from .layouts import Scoring, scoring_from_labels, scoring_from_shifted
+from .linear import linear_sequence_stats
+from .logps import sequence_stats
+from .packed import segment_sums
+
+MODES = ("logits", "linear", "eager")
+CALLS = ("policy", "reference")
+
+
+@dataclass
+class HeadOptions:
+    """How the head computes per-row statistics (see the module docstring)."""
+
+    mode: str = "logits"
+    token_metrics: bool = True
+    inplace_backward: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+
+@dataclass
+class RowStats(ModelOutput):
+    """Per-row results ([rows] each) over the scored positions."""
+
+    logps: torch.Tensor | None = None  # sum of label log-probs (differentiable for the policy)
+    counts: torch.Tensor | None = None  # number of scored positions
+    score_sums: torch.Tensor | None = None  # sum over vocabulary and positions of the scores
+    entropy_sums: torch.Tensor | None = None  # sum over positions of the next-token entropy
+    top1_counts: torch.Tensor | None = None  # positions whose label is the (first) argmax
+    vocab: int | None = None
+
+
+def install_head(model: torch.nn.Module, options: HeadOptions) -> None:
+    """Wrap `model.forward` to accept `fastdpo_head=` ("policy" or "reference"); idempotent.
+
+    `model` is the causal LM itself (under PEFT, `peft_model.get_base_model()`); calls may go
+    through any wrapper of it. Re-installing only updates the options.
+    """
+    if getattr(model, "_fastdpo_head_options", None) is not None:
+        model._fastdpo_head_options = options
+        return
+    inner = model.forward
+
+    @functools.wraps(type(model).forward)  # keep the signature: generate() validates kwargs against it
+    def forward(self, *args, fastdpo_head: str | None = None, fastdpo_scoring: Scoring | None = None,
+                fastdpo_grad: tuple[str, torch.Tensor] | None = None, **kwargs):
+        if fastdpo_head is None:
+            return inner(*args, **kwargs)
+        if fastdpo_head not in CALLS:
+            raise ValueError(f"fastdpo_head must be one of {CALLS}, got {fastdpo_head!r}")
+        return head_forward(self, args, kwargs, self._fastdpo_head_options, fastdpo_head == "policy",
+                            fastdpo_grad, fastdpo_scoring)
+
+    model.forward = types.MethodType(forward, model)
+    model._fastdpo_head_options = options
+
+
+def logit_transform(config: Any) -> tuple[float, float | None]:
+    """(scale, softcap) of the model's logits, read from its text config as transformers applies them."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text, name, None)
+        if scale is not None:
+            return float(scale), softcap
+    scaling = getattr(text, "logits_scaling", None)
+    if scaling is not None:  # Granite divides by it; HyperCLOVA X multiplies
+        return (float(scaling) if text.model_type == "hyperclovax" else 1.0 / scaling), softcap
+    return 1.0, softcap
+
+
+def _scoring(kwargs: dict, scoring: Scoring | None) -> Scoring:
+    labels, shifted = kwargs.pop("labels", None), kwargs.pop("shift_labels", None)
+    given = [name for name, x in (("fastdpo_scoring", scoring), ("labels", labels), ("shift_labels", shifted))
+             if x is not None]
+    if len(given) != 1:
+        raise ValueError("the fastdpo head needs exactly one of fastdpo_scoring=, labels= (next-token ids, -100 "
+                         f"where not scored) or shift_labels=; got {given or 'none'}")
+    if scoring is not None:
+        return scoring
+    return scoring_from_labels(labels) if labels is not None else scoring_from_shifted(shifted)
+
+
+def head_forward(model, args: tuple, kwargs: dict, options: HeadOptions, policy: bool,
+                 grad_spec: tuple[str, torch.Tensor] | None = None, scoring: Scoring | None = None) -> RowStats:
+    """Backbone, then per-row statistics of the scored positions in the chosen mode.
+
+    `grad_spec` = (loss spec, reference rows), in "linear" mode, lets the fused-linear op build the
+    gradients during the forward for that loss (6 N H V FLOPs instead of 8); its backward checks
+    the guess against the true row gradient and recomputes exactly when they differ.
+    """
+    scoring = _scoring(kwargs, scoring)
+    _check_positions(scoring, args, kwargs)
+    kwargs["use_cache"] = False
+    hidden = model.base_model(*args, **kwargs).last_hidden_state
+    lm_head = model.get_output_embeddings()
+    device = lm_head.weight.device  # a model split over devices ends on the head's device
+    hidden = hidden.reshape(-1, hidden.shape[-1])[scoring.positions.to(hidden.device)].to(device)  # [M, H]
+    scoring = scoring.to(device)
+    scale, softcap = logit_transform(model.config)
+    vocab = lm_head.weight.shape[0]
+    if scoring.positions.numel() == 0:  # a differentiable zero keeps an all-masked micro-batch in the graph
+        zeros = hidden.new_zeros(scoring.rows, dtype=torch.float32)
+        return RowStats(logps=hidden.sum() * 0.0 + zeros, counts=scoring.counts, vocab=vocab)
+    metrics = policy  # the reference pass needs the log-probs only
+    token_metrics = metrics and options.token_metrics
+    if options.mode == "linear":
+        stats = _from_linear(hidden, scoring, lm_head, scale, softcap, metrics, token_metrics, grad_spec)
+    elif options.mode == "eager":
+        stats = _eager(lm_head(hidden), scoring, scale, softcap, metrics, token_metrics)
+    else:
+        stats = _from_logits(lm_head(hidden), scoring, scale, softcap, metrics, token_metrics,
+                             options.inplace_backward and torch.is_grad_enabled())
+    return RowStats(logps=stats.logps, counts=scoring.counts, score_sums=stats.score_sums,
+                    entropy_sums=stats.entropy_sums, top1_counts=stats.top1_counts, vocab=vocab)
+
+
+def _check_positions(scoring: Scoring, args: tuple, kwargs: dict) -> None:
+    """Scored positions inside the batch, checked before the backbone is queued (the read waits for
+    nothing then); an index past the end would otherwise be a device-side assert."""
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if inputs is None or scoring.positions.numel() == 0:
+        return
+    size = inputs.shape[0] * inputs.shape[1]
+    last = int(scoring.positions.max())
+    if last >= size or int(scoring.positions.min()) < 0:
+        raise ValueError(f"scored positions must lie in [0, {size}) for a batch of {tuple(inputs.shape[:2])}, "
+                         f"got up to {last}")
+
+
+def _from_logits(logits, scoring: Scoring, scale, softcap, metrics: bool, token_metrics: bool, inplace: bool):
+    temperature = 1.0
+    if scale != 1.0:
+        if softcap is None and scale > 0:
+            temperature = 1.0 / scale  # z * scale as a temperature: no extra pass over the logits
+        else:
+            logits = logits * scale
+    # Entropy and top-1 come from the same pass as the log-probs: no second read of the logits.
+    return sequence_stats(logits.unsqueeze(0), scoring.targets.unsqueeze(0), cu_seqlens=scoring.offsets,
+                          temperature=temperature, softcap=softcap, sum_scores=metrics,
+                          token_metrics=token_metrics, inplace_backward=inplace)
+
+
+def _from_linear(hidden, scoring: Scoring, lm_head, scale, softcap, metrics: bool, token_metrics: bool,
+                 grad_spec=None):
+    weight, bias = _full(lm_head.weight), _full(lm_head.bias)
+    if torch.is_autocast_enabled(hidden.device.type):  # as lm_head(hidden) would run under autocast
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if scale != 1.0:  # (h s) W^T + b s = s (h W^T + b), before the soft-cap
+        hidden = hidden * scale
+        bias = bias * scale if bias is not None else None
+    # Entropy and top-1 come from the chunks of logits that give the log-probs: no second matmul.
+    return linear_sequence_stats(hidden.unsqueeze(0), weight, scoring.targets.unsqueeze(0), bias=bias,
+                                 cu_seqlens=scoring.offsets, softcap=softcap, sum_scores=metrics,
+                                 token_metrics=token_metrics, grad_spec=grad_spec)
+
+
+@dataclass
+class _EagerStats:
+    logps: torch.Tensor
+    score_sums: torch.Tensor | None
+    entropy_sums: torch.Tensor | None
+    top1_counts: torch.Tensor | None
+
+
+def _eager(logits, scoring: Scoring, scale, softcap, metrics: bool, token_metrics: bool) -> _EagerStats:
+    """The usual way: fp32 log-softmax of the [M, V] logits, gather, sum per row."""
+    scores = logits.float() * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    logp_all = scores.log_softmax(-1)
+    logp = logp_all.gather(-1, scoring.targets.unsqueeze(-1)).squeeze(-1)
+    rows = functools.partial(segment_sums, offsets=scoring.offsets)
+    out = _EagerStats(rows(logp), None, None, None)
+    with torch.no_grad():
+        if metrics:
+            out.score_sums = rows(scores.sum(-1))
+        if token_metrics:
+            out.entropy_sums = rows(-(logp_all.exp() * logp_all).sum(-1))
+            out.top1_counts = rows((scores.argmax(-1) == scoring.targets).float())
+    return out
+
+
+def _full(p: torch.Tensor | None) -> torch.Tensor | None:
+    """FSDP2 shards parameters as DTensors: the kernel needs the whole head."""
+    return p.full_tensor() if p is not None and hasattr(p, "full_tensor") else p
