@@ -2,7 +2,8 @@
 # A lent GPU session: the test suite natively (large shapes included), then the benchmarks, each
 # writing JSON + Markdown + PNG under $OUT (or bench_results/), short tables last.
 #   bash benchmarks/run_gpu.sh            # everything (can exceed one 10-minute device call)
-#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, lean, trl
+#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, lean, trl, train
+#   (train: whole DPO steps, bench_train.py, real tokens/s of TRL, TRL + Liger and fastdpo's layouts)
 #   (lean: the lean fused-linear tiles beside torch.compile and CCE exact, shapes A and C, into $out/lean)
 #   TESTS="tests/test_gpu_large.py" bash benchmarks/run_gpu.sh tests   # a part of the suite
 #   BENCH_ARGS="--impls fastdpo-linear,trl" bash benchmarks/run_gpu.sh trl   # flags for the bench_* stages
@@ -13,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${RESULTS:-${OUT:-bench_results}}"
 py="${PYTHON:-python3}"
-stages="${*:-tests loss linear trl}"
+stages="${*:-tests loss linear trl train}"
 limit="${STAGE_TIMEOUT:-900}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -31,10 +32,10 @@ for stage in $stages; do
       timeout "$limit" "$py" benchmarks/bench_linear.py --shapes A,C \
         --impls compile,cce-exact,fastdpo,fastdpo-lean --lean "${LEAN_TILES:-256:0,256:4096,512:4096,1024:4096,1024:8192}" \
         --out "$out/lean" > "$out/lean/bench_linear.log" 2>&1 || echo "lean failed or timed out: see $out/lean" ;;
-    loss|linear|trl)
+    loss|linear|trl|train)
       timeout "$limit" "$py" "benchmarks/bench_$stage.py" --out "$out" ${BENCH_ARGS:-} > "$out/bench_$stage.log" 2>&1 \
         || echo "bench_$stage failed or timed out: see $out/bench_$stage.log" ;;
-    *) echo "unknown stage $stage (tests, tune, loss, linear, lean, trl)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, tune, loss, linear, lean, trl, train)"; exit 2 ;;
   esac
 done
 for table in "$out"/*.md "$out"/*/*.md; do [ -f "$table" ] && { echo; echo "== $table"; cat "$table"; }; done

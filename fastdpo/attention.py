@@ -110,9 +110,8 @@ def _mask(batch: LayoutBatch, window: int | None, impl: str, dtype: torch.dtype)
     return torch.where(ok, scalar(0.0), scalar(torch.finfo(dtype).min))
 
 
-def _block_mask(batch: LayoutBatch, window: int | None):
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def shared_mask_mod(batch: LayoutBatch, window: int | None):
+    """The rule of `allowed` as a FlexAttention mask_mod(b, h, q, k) (token indices -> bool)."""
     seq, branch, pos = batch.sequence_ids[0], batch.branch_ids[0], batch.position_ids[0]
 
     def mask_mod(b, h, q, k):
@@ -121,5 +120,12 @@ def _block_mask(batch: LayoutBatch, window: int | None):
             ok = ok & (pos[q] - pos[k] < window)
         return ok
 
-    n = seq.numel()
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=seq.device)
+    return mask_mod
+
+
+def _block_mask(batch: LayoutBatch, window: int | None):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = batch.input_ids.shape[1]
+    return create_block_mask(shared_mask_mod(batch, window), B=None, H=None, Q_LEN=n, KV_LEN=n,
+                             device=batch.input_ids.device)

@@ -142,8 +142,13 @@ def head_forward(model, args: tuple, kwargs: dict, options: HeadOptions, policy:
     lm_head = model.get_output_embeddings()
     device = lm_head.weight.device  # a model split over devices ends on the head's device
     hidden = hidden.reshape(-1, hidden.shape[-1])[scoring.positions.to(hidden.device)].to(device)  # [M, H]
-    scoring = scoring.to(device)
-    scale, softcap = logit_transform(model.config)
+    return row_stats(hidden, scoring.to(device), lm_head, model.config, options, policy, grad_spec)
+
+
+def row_stats(hidden: torch.Tensor, scoring: Scoring, lm_head: torch.nn.Module, config: Any, options: HeadOptions,
+              policy: bool, grad_spec: tuple[str, torch.Tensor] | None = None) -> RowStats:
+    """The LM head and the per-row statistics of the scored hidden states [M, H]."""
+    scale, softcap = logit_transform(config)
     vocab = lm_head.weight.shape[0]
     if scoring.positions.numel() == 0:  # a differentiable zero keeps an all-masked micro-batch in the graph
         zeros = hidden.new_zeros(scoring.rows, dtype=torch.float32)

@@ -45,3 +45,24 @@ def test_bench_loss(tmp_path, monkeypatch):
     got = rows(tmp_path, "bench_loss")
     assert all(r["error"] is None and r["ms"] > 0 for r in got.values()), got
     assert {impl for impl, _ in got} == {"eager", "fastdpo"}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bench_train_tiny(tmp_path, monkeypatch):
+    """Every implementation row of the step benchmark runs on the tiny CPU model (Liger may be absent)."""
+    monkeypatch.setenv("FASTDPO_BACKEND", "torch")
+    import bench_train
+
+    impls = ["trl", "trl-liger", "trl-fastdpo-shared", "fastdpo-fused-padded", "fastdpo-fused-packed",
+             "fastdpo-fused_linear-shared"]
+    rows = bench_train.main(["--tiny", "--device", "cpu", "--checkpointing", "off", "--pairs", "2", "--steps", "1",
+                             "--warmup", "0", "--impls", ",".join(impls), "--out", str(tmp_path)])
+    by_impl = {r.impl: r for r in rows}
+    for impl in impls:
+        r = by_impl[impl]
+        if impl == "trl-liger" and r.error and r.error.startswith("skipped"):
+            continue
+        assert r.error is None and r.real_tokens_per_s > 0, (impl, r.error)
+    # the same pairs, the same starting model: the same first loss everywhere (log 2 at a copied reference)
+    assert len({round(r.first_loss, 5) for r in rows if r.error is None}) == 1
+    assert "real tok/s" in (tmp_path / "bench_train.md").read_text()

@@ -355,3 +355,47 @@ def test_lora_without_ref_model_matches_trl(models_, tokenizer, dataset, tmp_pat
         trainer = FastDPOTrainer(**common) if kind == "fast" else DPOTrainer(**common)
         runs.append(train_two_steps(trainer))
     assert_same_training(*runs)
+
+
+# ---- padding-free and shared-prompt batches --------------------------------------------------------
+def layout_trainer(models_, tokenizer, dataset, args, kind="fast", **layout):
+    """A FastDPOTrainer with share_prompt / padding_free, or a patched DPOTrainer with the same."""
+    policy, ref = (copy.deepcopy(m) for m in models_)
+    common = dict(model=policy, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer)
+    if kind == "fast":
+        return FastDPOTrainer(**common, **layout)
+    mode = layout.pop("fastdpo_mode", "logits")
+    return patch_trainer(DPOTrainer(**common), mode=mode, **layout)
+
+
+LAYOUT_CASES = {
+    "padding_free/DPOConfig": ("fast", dict(), dict(padding_free=True), "packed"),
+    "share_prompt/subclass": ("fast", dict(share_prompt=True), dict(), "shared"),
+    "share_prompt/linear": ("fast", dict(share_prompt=True, fastdpo_mode="linear"), dict(), "shared"),
+    "padding_free/patch": ("patch", dict(padding_free=True), dict(), "packed"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_layouts_match_trls_padded_training(case, models_, tokenizer, dataset, tmp_path):
+    """Two steps with fastdpo's padding-free / shared-prompt batches equal TRL's own padded path
+    (the dataset has an empty prompt, prompts and answers of different lengths)."""
+    kind, layout, config, expected_layout = LAYOUT_CASES[case]
+    expected = train_two_steps(build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a")))
+    trainer = layout_trainer(models_, tokenizer, dataset, dpo_args(tmp_path / "b", **config), kind, **layout)
+    assert trainer.fastdpo_layout == expected_layout
+    assert_same_training(expected, train_two_steps(trainer))
+
+
+def test_layout_options_that_cannot_work_fail_at_construction(models_, tokenizer, dataset, tmp_path):
+    with pytest.raises(ValueError, match="share_prompt=True runs pairs padding-free; it conflicts with padding_free"):
+        layout_trainer(models_, tokenizer, dataset, dpo_args(tmp_path), share_prompt=True, padding_free=False)
+    with pytest.raises(ValueError, match="needs truncation_mode='keep_start'"):
+        layout_trainer(models_, tokenizer, dataset, dpo_args(tmp_path, truncation_mode="keep_end", max_length=8),
+                       share_prompt=True)
+    policy, ref = (copy.deepcopy(m) for m in models_)
+    policy.config._attn_implementation = "flash_attention_2"  # takes packed rows, but no custom mask
+    with pytest.raises(ValueError, match=r"share_prompt=True: attn_implementation 'flash_attention_2' cannot take a "
+                                         r"custom attention mask"):
+        patch_trainer(DPOTrainer(model=policy, ref_model=ref, args=dpo_args(tmp_path), train_dataset=dataset,
+                                 processing_class=tokenizer), share_prompt=True)

@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 
-from fastdpo.attention import allowed, layout_support
+from fastdpo.attention import allowed, layout_support, shared_mask_mod
 from fastdpo.layouts import PairTokens, build, layout_tokens, pairs_from_padded
 from fastdpo.trainer.config import TrainConfig
 from fastdpo.trainer.loss import LossFn, attach_head, head_options, rows
@@ -189,3 +189,16 @@ def test_unsupported_attention_is_named():
         pass
 
     assert "does not use transformers' attention interface" in layout_support(OldStyle, config, "packed")
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_flex_mask_mod_is_the_dense_rule(window, _fresh_seed):
+    """FlexAttention's mask function (the GPU path: flex attention does not compile on this CPU) gives
+    the same mask as the dense one that the sdpa / eager tests above check through the models."""
+    shared = build("shared", random_pairs(torch.Generator().manual_seed(_fresh_seed)), range(4), pad_id=0)
+    n = shared.input_ids.shape[1]
+    q, k = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    dense = shared_mask_mod(shared, window)(0, 0, q, k)
+    assert torch.equal(dense, allowed(shared, window))
+    if window:  # the window does cut attention in these pairs
+        assert not torch.equal(allowed(shared, window), allowed(shared, None))

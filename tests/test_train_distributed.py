@@ -58,5 +58,8 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, ref):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
         assert b["eval_rewards/accuracies"] == pytest.approx(a["eval_rewards/accuracies"], abs=1e-6)
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
-    # rtol as the metrics above: two processes sum gradients in another order than one.
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+    # rtol as the metrics above: two processes sum gradients in another order than one. atol: AdamW's
+    # first steps divide by the root of the squared gradient, so rounding-level differences of
+    # near-zero gradient entries become updates of up to the learning rate's size; the packed
+    # (padding-free) default runs other matmul shapes on one and two processes (seen: 1.2e-5).
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=3e-5) for k in a)

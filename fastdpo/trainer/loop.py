@@ -357,8 +357,11 @@ class DPOTrainer:
             write_json_atomic(Path(cfg.run_dir) / "config.json", cfg.to_dict())
         self.log.write({"step": self.step if self.resume_from is None else read_state(self.resume_from)["step"],
                         "event": "resume" if self.resume_from else "start", **facts})
-        self.log.info(f"fastdpo: {acc.num_processes} process(es) on {self.device}, {cfg.batch_size} pairs per device "
-                      f"x {acc.num_processes} x {cfg.grad_accum} accumulation = global batch {global_batch} pairs; "
+        per_device = f"up to {cfg.max_tokens} tokens" if cfg.max_tokens else f"{cfg.batch_size} pairs"
+        global_size = f"{cfg.max_tokens * acc.num_processes * cfg.grad_accum} tokens" if cfg.max_tokens else \
+            f"{global_batch} pairs"
+        self.log.info(f"fastdpo: {acc.num_processes} process(es) on {self.device}, {per_device} per device "
+                      f"x {acc.num_processes} x {cfg.grad_accum} accumulation = global batch {global_size}; "
                       f"{self.total_steps} steps; {len(data.train)} train / {len(data.eval)} eval pairs; "
                       f"{self.layout} batches; "
                       f"run dir {cfg.run_dir}")

@@ -168,6 +168,7 @@ def choose_layout(cfg: TrainConfig, log) -> str:
 
 def check_layout(model, kind: str) -> None:
     """The loaded model (its attention implementation is known now) can run `kind`."""
-    reason = layout_support(type(model), model.config, kind)
+    lm = model.get_base_model() if is_peft(model) else model
+    reason = layout_support(type(lm), lm.config, kind)
     if reason is not None:
         raise ConfigError(f"the {kind} batch layout cannot run on this model: {reason}")
