@@ -36,7 +36,8 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
     types = cfg.loss_types
     try:
         return LossConfig(loss_type=types[0] if len(types) == 1 else types, beta=cfg.beta,
-                          label_smoothing=cfg.label_smoothing, **cfg.loss_options)
+                          label_smoothing=cfg.label_smoothing, logps_reduction=cfg.logps_reduction,
+                          **cfg.loss_options)
     except (ValueError, TypeError, IndexError) as e:
         raise ConfigError(f"--loss-type {cfg.loss_type}: {e}") from None
 
@@ -49,7 +50,7 @@ class LossFn:
         losses = loss_config(cfg)
         self.options: dict[str, Any] = dict(beta=cfg.beta, loss_type=losses.loss_type,
                                             label_smoothing=cfg.label_smoothing, return_metrics=True,
-                                            **cfg.loss_options)
+                                            logps_reduction=cfg.logps_reduction, **cfg.loss_options)
         if cfg.inplace_backward:
             self.options["inplace_backward"] = True
         self.autocast = autocast
