@@ -437,11 +437,12 @@ def discopop_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     # cancels. Here: 1 - s = sigmoid(-z / tau), and s exp(-z) = exp(log sigmoid(z / tau) - z),
     # whose exponent is about z (1 / tau - 1) for very negative z: it tends to 0 for tau < 1
     # (every practical tau; TRL's default is 0.05), stays <= 0 for tau = 1, and only for tau > 1
-    # grows past the float range with the true value; it is capped there (at the dtype's largest
-    # finite exponent), so the loss saturates instead of turning inf.
+    # grows past the float range with the true value. There it is capped at half the dtype's
+    # largest exponent (e^44 in fp32 / bf16, e^354 in fp64): a per-pair loss far beyond any that
+    # trains, yet a batch of them still sums without overflow.
     tau = cfg.discopop_tau
     exponent = F.logsigmoid(z / tau) - z
-    exponent = exponent.clamp(max=math.log(torch.finfo(z.dtype).max) - 1.0)
+    exponent = exponent.clamp(max=0.5 * math.log(torch.finfo(z.dtype).max))
     return torch.sigmoid(-z / tau) * -F.logsigmoid(z) + torch.exp(exponent)
 
 
