@@ -16,7 +16,9 @@ caller), ``lin_weight`` [V, H]. What each option becomes in :func:`fastdpo.fused
     average_log_prob=True        logps_reduction="mean" (policy and reference rows alike)
     compute_nll_loss, alpha      loss_type=[loss_type, "sft"], loss_weights=[1.0, alpha]
     use_ref_model=False          reference_free=True (ref_input and its weights are not read)
-    loss_type, beta, label_smoothing, discopop_tau, ignore_index   the same names
+    loss_type, beta, discopop_tau, ignore_index                    the same names
+    label_smoothing              the same, except with loss_type="sigmoid", where Liger ignores
+                                 it (plain DPO; fastdpo's own sigmoid would apply cDPO)
     compiled, chunk_size         accepted and checked, not used: fastdpo's pass needs no
                                  torch.compile and sizes its own chunks (in tokens, not pairs)
 
@@ -78,7 +80,8 @@ def _loss_options(beta, alpha, compute_nll_loss, average_log_prob, loss_type, la
         loss_type=[loss_type, "sft"] if compute_nll_loss else loss_type,
         loss_weights=[1.0, float(alpha)] if compute_nll_loss else None,
         beta=beta,
-        label_smoothing=label_smoothing,
+        # Liger reads label_smoothing in robust and exo_pair only: its sigmoid is plain DPO.
+        label_smoothing=0.0 if loss_type == "sigmoid" else label_smoothing,
         discopop_tau=discopop_tau,
         logps_reduction="mean" if average_log_prob else "sum",
     )
