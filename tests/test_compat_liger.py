@@ -203,6 +203,15 @@ def test_same_inputs_through_fastdpo_api(compute_nll_loss, average_log_prob):
     assert_close_rel(aux[4], metrics["nll_loss"] if compute_nll_loss else torch.zeros(()), 1e-10, "nll_loss")
     for name, got, want in zip(["_input", "weight", "bias"], _grads(loss, *leaves), _grads(api_loss, h, w, b)):
         assert_close_rel(got, want, 1e-9, f"d loss / d {name}")
+    # The README's row: the same call spelled with fastdpo.fused_linear_dpo_loss.
+    linear_loss, linear_rows = fastdpo.fused_linear_dpo_loss(
+        x["_input"], x["weight"], x["target"], bias=x["bias"], ref_hidden=x["ref_input"],
+        ref_weight=x["ref_weight"], ref_bias=x["ref_bias"], ignore_index=-5, beta=beta,
+        loss_type=["bco_pair", "sft"] if compute_nll_loss else "bco_pair",
+        loss_weights=[1.0, alpha] if compute_nll_loss else None,
+        logps_reduction="mean" if average_log_prob else "sum", return_rows=True)
+    assert_close_rel(linear_loss, loss, 1e-12, "fused_linear_dpo_loss loss")
+    assert_close_rel(linear_rows.logps[:P], aux[0], 1e-12, "fused_linear_dpo_loss rows")
 
 
 def test_function_apply_and_module_agree():

@@ -352,3 +352,44 @@ def test_discopop_matches_its_formula_where_that_is_finite_and_saturates_beyond(
     values = [loss_from_rows(torch.stack([v, torch.zeros(())]), torch.zeros(2), torch.ones(2), cfg) for v in far]
     assert all(torch.isfinite(v) for v in values), values
     assert min(v.item() for v in values) > 1e18  # saturated far beyond any real loss, not cut to 0
+
+
+# ---------------------------------------------------------------- the trainer: --logps-reduction
+
+def test_trainer_flag_reaches_the_loss(tmp_path):
+    from train_helpers import tiny_config
+
+    from fastdpo.trainer import ConfigError, DPOTrainer
+    from fastdpo.trainer.config import parse_args
+    from fastdpo.trainer.loss import LossFn, loss_config
+
+    cfg = parse_args(["--logps-reduction", "mean", "--loss-type", "sigmoid,sft"])
+    assert cfg.logps_reduction == "mean"
+    assert loss_config(cfg).logps_reduction == "mean"
+    assert LossFn(cfg, autocast=False).options["logps_reduction"] == "mean"
+    assert parse_args([]).logps_reduction == "sum"
+    with pytest.raises(ConfigError, match="'ipo' divides by the completion-token count"):
+        DPOTrainer(tiny_config(tmp_path / "a", loss_type="ipo", logps_reduction="mean"))
+    with pytest.raises(ConfigError, match="give logps_reduction as --logps-reduction"):
+        DPOTrainer(tiny_config(tmp_path / "b", loss_options={"logps_reduction": "mean"}))
+    with pytest.raises(SystemExit):
+        parse_args(["--logps-reduction", "avg"])
+
+
+def test_trainer_trains_on_per_token_means(tmp_path):
+    """Both loss paths train the same numbers with --logps-reduction mean, and its logged logps are
+    per-token means (a few nats), not sequence sums."""
+    from train_helpers import step_records, tiny_config
+
+    from fastdpo.trainer import DPOTrainer
+
+    for name, options in {"mean": dict(logps_reduction="mean"),
+                          "mean-reference": dict(logps_reduction="mean", loss_impl="reference"),
+                          "sum": dict()}.items():
+        DPOTrainer(tiny_config(tmp_path / name, max_steps=2, **options)).train()
+    mean, eager, total = (step_records(tmp_path / n) for n in ("mean", "mean-reference", "sum"))
+    for step in (1, 2):
+        assert mean[step]["loss"] == pytest.approx(eager[step]["loss"], rel=1e-5)
+        assert mean[step]["logps/chosen"] == pytest.approx(eager[step]["logps/chosen"], rel=1e-5)
+    assert mean[2]["loss"] != pytest.approx(total[2]["loss"], rel=1e-4)  # the reduction changed the step
+    assert 0 > mean[1]["logps/chosen"] > total[1]["logps/chosen"] / 1.5  # sequences here hold >= 2 tokens
