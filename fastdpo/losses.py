@@ -12,7 +12,8 @@ is the sum over its completion tokens, or with ``logps_reduction="mean"`` the pe
 
 Every formula is written so that finite inputs give a finite loss and finite gradients, whatever
 the size of beta * d: log-sigmoid / softplus forms instead of log(sigmoid(.)) or exp(.) that can
-overflow, and a clamped exponent only where the loss itself would exceed the float range.
+overflow, and a capped exponent only where the loss itself is astronomically large (DiscoPOP
+with discopop_tau > 1 and beta * d far below 0; see ``discopop_loss``).
 """
 
 from __future__ import annotations
