@@ -15,7 +15,7 @@ from torch import nn
 from . import validation as V
 from .logps import _check_options, layout_stats, token_layout
 from .losses import LossConfig, PairLogps, preference_loss
-from .metrics import preference_metrics
+from .metrics import preference_metrics, preference_rows
 from .packed import check_cu_seqlens
 
 
@@ -57,13 +57,20 @@ def loss_from_rows(
     score_sums: torch.Tensor | None = None,
     vocab: int = 0,
     return_metrics: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss (and metrics) from per-row results laid out as [chosen; rejected]."""
-    pairs = PairLogps.from_rows(logps, ref_logps, counts)
+    return_rows: bool = False,
+) -> torch.Tensor | tuple:
+    """The loss from per-row log-prob sums laid out as [chosen; rejected], then the metrics dict if
+    `return_metrics` and the `PreferenceRows` if `return_rows` (a bare loss when neither)."""
+    pairs = PairLogps.from_rows(logps, ref_logps, counts, cfg.logps_reduction)
     loss = preference_loss(pairs, cfg)
-    if not return_metrics:
+    if not (return_metrics or return_rows):
         return loss
-    return loss, preference_metrics(pairs, cfg, score_sums, vocab)
+    out: tuple = (loss,)
+    if return_metrics:
+        out += (preference_metrics(pairs, cfg, score_sums, vocab),)
+    if return_rows:
+        out += (preference_rows(pairs, cfg, counts),)
+    return out
 
 
 def fused_dpo_loss(
@@ -77,15 +84,17 @@ def fused_dpo_loss(
     loss_type: str | list[str] = "sigmoid",
     loss_weights: list[float] | None = None,
     label_smoothing: float = 0.0,
+    logps_reduction: str = "sum",
     ignore_index: int = -100,
     reference_free: bool = False,
     temperature: float = 1.0,
     softcap: float | None = None,
     inplace_backward: bool = False,
     return_metrics: bool = False,
+    return_rows: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     **loss_options: Any,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> torch.Tensor | tuple:
     """DPO-family loss from policy logits without materializing any [tokens x vocab] fp32 copy.
 
     Args:
@@ -100,22 +109,30 @@ def fused_dpo_loss(
         loss_type: a loss name from ``fastdpo.losses.LOSSES`` or a list of them, combined with
             ``loss_weights`` as sum_k weight_k * mean(loss_k).
         label_smoothing: eps of conservative / robust DPO.
+        logps_reduction: what each row contributes to the loss: ``"sum"`` (the sequence log-prob,
+            DPO's definition) or ``"mean"`` (per-token mean, policy and reference alike: Liger's
+            ``average_log_prob=True``, minimind's masked mean). ``ref_logps`` are always sums.
+            Metrics and rows follow it; ipo, sigmoid_norm, simpo and orpo (length-normalized by
+            definition) refuse ``"mean"``.
         reference_free: use a zero reference (no ref_logps / ref_logits).
         temperature, softcap: scores are ``softcap * tanh(z / softcap) / temperature``.
         inplace_backward: write the logits gradient over the logits (saves one [B, T, V] tensor;
             only safe when nothing else in the backward graph reads the logits). Eager only:
             under torch.compile the out-of-place backward runs (same numbers).
         return_metrics: also return TRL's metrics (detached batch means).
+        return_rows: also return a ``fastdpo.PreferenceRows`` (detached): per-row log-probs, reference
+            log-probs and token counts [2P], per-pair rewards [P].
         cu_seqlens: for a packed, padding-free batch: logits [1, total_tokens, V] (ref_logits
             the same), labels and mask [1, total_tokens], and int32/int64 [B + 1] cumulative row
             lengths (flash-attention's varlen convention); rows are [chosen; rejected] as above.
         **loss_options: extra hyper-parameters of specific loss types (see ``LossConfig``).
 
     Returns:
-        The scalar loss (mean over pairs), or ``(loss, metrics)`` with ``return_metrics=True``.
+        The scalar loss (mean over pairs); ``(loss, metrics)`` with ``return_metrics=True``,
+        ``(loss, rows)`` with ``return_rows=True``, ``(loss, metrics, rows)`` with both.
     """
     cfg = LossConfig(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
-                     label_smoothing=label_smoothing, **loss_options)
+                     label_smoothing=label_smoothing, logps_reduction=logps_reduction, **loss_options)
     V.check_logits(policy_logits, "policy_logits")
     rows = policy_logits.shape[0]
     if cu_seqlens is not None:
@@ -140,7 +157,8 @@ def fused_dpo_loss(
     policy = layout_stats(policy_logits, layout, sum_scores=return_metrics, inplace_backward=inplace_backward,
                           name="policy_logits", **scores)
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
-                          vocab=policy_logits.shape[-1], return_metrics=return_metrics)
+                          vocab=policy_logits.shape[-1], return_metrics=return_metrics,
+                          return_rows=return_rows)
 
 
 class FusedDPOLoss(nn.Module):
@@ -157,7 +175,7 @@ class FusedDPOLoss(nn.Module):
         labels: torch.Tensor,
         ref_logps: torch.Tensor | None = None,
         **overrides: Any,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> torch.Tensor | tuple:
         return fused_dpo_loss(policy_logits, labels, ref_logps, **{**self.options, **overrides})
 
     def extra_repr(self) -> str:
@@ -165,4 +183,4 @@ class FusedDPOLoss(nn.Module):
 
 
 _CALL_KEYS = {"ref_logits", "mask", "ignore_index", "reference_free", "temperature", "softcap",
-              "inplace_backward", "return_metrics", "cu_seqlens"}
+              "inplace_backward", "return_metrics", "return_rows", "cu_seqlens"}

@@ -218,17 +218,19 @@ def fused_linear_dpo_loss(
     loss_type: str | list[str] = "sigmoid",
     loss_weights: list[float] | None = None,
     label_smoothing: float = 0.0,
+    logps_reduction: str = "sum",
     ignore_index: int = -100,
     reference_free: bool = False,
     temperature: float = 1.0,
     softcap: float | None = None,
     return_metrics: bool = False,
+    return_rows: bool = False,
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
     grad_in_forward: bool | None = None,
     **loss_options: Any,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> torch.Tensor | tuple:
     """DPO-family loss from the policy's last hidden states and lm_head, without the [N, V] logits.
 
     Same rows, masks, loss types, metrics and errors as :func:`fastdpo.fused_dpo_loss`, with the
@@ -243,8 +245,9 @@ def fused_linear_dpo_loss(
         ref_hidden: [B, T, H'] reference hidden states, evaluated forward-only in the same call
             with ``ref_weight`` [V, H'] and ``ref_bias`` [V] (default: the policy's ``weight`` and
             ``bias``, the case of a frozen lm_head).
-        mask, beta, loss_type, loss_weights, label_smoothing, reference_free, temperature, softcap,
-        return_metrics, **loss_options: as in :func:`fastdpo.fused_dpo_loss`.
+        mask, beta, loss_type, loss_weights, label_smoothing, logps_reduction, reference_free,
+        temperature, softcap, return_metrics, return_rows, **loss_options: as in
+        :func:`fastdpo.fused_dpo_loss`.
         chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits, or the
             largest pair if that is more). With grad_in_forward a chunk holds whole pairs; a pair
             longer than an explicit ``chunk_size`` costs a recomputation.
@@ -263,10 +266,11 @@ def fused_linear_dpo_loss(
             ``torch.no_grad()`` (then only the 2 N H V forward runs).
 
     Returns:
-        The scalar loss (mean over pairs), or ``(loss, metrics)`` with ``return_metrics=True``.
+        The scalar loss (mean over pairs); ``(loss, metrics)`` with ``return_metrics=True``,
+        ``(loss, rows)`` with ``return_rows=True``, ``(loss, metrics, rows)`` with both.
     """
     options = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
-                   **loss_options)
+                   logps_reduction=logps_reduction, **loss_options)
     cfg = LossConfig(**options)
     if vocab_chunk_size is not None:
         if grad_in_forward:
@@ -294,7 +298,8 @@ def fused_linear_dpo_loss(
     policy = linear_sequence_stats(hidden, weight, labels, bias=bias, sum_scores=return_metrics,
                                    grad_spec=None if spec is None else (spec, ref), **common)
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
-                          vocab=weight.shape[0], return_metrics=return_metrics)
+                          vocab=weight.shape[0], return_metrics=return_metrics,
+                          return_rows=return_rows)
 
 
 class FusedLinearDPOLoss(nn.Module):
@@ -316,7 +321,7 @@ class FusedLinearDPOLoss(nn.Module):
         labels: torch.Tensor,
         ref_logps: torch.Tensor | None = None,
         **overrides: Any,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> torch.Tensor | tuple:
         return fused_linear_dpo_loss(hidden, weight, labels, ref_logps, **{**self.options, **overrides})
 
     def extra_repr(self) -> str:
@@ -324,5 +329,5 @@ class FusedLinearDPOLoss(nn.Module):
 
 
 _CALL_KEYS = {"bias", "ref_hidden", "ref_weight", "ref_bias", "mask", "ignore_index", "reference_free",
-              "temperature", "softcap", "return_metrics", "chunk_size", "vocab_chunk_size", "cu_seqlens",
-              "grad_in_forward"}
+              "temperature", "softcap", "return_metrics", "return_rows", "chunk_size", "vocab_chunk_size",
+              "cu_seqlens", "grad_in_forward"}

@@ -5,8 +5,15 @@ sums, completion-token counts), so one kernel pair underneath serves all of them
 function takes a `PairLogps` and a `LossConfig` and returns per-pair losses [P] (or a scalar for
 batch-level terms); `preference_loss` combines the requested ones as sum_k weight_k * mean(loss_k).
 
-Notation: c, r policy log-prob sums of chosen / rejected; c0, r0 the reference's;
-dc = c - c0, dr = r - r0, d = dc - dr; |c|, |r| completion-token counts; eps = label_smoothing.
+Notation: c, r policy log-probs of chosen / rejected; c0, r0 the reference's; dc = c - c0,
+dr = r - r0, d = dc - dr; |c|, |r| completion-token counts; eps = label_smoothing. A row's log-prob
+is the sum over its completion tokens, or with ``logps_reduction="mean"`` the per-token mean
+(Liger's ``average_log_prob=True``, minimind's masked mean), for policy and reference alike.
+
+Every formula is written so that finite inputs give a finite loss and finite gradients, whatever
+the size of beta * d: log-sigmoid / softplus forms instead of log(sigmoid(.)) or exp(.) that can
+overflow, and a capped exponent only where the loss itself is astronomically large (DiscoPOP
+with discopop_tau > 1 and beta * d far below 0; see ``discopop_loss``).
 """
 
 from __future__ import annotations
@@ -19,9 +26,18 @@ import torch
 import torch.nn.functional as F
 
 
+LOGPS_REDUCTIONS = ("sum", "mean")
+
+
 @dataclass
 class PairLogps:
-    """Per-pair inputs of every loss ([P] each). Reference fields are zeros when reference-free."""
+    """Per-pair inputs of every loss ([P] each). Reference fields are zeros when reference-free.
+
+    The fields are log-prob sums over completion tokens and the token counts; `reduction` says what
+    the losses compare: the sums ("sum") or the per-token means ("mean"), read through `chosen_logp`,
+    `rejected_logp`, `ref_chosen_logp`, `ref_rejected_logp` and everything built on them. The NLL
+    terms (`chosen_nll`) always read the sums: they are a token mean over the batch either way.
+    """
 
     chosen: torch.Tensor
     rejected: torch.Tensor
@@ -29,22 +45,44 @@ class PairLogps:
     ref_rejected: torch.Tensor
     chosen_counts: torch.Tensor
     rejected_counts: torch.Tensor
+    reduction: str = "sum"
 
     @classmethod
-    def from_rows(cls, logps: torch.Tensor, ref_logps: torch.Tensor, counts: torch.Tensor) -> "PairLogps":
-        """Split [2P] rows laid out as [chosen; rejected]."""
+    def from_rows(cls, logps: torch.Tensor, ref_logps: torch.Tensor, counts: torch.Tensor,
+                  reduction: str = "sum") -> "PairLogps":
+        """Split [2P] rows of log-prob sums laid out as [chosen; rejected]."""
         P = logps.shape[0] // 2
         ref_logps = ref_logps.to(logps.dtype)
         counts = counts.to(logps.dtype)
-        return cls(logps[:P], logps[P:], ref_logps[:P], ref_logps[P:], counts[:P], counts[P:])
+        return cls(logps[:P], logps[P:], ref_logps[:P], ref_logps[P:], counts[:P], counts[P:], reduction)
+
+    def _reduced(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return sums if self.reduction == "sum" else sums / counts.clamp(min=1)
+
+    @property
+    def chosen_logp(self) -> torch.Tensor:
+        """c: the chosen rows' log-prob, summed or per-token mean as `reduction` says."""
+        return self._reduced(self.chosen, self.chosen_counts)
+
+    @property
+    def rejected_logp(self) -> torch.Tensor:
+        return self._reduced(self.rejected, self.rejected_counts)
+
+    @property
+    def ref_chosen_logp(self) -> torch.Tensor:
+        return self._reduced(self.ref_chosen, self.chosen_counts)
+
+    @property
+    def ref_rejected_logp(self) -> torch.Tensor:
+        return self._reduced(self.ref_rejected, self.rejected_counts)
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
-        return self.chosen - self.ref_chosen
+        return self.chosen_logp - self.ref_chosen_logp
 
     @property
     def rejected_logratios(self) -> torch.Tensor:
-        return self.rejected - self.ref_rejected
+        return self.rejected_logp - self.ref_rejected_logp
 
     @property
     def logits(self) -> torch.Tensor:
@@ -65,18 +103,25 @@ class PairLogps:
 
     @property
     def chosen_avg_logratios(self) -> torch.Tensor:
-        """dc / |c|."""
-        return self.chosen_logratios / self.chosen_counts.clamp(min=1)
+        """(c - c0) / |c| of the sums."""
+        return (self.chosen - self.ref_chosen) / self.chosen_counts.clamp(min=1)
 
     @property
     def rejected_avg_logratios(self) -> torch.Tensor:
-        """dr / |r|."""
-        return self.rejected_logratios / self.rejected_counts.clamp(min=1)
+        """(r - r0) / |r| of the sums."""
+        return (self.rejected - self.ref_rejected) / self.rejected_counts.clamp(min=1)
 
     @property
     def log_odds(self) -> torch.Tensor:
-        """ORPO's log odds ratio log(odds(c̄) / odds(r̄)), odds(p) = p / (1 - p), p = exp(mean log-prob)."""
-        c, r = self.chosen_avg, self.rejected_avg
+        """ORPO's log odds ratio log(odds(c̄) / odds(r̄)), odds(p) = p / (1 - p), p = exp(mean log-prob).
+
+        odds(1) is infinite, and a row with no completion token has mean log-prob 0 (p = 1), as can
+        rounding push a near-certain row to 0 or just above: the mean log-probs are capped at -eps
+        of their dtype (p <= exp(-eps), odds <= 1 / eps), which keeps the log odds finite and
+        leaves every row with p < exp(-eps) as the paper defines it.
+        """
+        cap = -torch.finfo(self.chosen.dtype).eps
+        c, r = self.chosen_avg.clamp(max=cap), self.rejected_avg.clamp(max=cap)
         return (c - r) - (log1mexp(c) - log1mexp(r))
 
 
@@ -107,6 +152,11 @@ class LossConfig:
         bco_delta: the reward shift delta of ``bco_pair`` (fastdpo's name; TRL has no option). Default 0
             is what the installed TRL computes; pass a running mean of the rewards to get BCO's
             running-mean form (see ``bco_pair_loss``).
+        logps_reduction: what the losses compare per row: ``"sum"`` (default: the sequence log-prob,
+            DPO's definition, TRL) or ``"mean"`` (the per-token mean of policy and reference alike:
+            Liger's ``average_log_prob=True``, minimind's masked mean). Metrics follow it. Losses that
+            normalize by length in their own definition (``SELF_NORMALIZED``: ipo, sigmoid_norm,
+            simpo, orpo) refuse ``"mean"``; the NLL terms are a token mean over the batch either way.
     """
 
     loss_type: str | list[str] = "sigmoid"
@@ -117,6 +167,7 @@ class LossConfig:
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0
     bco_delta: float = 0.0
+    logps_reduction: str = "sum"
     types: list[str] = field(init=False)
     weights: list[float] = field(init=False)
 
@@ -141,10 +192,23 @@ class LossConfig:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        self._check_reduction()
         for name in self.types:
             check = CHECKS.get(name)
             if check is not None:
                 check(self)
+
+    def _check_reduction(self) -> None:
+        if self.logps_reduction not in LOGPS_REDUCTIONS:
+            raise ValueError(f"logps_reduction must be 'sum' or 'mean', got {self.logps_reduction!r}")
+        if self.logps_reduction == "sum":
+            return
+        for name in self.types:
+            if name in SELF_NORMALIZED:
+                raise ValueError(
+                    f"loss_type {name!r} divides by the completion-token count in its own definition; "
+                    "logps_reduction='mean' would divide twice (use logps_reduction='sum')"
+                )
 
     @property
     def needs_reference(self) -> bool:
@@ -166,10 +230,12 @@ COUPLED_LOSSES: set[str] = set()
 # Reference-free losses whose trainer in TRL (CPO, ORPO) logs rewards = beta * policy log-probs:
 # "sum" for sequence sums, "mean" for length-normalized ones. Read by metrics.preference_metrics.
 POLICY_REWARDS: dict[str, str] = {}
+# Losses whose definition reads per-token mean log-probs itself: they refuse logps_reduction="mean".
+SELF_NORMALIZED: set[str] = set()
 
 
 def register(name: str, *, reference_free: bool = False, nll: bool = False, check=None, rewards: str | None = None,
-             couples_pairs: bool = False):
+             couples_pairs: bool = False, self_normalized: bool = False):
     """Add a loss function to the registry under `name`.
 
     Args:
@@ -179,6 +245,7 @@ def register(name: str, *, reference_free: bool = False, nll: bool = False, chec
         rewards: ``"sum"`` or ``"mean"`` for reference-free losses whose TRL trainer logs
             rewards/* as beta times the policy's (summed or length-normalized) log-probs.
         couples_pairs: one pair's loss depends on other pairs of the batch (e.g. through a sort).
+        self_normalized: the loss's definition divides by completion-token counts itself.
     """
     if rewards not in (None, "sum", "mean"):
         raise ValueError(f"rewards must be None, 'sum' or 'mean', got {rewards!r}")
@@ -195,13 +262,16 @@ def register(name: str, *, reference_free: bool = False, nll: bool = False, chec
             POLICY_REWARDS[name] = rewards
         if couples_pairs:
             COUPLED_LOSSES.add(name)
+        if self_normalized:
+            SELF_NORMALIZED.add(name)
         return fn
 
     return wrap
 
 
 def chosen_nll(p: PairLogps) -> torch.Tensor:
-    """Token-mean negative log-likelihood of the chosen completions (a scalar)."""
+    """Token-mean negative log-likelihood of the chosen completions (a scalar), from the sums
+    whatever the reduction: sum of the chosen tokens' NLL over their number, as TRL and Liger."""
     return -p.chosen.sum() / p.chosen_counts.sum().clamp(min=1)
 
 
@@ -275,7 +345,7 @@ def hinge_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     return torch.relu(1 - cfg.beta * p.logits)
 
 
-@register("ipo")
+@register("ipo", self_normalized=True)
 def ipo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """IPO (Azar et al., 2023, arXiv:2310.12036, Eq. 17) with beta as tau, length-normalized as in TRL:
 
@@ -284,7 +354,7 @@ def ipo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     return (p.chosen_avg_logratios - p.rejected_avg_logratios - 1 / (2 * cfg.beta)) ** 2
 
 
-@register("sigmoid_norm")
+@register("sigmoid_norm", self_normalized=True)
 def sigmoid_norm_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """Length-normalized DPO (Tülu 3, Lambert et al., 2024, arXiv:2411.15124, Eq. 6):
 
@@ -364,8 +434,17 @@ def discopop_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     s = sigmoid(z / discopop_tau):  (1 - s) (-log sigmoid(z)) + s exp(-z).
     """
     z = cfg.beta * p.logits
-    s = torch.sigmoid(z / cfg.discopop_tau)
-    return (1 - s) * -F.logsigmoid(z) + s * torch.exp(-z)
+    # As written, s exp(-z) is 0 * inf = NaN once exp(-z) overflows (z < -88 in fp32), and 1 - s
+    # cancels. Here: 1 - s = sigmoid(-z / tau), and s exp(-z) = exp(log sigmoid(z / tau) - z),
+    # whose exponent is about z (1 / tau - 1) for very negative z: it tends to 0 for tau < 1
+    # (every practical tau; TRL's default is 0.05), stays <= 0 for tau = 1, and only for tau > 1
+    # grows past the float range with the true value. There it is capped at half the dtype's
+    # largest exponent (e^44 in fp32 / bf16, e^354 in fp64): a per-pair loss far beyond any that
+    # trains, yet a batch of them still sums without overflow.
+    tau = cfg.discopop_tau
+    exponent = F.logsigmoid(z / tau) - z
+    exponent = exponent.clamp(max=0.5 * math.log(torch.finfo(z.dtype).max))
+    return torch.sigmoid(-z / tau) * -F.logsigmoid(z) + torch.exp(exponent)
 
 
 @register("aot", couples_pairs=True)
@@ -375,8 +454,8 @@ def aot_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     logistic loss -(1-eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta). Batch-level: the
     value of one pair depends on the others.
     """
-    policy = torch.sort(p.chosen - p.rejected).values
-    reference = torch.sort(p.ref_chosen - p.ref_rejected).values
+    policy = torch.sort(p.chosen_logp - p.rejected_logp).values
+    reference = torch.sort(p.ref_chosen_logp - p.ref_rejected_logp).values
     return smoothed_logistic(cfg.beta * (policy - reference), cfg.label_smoothing)
 
 
@@ -404,7 +483,7 @@ def sft_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     return chosen_nll(p)
 
 
-@register("simpo", reference_free=True, check=_check_simpo, rewards="mean")
+@register("simpo", reference_free=True, check=_check_simpo, rewards="mean", self_normalized=True)
 def simpo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """SimPO (Meng et al., 2024, arXiv:2405.14734), with z = beta (c/|c| - r/|r|) - simpo_gamma:
 
@@ -424,10 +503,11 @@ def cpo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     -(1-eps) log sigmoid(beta (c - r)) - eps log sigmoid(-beta (c - r)) + cpo_alpha * NLL(chosen),
     NLL the token mean over the batch, as in TRL's CPOTrainer with ``loss_type="sigmoid"``.
     """
-    return smoothed_logistic(cfg.beta * (p.chosen - p.rejected), cfg.label_smoothing) + cfg.cpo_alpha * chosen_nll(p)
+    margin = p.chosen_logp - p.rejected_logp
+    return smoothed_logistic(cfg.beta * margin, cfg.label_smoothing) + cfg.cpo_alpha * chosen_nll(p)
 
 
-@register("orpo", reference_free=True, nll=True, rewards="mean")
+@register("orpo", reference_free=True, nll=True, rewards="mean", self_normalized=True)
 def orpo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """ORPO (Hong et al., 2024, arXiv:2403.07691, Eqs. 4-7), beta as the weight lambda:
 

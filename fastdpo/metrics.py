@@ -2,21 +2,27 @@
 
 Which trainer's definitions apply depends on the loss types:
 - any loss that compares with a reference (DPOTrainer): rewards/* = beta * (policy - reference)
-  log-prob sums (with no reference the reference is 0, so beta * policy sums); logps/* are sums.
+  log-probs (with no reference the reference is 0, so beta * policy log-probs); logps/* are the
+  policy's. Both follow ``logps_reduction``: sums by default, per-token means with "mean" (what
+  Liger returns with ``average_log_prob=True``).
 - only reference-free losses with a TRL trainer of their own (CPOTrainer for cpo / simpo,
-  ORPOTrainer for orpo): rewards/* = beta * policy log-probs, summed for cpo and length-normalized
-  (per-token mean) for simpo and orpo; logps/* are those same log-probs, so that
+  ORPOTrainer for orpo): rewards/* = beta * policy log-probs, as ``logps_reduction`` says for cpo
+  and length-normalized (per-token mean) for simpo and orpo; logps/* are those same log-probs, so that
   rewards/chosen = beta * logps/chosen as in those trainers. A reference passed anyway is not used.
 logits/* are always DPOTrainer's: the mean logit over vocabulary and completion tokens (CPO/ORPO
 trainers average over every position, prompt and padding included; fastdpo never sees those).
 nll_loss is the token-mean NLL of the chosen completions whenever sft, cpo or orpo is active
 (reported even with cpo_alpha = 0, where TRL's CPOTrainer logs 0). For orpo, log_odds_ratio is the
 batch mean of log sigmoid(log odds) and log_odds_chosen the batch mean of the log odds, as in ORPOTrainer.
+
+`preference_rows` gives the same quantities per row and per pair (``return_rows=True``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from typing import NamedTuple
 
 from .losses import POLICY_REWARDS, LossConfig, PairLogps, chosen_nll
 
@@ -36,7 +42,14 @@ def reward_scores(pairs: PairLogps, cfg: LossConfig) -> tuple[torch.Tensor, torc
         return pairs.chosen_logratios, pairs.rejected_logratios
     if kind == "mean":
         return pairs.chosen_avg, pairs.rejected_avg
-    return pairs.chosen, pairs.rejected
+    return pairs.chosen_logp, pairs.rejected_logp
+
+
+def reported_logps(pairs: PairLogps, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-pair (chosen, rejected) policy log-probs that logps/* report."""
+    if policy_reward_kind(cfg) == "mean":
+        return pairs.chosen_avg, pairs.rejected_avg
+    return pairs.chosen_logp, pairs.rejected_logp
 
 
 @torch.no_grad()
@@ -50,10 +63,7 @@ def preference_metrics(
     chosen_score, rejected_score = reward_scores(pairs, cfg)
     chosen_rewards = cfg.beta * chosen_score.detach()
     rejected_rewards = cfg.beta * rejected_score.detach()
-    if policy_reward_kind(cfg) == "mean":
-        chosen_logps, rejected_logps = pairs.chosen_avg, pairs.rejected_avg
-    else:
-        chosen_logps, rejected_logps = pairs.chosen, pairs.rejected
+    chosen_logps, rejected_logps = reported_logps(pairs, cfg)
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
@@ -74,3 +84,37 @@ def preference_metrics(
         metrics["log_odds_ratio"] = torch.nn.functional.logsigmoid(log_odds).mean()
         metrics["log_odds_chosen"] = log_odds.mean()
     return metrics
+
+
+class PreferenceRows(NamedTuple):
+    """Per-row and per-pair results of one loss call (``return_rows=True``), all detached.
+
+    Rows are laid out as the inputs, [chosen; rejected]; pairs are [P]. Log-probs follow
+    ``logps_reduction`` (sums, or per-token means) as the metrics do, and so do the rewards.
+    """
+
+    logps: torch.Tensor  # [2P] the policy's row log-probs, as logps/* report them
+    ref_logps: torch.Tensor  # [2P] the reference's, reduced the same way (zeros when reference-free)
+    counts: torch.Tensor  # [2P] completion tokens scored in each row
+    chosen_rewards: torch.Tensor  # [P] what rewards/chosen averages
+    rejected_rewards: torch.Tensor  # [P] what rewards/rejected averages
+
+
+@torch.no_grad()
+def preference_rows(pairs: PairLogps, cfg: LossConfig, counts: torch.Tensor) -> PreferenceRows:
+    """The detached per-row log-probs, token counts and per-pair rewards behind the metrics
+    (`counts` [2P]: the rows' token counts as the caller has them, integers)."""
+    chosen_score, rejected_score = reward_scores(pairs, cfg)
+    chosen_logps, rejected_logps = reported_logps(pairs, cfg)
+    if policy_reward_kind(cfg) == "mean":
+        ref_chosen = pairs.ref_chosen / pairs.chosen_counts.clamp(min=1)
+        ref_rejected = pairs.ref_rejected / pairs.rejected_counts.clamp(min=1)
+    else:
+        ref_chosen, ref_rejected = pairs.ref_chosen_logp, pairs.ref_rejected_logp
+    return PreferenceRows(
+        logps=torch.cat([chosen_logps, rejected_logps]).detach(),
+        ref_logps=torch.cat([ref_chosen, ref_rejected]).detach(),
+        counts=counts.detach(),
+        chosen_rewards=(cfg.beta * chosen_score).detach(),
+        rejected_rewards=(cfg.beta * rejected_score).detach(),
+    )

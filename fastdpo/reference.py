@@ -56,17 +56,19 @@ def reference_dpo_loss(
     loss_type: str | list[str] = "sigmoid",
     loss_weights: list[float] | None = None,
     label_smoothing: float = 0.0,
+    logps_reduction: str = "sum",
     ignore_index: int = -100,
     reference_free: bool = False,
     temperature: float = 1.0,
     softcap: float | None = None,
     inplace_backward: bool = False,
     return_metrics: bool = False,
+    return_rows: bool = False,
     **loss_options: Any,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> torch.Tensor | tuple:
     """Same contract as :func:`fastdpo.fused_dpo_loss`, computed the eager way (``inplace_backward`` is ignored)."""
     cfg = LossConfig(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
-                     label_smoothing=label_smoothing, **loss_options)
+                     label_smoothing=label_smoothing, logps_reduction=logps_reduction, **loss_options)
     V.check_logits(policy_logits, "policy_logits")
     V.check_labels(labels, policy_logits.shape[:2], mask)
     rows = policy_logits.shape[0]
@@ -82,4 +84,5 @@ def reference_dpo_loss(
         with torch.no_grad():
             score_sums = (_scores(policy_logits, temperature, softcap) * valid.unsqueeze(-1)).sum((1, 2))
     return loss_from_rows(logps, ref, valid.sum(-1), cfg, score_sums=score_sums,
-                          vocab=policy_logits.shape[-1], return_metrics=return_metrics)
+                          vocab=policy_logits.shape[-1], return_metrics=return_metrics,
+                          return_rows=return_rows)

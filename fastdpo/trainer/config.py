@@ -24,6 +24,7 @@ LOSS_IMPLS = ("fused", "fused_linear", "reference")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "bf16", "no")
+LOGPS_REDUCTIONS = ("sum", "mean")  # fastdpo.losses.LOGPS_REDUCTIONS
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,9 @@ class TrainConfig:
                           "(pure PyTorch)", choices=LOSS_IMPLS)
     beta: float = _opt(0.1, "inverse temperature of the implicit reward")
     label_smoothing: float = _opt(0.0, "label smoothing of conservative / robust DPO")
+    logps_reduction: str = _opt("sum", "each sequence's log-prob in the loss and metrics: the sum over its "
+                                "completion tokens, or their mean (Liger's average_log_prob, minimind)",
+                                choices=LOGPS_REDUCTIONS)
     loss_options: dict = field(default_factory=dict, metadata={"help": "extra loss options as JSON, e.g. "
                                "'{\"simpo_gamma\": 0.5}' or '{\"loss_weights\": [1, 0.2]}'"})
     inplace_backward: bool = _opt(False, "write the logits gradient over the logits (fused only)")
@@ -150,6 +154,7 @@ def check(cfg: TrainConfig) -> None:
     _choice(cfg, "lr_scheduler", SCHEDULERS)
     _choice(cfg, "dtype", DTYPES)
     _choice(cfg, "mixed_precision", MIXED_PRECISION)
+    _choice(cfg, "logps_reduction", LOGPS_REDUCTIONS)
     for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
@@ -168,6 +173,8 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("--eval-split and --eval-fraction conflict: choose one source of eval pairs")
     if not isinstance(cfg.loss_options, dict):
         raise ConfigError(f"--loss-options must be a JSON object, got {cfg.loss_options!r}")
+    if "logps_reduction" in cfg.loss_options:
+        raise ConfigError("--loss-options: give logps_reduction as --logps-reduction")
     losses = loss_config(cfg)  # unknown loss types and bad hyper-parameters fail here
     if cfg.ref == "none" and losses.needs_reference:
         raise ConfigError(f"--ref none conflicts with --loss-type {cfg.loss_type}, which needs a reference; "

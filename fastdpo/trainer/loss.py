@@ -38,7 +38,8 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
     types = cfg.loss_types
     try:
         return LossConfig(loss_type=types[0] if len(types) == 1 else types, beta=cfg.beta,
-                          label_smoothing=cfg.label_smoothing, **cfg.loss_options)
+                          label_smoothing=cfg.label_smoothing, logps_reduction=cfg.logps_reduction,
+                          **cfg.loss_options)
     except (ValueError, TypeError, IndexError) as e:
         raise ConfigError(f"--loss-type {cfg.loss_type}: {e}") from None
 
@@ -70,7 +71,7 @@ class LossFn:
         self.autocast = autocast
         self.linear = cfg.loss_impl == "fused_linear"
         options = dict(loss_type=self.loss.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                       **cfg.loss_options)
+                       logps_reduction=cfg.logps_reduction, **cfg.loss_options)
         # fused_linear: the loss's gradient is known per pair group, so the op can build the
         # gradients while each chunk of logits is still in memory (6 N H V FLOPs instead of 8).
         self.spec = _spec_for(self.loss, options, None) if self.linear else None
