@@ -52,6 +52,9 @@ def _fresh_accelerate_state():
     not leave a later trainer on the CPU of a machine that has a GPU."""
     yield
     if "accelerate.state" in sys.modules:
-        from accelerate.state import AcceleratorState
+        from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+        # GradientState too: a dataloader that a TRL trainer left registered there makes every later
+        # micro-batch look like the end of a dataloader, so gradient accumulation would sync each time.
+        GradientState._reset_state()
