@@ -124,3 +124,30 @@ def test_a_model_that_cannot_pack_falls_back_or_fails(tmp_path, capsys):
 def test_share_prompt_conflicts_with_no_padding_free(tmp_path):
     with pytest.raises(ConfigError, match="--share-prompt runs pairs padding-free; it conflicts with --no-padding-free"):
         DPOTrainer(tiny_config(tmp_path / "run", share_prompt=True, padding_free=False))
+
+
+def test_truncated_answers_and_dropped_prompts_give_the_same_steps(tmp_path):
+    """--max-length 14 truncates answers and drops pairs whose prompt fills it; every layout agrees."""
+    firsts = {}
+    for kind, flags in LAYOUT_FLAGS.items():
+        trainer = DPOTrainer(tiny_config(tmp_path / kind, max_steps=1, max_length=14, **flags))
+        assert trainer.data.dropped_too_long > 0
+        assert any(len(p.prompt) + len(p.chosen) == 14 for p in trainer.data.train)  # a truncated answer
+        trainer.train()
+        firsts[kind] = step_records(tmp_path / kind)[1]
+    for kind in ("packed", "shared"):
+        for name in ("loss", "logps/chosen", "logps/rejected"):
+            assert firsts[kind][name] == pytest.approx(firsts["padded"][name], rel=2e-5, abs=1e-6), (kind, name)
+
+
+def test_a_reference_cache_made_padded_serves_a_padding_free_run(tmp_path):
+    cache = tmp_path / "cache"
+    padded = DPOTrainer(tiny_config(tmp_path / "padded", ref="precompute", ref_cache_dir=str(cache),
+                                    padding_free=False, max_steps=1))
+    padded.train()
+    shared = DPOTrainer(tiny_config(tmp_path / "shared", ref="precompute", ref_cache_dir=str(cache),
+                                    share_prompt=True, max_steps=1))
+    shared.setup()
+    assert len(list(cache.iterdir())) == 1  # no second cache file: the same key
+    batch = shared.loader.batch(0)
+    torch.testing.assert_close(shared.reference.logps(batch, "train"), padded.reference.logps(batch, "train"))
