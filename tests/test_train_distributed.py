@@ -63,3 +63,19 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, ref):
     # near-zero gradient entries become updates of up to the learning rate's size; the packed
     # (padding-free) default runs other matmul shapes on one and two processes (seen: 1.2e-5).
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=3e-5) for k in a)
+
+
+def test_an_fsdp_launch_without_gpus_fails_instead_of_training_alone(tmp_path):
+    """Without GPUs accelerate turns an FSDP launch into separate one-process runs; the trainer refuses."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              "--use_fsdp", "--fsdp_version", "2", "-m", "fastdpo.train"]
+    for use_cpu, got in (("false", "NO over 1"), ("true", "MULTI_CPU over 2")):
+        run_dir = tmp_path / f"run-{use_cpu}"
+        result = run_cli(launch + train_flags(run_dir, 4, "copy", tmp_path / "cache"),
+                         env={**CPU_ENV, "ACCELERATE_USE_CPU": use_cpu})
+        assert result.returncode != 0
+        assert (f"the launch asked for FSDP over 2 processes but accelerate set up {got}: FSDP and DeepSpeed need "
+                "GPUs") in result.stderr
+        # one line from fastdpo (the launcher adds its own ChildFailedError report) and nothing written
+        assert "fastdpo/trainer" not in result.stderr and not run_dir.exists()

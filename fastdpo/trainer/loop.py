@@ -420,6 +420,16 @@ def check_distributed(cfg: TrainConfig, accelerator) -> None:
     """Options that cannot work under the chosen distributed engine."""
     from accelerate.utils import DistributedType
 
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    asked = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(flag, "false").lower() == "true"]
+    got = accelerator.distributed_type
+    if launched != accelerator.num_processes or (asked and got.name != asked[0]):
+        # accelerate without GPUs turns an FSDP / DeepSpeed launch into separate one-process runs (each
+        # training alone into the same run directory), or with ACCELERATE_USE_CPU into plain DDP.
+        raise ConfigError(f"the launch asked for {asked[0] if asked else 'DDP'} over {launched} processes but "
+                          f"accelerate set up {got.value} over {accelerator.num_processes}: FSDP and DeepSpeed "
+                          "need GPUs; on CPUs launch DDP (--multi_gpu with ACCELERATE_USE_CPU=true)")
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if sharded and cfg.ref in ("copy", "adapter") and loss_config(cfg).needs_reference:
         raise ConfigError(f"--ref {cfg.ref} runs an unsharded model beside FSDP / DeepSpeed; use --ref precompute")
