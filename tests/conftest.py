@@ -29,12 +29,28 @@ def device():
     return DEVICE
 
 
+SEED_VARIABLE = "FASTDPO_TEST_SEED"
+
+
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    """Fresh random inputs in every test, with the seed printed on failure for replay."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def _fresh_seed(request):
+    """Fresh random inputs in every test (or the seed in $FASTDPO_TEST_SEED, to replay a failure);
+    a failing test's report names its seed and the command that replays it."""
+    given = os.environ.get(SEED_VARIABLE)
+    seed = int(given) if given else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
+    request.node._fastdpo_seed = seed
     yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "_fastdpo_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("fastdpo seed", f"seed {seed}; replay: {SEED_VARIABLE}={seed} python -m pytest "
+                                                f"'{item.nodeid}'"))
 
 
 @pytest.fixture(autouse=True)

@@ -345,7 +345,8 @@ def test_evaluate_matches_trl(models_, tokenizer, dataset, tmp_path):
 
 def test_lora_without_ref_model_matches_trl(models_, tokenizer, dataset, tmp_path):
     """PEFT: the reference is the policy with its adapter disabled, as in TRL."""
-    from peft import LoraConfig
+    peft = pytest.importorskip("peft", reason="the LoRA case needs the lora extra: pip install 'fastdpo[lora]'")
+    LoraConfig = peft.LoraConfig
 
     runs = []
     for kind in ("trl", "fast"):

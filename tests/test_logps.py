@@ -194,7 +194,7 @@ def test_token_metrics(backend, device, V):
     ent, top1 = token_metrics64(logits, labels, mask)
     assert_close_rel(stats.entropy_sums, ent, 2e-6, "entropy sums")
     assert torch.equal(stats.top1_counts.double().cpu(), top1.cpu())
-    assert (top1 >= 1).all()
+    assert (stats.top1_counts >= 1).all()  # the hits placed above are counted (not only the float64 oracle's)
 
 
 def test_top1_takes_the_first_maximum(backend, device):

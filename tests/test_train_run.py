@@ -98,10 +98,16 @@ def test_every_loss_type_trains(tmp_path):
     from fastdpo.losses import LOSSES, REFERENCE_FREE
 
     needs = {"exo_pair": dict(label_smoothing=1e-3)}  # EXO takes log(eps)
+    start = embedded.build_model(embedded.build_tokenizer(), 42).state_dict()  # the runs' seed
     for name in sorted(LOSSES):
         run(tmp_path / name, loss_type=name, max_steps=1, ref="none" if name in REFERENCE_FREE else "copy",
             max_train_pairs=8, max_eval_pairs=4, **needs.get(name, {}))
         assert math.isfinite(train_losses(tmp_path / name)[0]), name
+        final = final_weights(tmp_path / name)
+        assert all(torch.isfinite(w).all() for w in final.values()), name
+        # the loss's gradient reached the model: the step moved every trained matrix
+        moved = [k for k, w in final.items() if not torch.equal(w, start[k])]
+        assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.embed_tokens.weight" in moved, name
 
 
 def test_a_model_saved_with_save_pretrained_trains_by_path(tmp_path):
