@@ -46,6 +46,7 @@ from .layouts import Scoring, scoring_from_labels, scoring_from_shifted
 from .linear import linear_sequence_stats
 from .logps import sequence_stats
 from .packed import segment_sums
+from .validation import value_checks_enabled
 
 MODES = ("logits", "linear", "eager")
 CALLS = ("policy", "reference")
@@ -167,10 +168,11 @@ def row_stats(hidden: torch.Tensor, scoring: Scoring, lm_head: torch.nn.Module, 
 
 
 def _check_positions(scoring: Scoring, args: tuple, kwargs: dict) -> None:
-    """Scored positions inside the batch, checked before the backbone is queued (the read waits for
-    nothing then); an index past the end would otherwise be a device-side assert."""
+    """Scored positions inside the batch, checked before the backbone is queued; an index past the
+    end would otherwise be a device-side assert. A host read, so it follows fastdpo's value checks
+    (`fastdpo.value_checks(False)` skips it, as it skips the label check)."""
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if inputs is None or scoring.positions.numel() == 0:
+    if inputs is None or scoring.positions.numel() == 0 or not value_checks_enabled():
         return
     size = inputs.shape[0] * inputs.shape[1]
     last = int(scoring.positions.max())

@@ -202,3 +202,17 @@ def test_flex_mask_mod_is_the_dense_rule(window, _fresh_seed):
     assert torch.equal(dense, allowed(shared, window))
     if window:  # the window does cut attention in these pairs
         assert not torch.equal(allowed(shared, window), allowed(shared, None))
+
+
+def test_the_head_refuses_bad_scoring_before_running_the_model():
+    from fastdpo.layouts import Scoring
+
+    model = tiny_model("llama", "sdpa")
+    attach_head(model, head_options(TrainConfig()))
+    batch = build("padded", random_pairs(torch.Generator().manual_seed(0)), range(4), pad_id=0)
+    s = batch.scoring
+    beyond = Scoring(s.positions + batch.input_ids.numel(), s.targets, s.offsets)
+    with pytest.raises(ValueError, match=r"scored positions must lie in \[0, \d+\) for a batch of \(8, \d+\)"):
+        model(input_ids=batch.input_ids, fastdpo_head="policy", fastdpo_scoring=beyond)
+    with pytest.raises(ValueError, match="needs exactly one of fastdpo_scoring=, labels="):
+        model(input_ids=batch.input_ids, labels=batch.input_ids, fastdpo_head="policy", fastdpo_scoring=s)

@@ -31,9 +31,20 @@ def train_flags(run_dir, batch_size: int, ref: str, cache) -> list[str]:
             "--logging-steps", "1", "--ref", ref, "--ref-cache-dir", str(cache), "--no-progress-bar"]
 
 
-@pytest.mark.parametrize("ref", ["copy", "precompute"])
-def test_two_processes_match_one_at_the_same_global_batch(tmp_path, ref):
-    one = run_cli(train_flags(tmp_path / "one", GLOBAL_BATCH, ref, tmp_path / "cache1"), env=CPU_ENV)
+CASES = {  # reference, then the loss path and batch layout (padding-free is the default)
+    "copy": ("copy", []),
+    "precompute": ("precompute", []),
+    "copy-linear-padded": ("copy", ["--loss-impl", "fused_linear", "--no-padding-free"]),
+    "precompute-linear-shared": ("precompute", ["--loss-impl", "fused_linear", "--share-prompt"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path, case):
+    """DDP on two processes equals one process: metrics, eval and final weights. Every logging step
+    also checks that both ranks hold the same parameters (check_ranks_agree)."""
+    ref, options = CASES[case]
+    one = run_cli(train_flags(tmp_path / "one", GLOBAL_BATCH, ref, tmp_path / "cache1") + options, env=CPU_ENV)
     assert one.returncode == 0, one.stderr[-3000:]
 
     cfg = tiny_config(tmp_path / "two", batch_size=GLOBAL_BATCH // 2)
@@ -42,7 +53,8 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, ref):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), "-m", "fastdpo.train"]
-    result = run_cli(launch + train_flags(cfg.run_dir, cfg.batch_size, ref, tmp_path / "cache2"), env=CPU_ENV)
+    result = run_cli(launch + train_flags(cfg.run_dir, cfg.batch_size, ref, tmp_path / "cache2") + options,
+                     env=CPU_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
 
     start = read_metrics(cfg.run_dir)[0]
@@ -79,3 +91,20 @@ def test_an_fsdp_launch_without_gpus_fails_instead_of_training_alone(tmp_path):
                 "GPUs") in result.stderr
         # one line from fastdpo (the launcher adds its own ChildFailedError report) and nothing written
         assert "fastdpo/trainer" not in result.stderr and not run_dir.exists()
+
+
+def test_ranks_that_diverge_are_caught():
+    """The check itself: two ranks whose parameter fingerprints differ stop the run."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from fastdpo.trainer.loop import check_ranks_agree
+
+    model = torch.nn.Linear(3, 2)
+    same = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU, device=torch.device("cpu"),
+                           gather=lambda t: torch.cat([t, t]))
+    check_ranks_agree(same, model, 3)
+    apart = SimpleNamespace(**{**vars(same), "gather": lambda t: torch.cat([t, t + 1e-9])})
+    with pytest.raises(RuntimeError, match="after step 3 the 2 processes hold different parameters"):
+        check_ranks_agree(apart, model, 3)

@@ -257,6 +257,7 @@ class DPOTrainer:
     def _after_step(self, window: "Window", stats: dict) -> None:
         cfg = self.cfg
         if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+            check_ranks_agree(self.accelerator, self.model, self.step)
             record = window.flush(self.accelerator)
             self.log.write({"step": self.step, "epoch": self.loader.epoch_of(self.step * cfg.grad_accum),
                             "lr": self.scheduler.get_last_lr()[0], **record,
@@ -433,6 +434,24 @@ def check_distributed(cfg: TrainConfig, accelerator) -> None:
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if sharded and cfg.ref in ("copy", "adapter") and loss_config(cfg).needs_reference:
         raise ConfigError(f"--ref {cfg.ref} runs an unsharded model beside FSDP / DeepSpeed; use --ref precompute")
+
+
+@torch.no_grad()
+def check_ranks_agree(accelerator, model, step: int) -> None:
+    """Under DDP every rank must hold the same parameters after a step; a rank that skipped the
+    gradient synchronisation (as TRL + Liger once silently did) would train its own model. One
+    fingerprint per rank (a float64 sum of every parameter), compared at each logging step."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.num_processes == 1 or accelerator.distributed_type != DistributedType.MULTI_GPU and \
+            accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return  # one process, or sharded parameters (FSDP / ZeRO-3: each rank holds other entries)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fingerprint = torch.stack([p.double().sum() for p in params]).sum().reshape(1)
+    prints = accelerator.gather(fingerprint.to(accelerator.device))
+    if not torch.equal(prints, prints[:1].expand_as(prints)):
+        raise RuntimeError(f"after step {step} the {accelerator.num_processes} processes hold different parameters "
+                           f"(fingerprints {prints.tolist()}): gradients were not synchronised")
 
 
 def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:
