@@ -1,6 +1,6 @@
 """Benchmark DPO from logits: fastdpo vs eager PyTorch, torch.compile and Liger, in one run.
 
-    python benchmarks/bench_loss.py                   # shapes A, B, C of ANCHORS.md on the GPU
+    python benchmarks/bench_loss.py                   # shapes A, B, C (common.py SHAPES) on the GPU
     python benchmarks/bench_loss.py --shape 4,2048,151936 --impls fastdpo,compile
     python benchmarks/bench_loss.py --device cpu      # smoke test on a tiny shape (not a result)
     python benchmarks/bench_loss.py --linear [...]    # the fused-linear variant: bench_linear.py's flags

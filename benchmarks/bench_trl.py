@@ -7,7 +7,7 @@
 Every implementation trains the same randomly initialized model (built from a config: no
 download) on the same batch, a word-level tokenizer over the whole vocabulary and one set of P
 preference examples reused every step: prompt T/4 tokens, completions that fill the rest of the
-row up to a random right padding of at most T/4 tokens (ANCHORS.md's masks). TRL's defaults
+row up to a random right padding of at most T/4 tokens (the masks of common.py's anchor_masks). TRL's defaults
 otherwise (bf16 autocast, gradient checkpointing, AdamW, a reference model in memory).
 
 Per implementation: median step time (optimizer step included) after warm-up steps, peak memory
@@ -39,7 +39,7 @@ import common  # noqa: E402
 MODELS = {  # name -> LlamaConfig kwargs (shapes only; weights are random)
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    # Llama-3-8B's width and vocabulary with 4 layers: the LM head dominates, as at shape A of ANCHORS.md.
+    # Llama-3-8B's width and vocabulary with 4 layers: the LM head dominates, as at shape A of common.py's SHAPES.
     "llama-3-8b-head": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
                             num_key_value_heads=8, vocab_size=128256),
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

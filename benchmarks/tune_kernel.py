@@ -1,6 +1,6 @@
 """Sweep the token-log-prob kernels' launch settings (tile width, warps) on the GPU.
 
-    python benchmarks/tune_kernel.py                     # shapes A and C of ANCHORS.md, masked and not
+    python benchmarks/tune_kernel.py                     # shapes A and C (common.py SHAPES), masked and not
     python benchmarks/tune_kernel.py --shapes A --blocks 2048,4096 --warps 8,16
 
 Times the bare kernels (no autograd, no per-sequence sums) so that the launch settings are chosen

@@ -1,4 +1,4 @@
-"""Fused linear DPO at ANCHORS.md's shapes A and C on a GPU (a small shape on CPU, same checks).
+"""Fused linear DPO at shapes A and C of benchmarks/common.py (Llama-3-8B and Qwen2.5-7B heads) on a GPU (a small shape on CPU, same checks).
 
 Log-probs against float64 (of the same bf16 inputs), gradients against fp32 ones through the same
 rounded logits, and the memory bound of the issue: extra memory (gradients included) stays near
