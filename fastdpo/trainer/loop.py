@@ -34,9 +34,11 @@ from .logs import RunLog, peak_memory_gb
 from .loss import LossFn, loss_config, sft_nll
 from .model import check_model_source, frozen_copy, load_model, load_tokenizer, weight_dtype
 from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
+from .task_eval import rule_for, task_success
 
 WARMUP_DIR = "warmup"  # the policy after the supervised warm-up: the starting point of DPO
 FINAL_DIR = "final"
+TASK_SUCCESS = "eval/task_success"
 
 
 class DPOTrainer:
@@ -188,6 +190,8 @@ class DPOTrainer:
         self.setup()
         if self.model is None:
             return {"step": 0, "interrupted": True}
+        if self.step == 0:
+            self._task_eval()  # the starting policy's success, the baseline DPO must beat
         window, interrupted = Window(), False
         self.log.start_bar(self.total_steps, self.step, "dpo")
         with StopOnSignal() as stop:
@@ -258,13 +262,33 @@ class DPOTrainer:
             sums = acc.reduce(sums, "sum")
         sums = sums.tolist()
         record = {f"eval_{k}": v / sums[-1] for k, v in zip(names, sums[:-1])}
+        success = self._task_success()
+        if success is not None:
+            record[TASK_SUCCESS] = success
         self.log.write({"step": self.step, **record})
         self.log.info(f"step {self.step}: eval loss {record['eval_loss']:.4f}, reward accuracy "
                       f"{record.get('eval_rewards/accuracies', math.nan):.3f}, margin "
-                      f"{record.get('eval_rewards/margins', math.nan):.3f}")
+                      f"{record.get('eval_rewards/margins', math.nan):.3f}"
+                      + ("" if success is None else f", task success {success:.2f}"))
         self._evaluated_step = self.step
         self.last_eval = record
         return record
+
+    def _task_success(self) -> float | None:
+        """Greedy answers to the first --task-eval-prompts eval prompts, checked by the task's rule."""
+        rule = rule_for(self.cfg.dataset)
+        if rule is None or not self.cfg.task_eval_prompts or not self.data.eval:
+            return None
+        prompts = [pair.prompt for pair in self.data.eval[:self.cfg.task_eval_prompts]]
+        return task_success(self.model, self.tokenizer, prompts, rule, device=self.device, autocast=self.autocast)
+
+    def _task_eval(self) -> None:
+        """Log task success alone (before the first DPO step)."""
+        success = self._task_success()
+        if success is not None:
+            self.log.write({"step": self.step, TASK_SUCCESS: success})
+            self.log.info(f"step {self.step}: task success {success:.2f} (greedy answers to "
+                          f"{min(self.cfg.task_eval_prompts, len(self.data.eval))} held-out prompts)")
 
     def save(self) -> Path:
         """Checkpoint now (atomic; see checkpoint.py)."""
@@ -416,8 +440,12 @@ class Window:
     """Metrics summed over the steps since the last log line."""
 
     def __init__(self) -> None:
+        self.last_rate = 0.0  # tokens/s of the latest step, for the progress bar (kept across flushes)
+        self._reset()
+
+    def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.seconds, self.tokens, self.last_rate = 0, 0.0, 0, 0.0
+        self.steps, self.seconds, self.tokens = 0, 0.0, 0
 
     def add(self, stats: dict, seconds: float) -> None:
         for name, value in stats.items():
@@ -438,7 +466,7 @@ class Window:
             values[:-1] /= accelerator.num_processes
         record = dict(zip(names, values[:-1].tolist()))
         record["tokens/s"] = values[-1].item() / max(self.seconds, 1e-9)
-        self.__init__()
+        self._reset()  # not last_rate: the bar shows it right after this flush
         return record
 
 
