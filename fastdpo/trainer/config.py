@@ -62,6 +62,10 @@ class TrainConfig:
     max_length: int = _opt(1024, "tokens per sequence (prompt + completion); the start is kept", group="data")
     max_train_pairs: int = _opt(0, "use only the first N training pairs (0 = all)", group="data")
     max_eval_pairs: int = _opt(0, "use only the first N eval pairs (0 = all)", group="data")
+    rejected_from_policy: bool = _opt(False, "before DPO, replace the rejected answer of each training pair "
+                                      "whose prompt the starting policy answers wrongly (greedy decoding, checked "
+                                      "by the task's rule) with that wrong answer: on-policy negatives",
+                                      group="data")
     skip_invalid: bool = _opt(False, "skip malformed rows (counted in the log) instead of stopping", group="data")
 
     ref: str = _opt("copy", "reference: frozen copy, precomputed log-probs, LoRA base (adapter), or none",
@@ -177,6 +181,13 @@ def check(cfg: TrainConfig) -> None:
     if cfg.ref == "none" and losses.needs_reference:
         raise ConfigError(f"--ref none conflicts with --loss-type {cfg.loss_type}, which needs a reference; "
                           "use --ref copy/precompute/adapter or a reference-free loss")
+    if cfg.lora_r:
+        from ..extras import MissingExtra, require
+
+        try:
+            require(["peft"], "lora", "--lora-r")
+        except MissingExtra as e:
+            raise ConfigError(str(e)) from None
     if cfg.ref == "adapter" and cfg.lora_r == 0:
         raise ConfigError("--ref adapter needs LoRA (--lora-r > 0): the reference is the base model with adapters off")
     if cfg.ref == "adapter" and cfg.sft_steps:
@@ -227,10 +238,11 @@ class _Toggle(argparse.BooleanOptionalAction):
         self.help = help
 
 
-def build_parser(prog: str = "fastdpo train") -> argparse.ArgumentParser:
+def build_parser(prog: str = "fastdpo train", defaults: bool = True) -> argparse.ArgumentParser:
     """An argparse parser with one `--field-name` option per TrainConfig field, in help groups.
 
-    Options must be spelled out: `--lr` is an error, not `--lr-scheduler`."""
+    Options must be spelled out: `--lr` is an error, not `--lr-scheduler`. With defaults=False,
+    options not on the command line are left out of the result (to tell which were given)."""
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False, formatter_class=_HelpFormatter, usage="%(prog)s [options]",
         description="DPO training with fastdpo's fused losses. With no options it trains the embedded tiny model "
@@ -250,7 +262,8 @@ def build_parser(prog: str = "fastdpo train") -> argparse.ArgumentParser:
         else:
             kw["type"] = _scalar_type(f.type)
             kw["metavar"] = {int: "N", float: "X"}.get(kw["type"]) if "choices" not in kw else None
-        groups[meta.get("group", "run")].add_argument("--" + _flag(f.name), default=default, **kw)
+        groups[meta.get("group", "run")].add_argument("--" + _flag(f.name), **kw,
+                                                      default=default if defaults else argparse.SUPPRESS)
     return parser
 
 
@@ -298,4 +311,67 @@ def _json_object(text: str) -> dict:
 
 def parse_args(argv: list[str] | None = None, prog: str = "fastdpo train") -> TrainConfig:
     """TrainConfig from command-line flags."""
-    return TrainConfig(**vars(build_parser(prog).parse_args(argv)))
+    return parse_args_given(argv, prog)[0]
+
+
+def parse_args_given(argv: list[str] | None = None, prog: str = "fastdpo train") -> tuple[TrainConfig, set[str]]:
+    """TrainConfig from command-line flags, and the names of the fields the flags set explicitly."""
+    cfg = TrainConfig(**vars(build_parser(prog).parse_args(argv)))
+    given = set(vars(build_parser(prog, defaults=False).parse_args(argv)))
+    return cfg, given
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: the run's saved options, and which ones may change
+
+# Options that leave what is trained unchanged (where output goes, how often to log / eval / save,
+# speed knobs) and the run length. Every other option, including ones added later, must keep the
+# run's saved value: a resumed run with another model, data, loss, beta, batch layout or learning
+# rate would be neither run.
+RESUME_FREE = frozenset({
+    "run_dir", "resume", "progress_bar", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+    "task_eval_prompts", "max_eval_pairs", "eval_split", "ref_cache_dir", "cpu_threads",
+    "gradient_checkpointing", "inplace_backward", "max_steps", "num_epochs",
+})
+SAVED_CONFIG = "config.json"
+
+
+def read_saved_config(run_dir: str) -> dict[str, Any] | None:
+    """The options saved in run_dir/config.json, or None when there is none."""
+    path = os.path.join(run_dir, SAVED_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume: cannot read {path} ({e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} does not hold a fastdpo configuration")
+    return saved
+
+
+def merge_saved(cfg: TrainConfig, saved: dict[str, Any], given: set[str] | None = None) -> TrainConfig:
+    """`cfg` for continuing the run whose options are `saved`: options not given take the saved
+    value; a given option that changes what is trained (not in RESUME_FREE) must equal it.
+
+    `given`: the options set explicitly (the command line's flags); None means every option
+    whose value is not its default (the Python API)."""
+    defaults = TrainConfig()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if given is None:
+        given = {n for n in fields if getattr(cfg, n) != getattr(defaults, n)}
+    merged = {}
+    for name in fields & set(saved):
+        value, old = getattr(cfg, name), saved[name]
+        if name not in given:
+            merged[name] = old
+        elif name not in RESUME_FREE and value != old:
+            raise ConfigError(f"--resume: --{_flag(name)} {_show(value)} differs from this run's {_show(old)} "
+                              f"({os.path.join(cfg.run_dir, SAVED_CONFIG)}); only run length, logging, eval and "
+                              "checkpoint options may change when resuming")
+    return dataclasses.replace(cfg, **merged)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
