@@ -62,10 +62,6 @@ class TrainConfig:
     max_length: int = _opt(1024, "tokens per sequence (prompt + completion); the start is kept", group="data")
     max_train_pairs: int = _opt(0, "use only the first N training pairs (0 = all)", group="data")
     max_eval_pairs: int = _opt(0, "use only the first N eval pairs (0 = all)", group="data")
-    rejected_from_policy: bool = _opt(False, "before DPO, replace the rejected answer of each training pair "
-                                      "whose prompt the starting policy answers wrongly (greedy decoding, checked "
-                                      "by the task's rule) with that wrong answer: on-policy negatives",
-                                      group="data")
     skip_invalid: bool = _opt(False, "skip malformed rows (counted in the log) instead of stopping", group="data")
 
     ref: str = _opt("copy", "reference: frozen copy, precomputed log-probs, LoRA base (adapter), or none",

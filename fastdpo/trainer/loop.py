@@ -35,7 +35,7 @@ from .logs import METRICS, TASK_SUCCESS, RunLog, peak_memory_gb
 from .loss import LossFn, loss_config, sft_nll
 from .model import check_model_source, frozen_copy, load_model, load_tokenizer, weight_dtype
 from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
-from .task_eval import replace_rejected, rule_for, task_success
+from .task_eval import rule_for, task_success
 
 WARMUP_DIR = "warmup"  # the policy after the supervised warm-up: the starting point of DPO
 FINAL_DIR = "final"
@@ -97,8 +97,6 @@ class DPOTrainer:
         if start is None:
             return  # interrupted during the warm-up
         model = load_model(start, cfg, self.tokenizer, weight_dtype(cfg, self.device.type == "cuda"))
-        if cfg.rejected_from_policy:
-            self._reject_own_mistakes(model.to(self.device))
         frozen = frozen_copy(model).to(self.device) if self.ref_mode == "copy" else None
         key = cache_key(model, self._splits(), self._ref_settings(start)) if self.ref_mode == "precompute" else None
         self.model = acc.prepare(model)
@@ -107,6 +105,7 @@ class DPOTrainer:
         self.reference = self._make_reference(frozen, key)
         if self.resume_from is not None:
             self.step = load_checkpoint(acc, self.resume_from)["step"]
+            follow_schedule(self.scheduler)
             self.log.truncate_after(self.step)
             self.log.info(f"resumed from {self.resume_from} at step {self.step}")
         self._saved_step = self.step
@@ -293,15 +292,6 @@ class DPOTrainer:
         self.last_eval = record
         return record
 
-    def _reject_own_mistakes(self, model) -> None:
-        """On-policy negatives: each training pair whose prompt the starting policy answers wrongly
-        (greedy, checked by the task's rule) gets that answer as its rejected completion, so DPO
-        pushes down what the policy actually says rather than mistakes it would never make."""
-        n = replace_rejected(model, self.tokenizer, self.data.train, rule_for(self.cfg.dataset),
-                             max_length=self.cfg.max_length, device=self.device, autocast=self.autocast)
-        self.log.info(f"rejected answers: the starting policy's own wrong answers for {n} of "
-                      f"{len(self.data.train)} training prompts (the others keep the dataset's)")
-
     def _task_success(self) -> float | None:
         """Greedy answers to the first --task-eval-prompts eval prompts, checked by the task's rule."""
         rule = rule_for(self.cfg.dataset)
@@ -474,6 +464,18 @@ def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.mixed_precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return cfg.mixed_precision == "bf16"
+
+
+def follow_schedule(scheduler) -> None:
+    """Set the optimizer's learning rate to the schedule's value at the restored step.
+
+    A checkpoint restores the optimizer's last learning rate and the scheduler's step count, but
+    the schedule itself is rebuilt from this run's total steps: when --max-steps was raised on
+    resume, the next step must use the new schedule's rate, not the old schedule's last one. For
+    an unchanged total this recomputes the same value (the same float operations)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the torch scheduler
+    inner.last_epoch -= 1
+    inner.step()
 
 
 def make_optimizer(model, lr: float, cfg: TrainConfig, steps: int):

@@ -73,20 +73,3 @@ def task_success(model, tokenizer, prompts: list[list[int]], rule: Rule, *, devi
     replies = tokenizer.batch_decode(answers, skip_special_tokens=True)
     return sum(rule(p, a) for p, a in zip(texts, replies)) / len(prompts)
 
-
-def replace_rejected(model, tokenizer, pairs: list, rule: Rule, *, max_length: int, device: torch.device,
-                     autocast: bool = False, max_new_tokens: int = 16) -> int:
-    """Set `pair.rejected` to the model's greedy answer (+ EOS) for every pair whose answer fails
-    `rule`; returns how many were replaced. `pairs` are the trainer's Encoded pairs (token ids)."""
-    prompts = [p.prompt for p in pairs]
-    eos = tokenizer.eos_token_id
-    answers = greedy_decode(model, prompts, eos_id=eos, max_new_tokens=max_new_tokens, device=device,
-                            autocast=autocast)
-    texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
-    replies = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    replaced = 0
-    for pair, answer, text, reply in zip(pairs, answers, texts, replies):
-        if not rule(text, reply):
-            pair.rejected = (answer + [eos])[:max(1, max_length - len(pair.prompt))]
-            replaced += 1
-    return replaced
