@@ -155,3 +155,22 @@ def test_end_of_run_summary(tmp_path, capsys):
                            f"  checkpoints: {run_dir / 'checkpoints'} (latest step-00000002)",
                            f"  final model: {run_dir / 'final'}",
                            f"  plot:        fastdpo plot {run_dir}"]
+
+
+def test_plot_marks_sparse_curves_and_draws_the_warm_up_apart():
+    from fastdpo.trainer.plot import WARMUP_PANEL, build_figure
+
+    records = [{"step": 0, "sft_step": s, "sft_loss": 3.0 / s} for s in range(1, 41)]
+    records += [{"step": 0, "eval/task_success": 0.2}]
+    records += [{"step": s, "loss": 0.7 - s / 1000, "lr": 1e-3} for s in range(1, 101)]
+    records += [{"step": s, "eval_loss": 0.5, "eval/task_success": 0.5} for s in (50, 100)]
+    fig = build_figure(records, "run")
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert list(panels)[:3] == [WARMUP_PANEL, "loss", "task success (greedy)"]
+    warmup = panels[WARMUP_PANEL].lines
+    assert [len(line.get_xdata()) for line in warmup] == [40] and warmup[0].get_marker() in ("None", None, "")
+    loss = {line.get_label(): line for line in panels["loss"].lines}
+    assert list(loss["loss"].get_xdata()) == list(range(1, 101))  # the warm-up is not in the DPO panels
+    assert loss["loss"].get_marker() in ("None", None, "") and loss["eval_loss"].get_marker() == "o"
+    (success,) = panels["task success (greedy)"].lines
+    assert list(success.get_xdata()) == [0, 50, 100] and success.get_marker() == "o"
