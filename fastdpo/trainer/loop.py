@@ -22,9 +22,9 @@ import torch
 
 from .checkpoint import (
     latest_checkpoint,
-    remove_partial_checkpoints,
     load_checkpoint,
     read_state,
+    remove_partial_checkpoints,
     save_checkpoint,
     save_final_model,
     write_json_atomic,

@@ -13,6 +13,7 @@ PANELS = [  # (title, metric names): train and eval_ versions are drawn together
     ("reward margin", ["rewards/margins"]),
     ("rewards", ["rewards/chosen", "rewards/rejected"]),
     ("log-probs", ["logps/chosen", "logps/rejected"]),
+    ("chosen NLL (sft term)", ["nll_loss"]),
     ("learning rate", ["lr"]),
     ("grad norm", ["grad_norm"]),
     ("tokens/s", ["tokens/s"]),
