@@ -25,7 +25,7 @@ def train_main(argv: list[str] | None = None, prog: str = "fastdpo train") -> in
 
     cfg, given = parse_args_given(argv, prog=prog)
     try:
-        require(TRAIN, "train", prog)
+        require(TRAIN, "train", "training")
         from .trainer import DPOTrainer
 
         # given: with --resume, the run's saved options fill in every flag not on this command line
@@ -57,7 +57,7 @@ def plot_main(argv: list[str] | None = None) -> int:
     from .extras import PLOT, MissingExtra, require
 
     try:
-        require(PLOT, "train", "fastdpo plot")
+        require(PLOT, "train", "plotting")
         from .trainer.plot import plot_run
 
         path = plot_run(args.run_dir, args.out or None)

@@ -10,17 +10,18 @@ class MissingExtra(ImportError):
 
 
 def require(modules: list[str], extra: str, what: str) -> None:
-    """Import each of `modules`, or raise MissingExtra: "<what> needs <module> ...: pip install 'fastdpo[<extra>]'".
+    """Import each of `modules`, or raise MissingExtra: "<what> needs <module>, which is not
+    installed: pip install 'fastdpo[<extra>]'".
 
-    Only a missing module counts: a module that is installed but fails inside its own import
-    raises that error unchanged (it is not fixed by installing the extra)."""
+    A module that is missing itself, or misses one of its own dependencies, is reported (the
+    extra installs both); any other import failure (a broken install, a version clash) is raised
+    unchanged, since installing the extra would not fix it."""
     for name in modules:
         try:
             importlib.import_module(name)
-        except ImportError as e:
-            if e.name is not None and e.name != name and not name.startswith(e.name + "."):
-                raise
-            raise MissingExtra(f"{what} needs {name}, which is not installed: pip install 'fastdpo[{extra}]'") from None
+        except ModuleNotFoundError as e:
+            raise MissingExtra(f"{what} needs {e.name or name}, which is not installed: "
+                               f"pip install 'fastdpo[{extra}]'") from None
 
 
 # What each entry point imports, and the extra that provides it.
