@@ -117,7 +117,10 @@ class TrainConfig:
 
     @property
     def loss_types(self) -> list[str]:
-        return [t.strip() for t in self.loss_type.split(",") if t.strip()]
+        names = self.loss_type
+        if names is None:  # not resolved yet: the default for this model
+            names = (EMBEDDED_DEFAULTS if self.embedded_model else MODEL_DEFAULTS)["loss_type"]
+        return [t.strip() for t in names.split(",") if t.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
