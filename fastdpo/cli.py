@@ -24,28 +24,40 @@ def train_main(argv: list[str] | None = None, prog: str = "fastdpo train") -> in
     from .trainer.config import ConfigError, parse_args_given
 
     cfg, given = parse_args_given(argv, prog=prog)
+    trainer = None
     try:
         require(TRAIN, "train", "training")
         from .trainer import DPOTrainer
 
         # given: with --resume, the run's saved options fill in every flag not on this command line
-        summary = DPOTrainer(cfg, given=given).train()
+        trainer = DPOTrainer(cfg, given=given)
+        summary = trainer.train()
     except (ConfigError, MissingExtra) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: stopped without saving; the run directory keeps its last complete checkpoint",
-              file=sys.stderr)
+        print(f"{prog}: stopped without saving; {_where_to_continue(trainer)}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - only write failures are reported here, the rest re-raised
         from .trainer.checkpoint import storage_error
 
-        message = storage_error(e, cfg.run_dir or "the run directory")
+        message = storage_error(e, trainer.cfg.run_dir if trainer else cfg.run_dir or "the run directory")
         if message is None:
             raise
-        print(f"{prog}: error: {message} (the latest complete checkpoint is unchanged)", file=sys.stderr)
+        print(f"{prog}: error: {message}; {_where_to_continue(trainer)}", file=sys.stderr)
         return 1
     return 130 if summary.get("interrupted") else 0
+
+
+def _where_to_continue(trainer) -> str:
+    """After an abort: what the run directory holds now, and the command that continues it."""
+    if trainer is None:
+        return "nothing was trained"
+    from .trainer.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(trainer.cfg.run_dir)
+    held = f"the latest checkpoint is still {latest}" if latest else "no checkpoint was saved yet"
+    return f"{held}; continue with: {trainer.resume_command()}"
 
 
 def plot_main(argv: list[str] | None = None) -> int:

@@ -110,7 +110,10 @@ def test_disk_full_or_read_only_is_one_line_and_keeps_the_checkpoint(tmp_path, m
     assert cli.main(cli_args(run_dir, "--max-steps", "4", "--save-steps", "2")) == 1
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and last.startswith(f"fastdpo train: error: cannot write {run_dir}") and cause in last
+    assert "Traceback" not in err and last.startswith(f"fastdpo train: error: cannot write {run_dir}")
+    assert last.endswith(f"model.safetensors: {cause}; the latest checkpoint is still "
+                         f"{run_dir / 'checkpoints' / 'step-00000002'}; continue with: fastdpo train --resume "
+                         f"--run-dir {run_dir}")
     assert read_state(latest_checkpoint(run_dir))["step"] == 2
 
 
@@ -123,8 +126,9 @@ def test_a_library_write_error_without_errno_is_recognised(tmp_path, monkeypatch
     monkeypatch.setattr(RunLog, "write", failing_write)
     assert cli.main(cli_args(tmp_path / "run", "--max-steps", "1")) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"fastdpo train: error: cannot write {tmp_path / 'run'}: no space left on device "
-                   "(the latest complete checkpoint is unchanged)")
+    run_dir = tmp_path / "run"
+    assert err == (f"fastdpo train: error: cannot write {run_dir}: no space left on device; no checkpoint was saved "
+                   f"yet; continue with: fastdpo train --resume --run-dir {run_dir}")
 
 
 def test_other_errors_are_not_disguised(tmp_path, monkeypatch):

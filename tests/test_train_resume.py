@@ -200,6 +200,8 @@ def test_a_second_ctrl_c_quits_at_once_keeping_the_last_checkpoint(tmp_path, mon
     assert cli.main(args) == 130
     err = capsys.readouterr().err
     assert "SIGINT: stopping after this step to save a checkpoint" in err and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == ("fastdpo train: stopped without saving; the run directory keeps its "
-                                            "last complete checkpoint")
+    run_dir = tmp_path / "run"
+    assert err.strip().splitlines()[-1] == (f"fastdpo train: stopped without saving; the latest checkpoint is still "
+                                            f"{run_dir / 'checkpoints' / 'step-00000004'}; continue with: "
+                                            f"fastdpo train --resume --run-dir {run_dir}")
     assert read_state(latest_checkpoint(tmp_path / "run"))["step"] == 4
