@@ -3,23 +3,33 @@
 #   FASTDPO_EXTRAS extras to install (default: test,train,lora,trl)
 # A machine without torch gets the CPU build torch==2.13.0 first: a bare `torch` requirement
 # would pull a multi-GB CUDA build. A machine that already has torch (a GPU box) keeps its own.
+# Set-up steps say what they do on stderr (the first run spends about two minutes installing);
+# a ready environment is used silently.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${FASTDPO_VENV:-$repo/.venv}"
 extras="${FASTDPO_EXTRAS:-test,train,lora,trl}"
+say() { echo "fastdpo set-up: $*" >&2; }
 if [ ! -x "$venv/bin/python" ]; then
   if python3 -c "import torch" 2>/dev/null; then
+    say "creating $venv (sharing this machine's torch)"
     python3 -m venv --system-site-packages "$venv"
   else
+    say "creating $venv"
     python3 -m venv "$venv"
   fi
 fi
 # shellcheck disable=SC1091
 source "$venv/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+if ! python -c "import torch" 2>/dev/null; then
+  say "installing torch==2.13.0, CPU build (one time; about a minute)"
+  pip install -q torch==2.13.0
+fi
 stamp="$venv/.fastdpo-installed-$(cat "$repo/pyproject.toml" | cksum | cut -d' ' -f1)-$extras"
 if [ ! -f "$stamp" ]; then
+  say "installing fastdpo with extras [$extras] into $venv (one time; about a minute)"
   pip install -q -e "$repo[$extras]"
   touch "$stamp"
+  say "done; later runs reuse $venv"
 fi

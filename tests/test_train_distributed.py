@@ -26,9 +26,12 @@ CPU_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_D
 
 
 def train_flags(run_dir, batch_size: int, ref: str, cache) -> list[str]:
-    return ["--run-dir", str(run_dir), "--batch-size", str(batch_size), "--max-steps", str(STEPS),
-            "--sft-steps", "2", "--eval-steps", "2", "--max-train-pairs", "64", "--max-eval-pairs", "13",
-            "--logging-steps", "1", "--ref", ref, "--ref-cache-dir", str(cache), "--no-progress-bar"]
+    # --loss-type sigmoid, not the embedded default's sigmoid + NLL: the NLL term is a token mean
+    # per process, averaged over processes, so it differs slightly from one process's token mean.
+    return ["--run-dir", str(run_dir), "--loss-type", "sigmoid", "--batch-size", str(batch_size),
+            "--max-steps", str(STEPS), "--sft-steps", "2", "--eval-steps", "2", "--max-train-pairs", "64",
+            "--max-eval-pairs", "13", "--logging-steps", "1", "--ref", ref, "--ref-cache-dir", str(cache),
+            "--no-progress-bar"]
 
 
 CASES = {  # reference, then the loss path and batch layout (padding-free is the default)

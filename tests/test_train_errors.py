@@ -119,7 +119,7 @@ def test_run_dir_holding_a_run_needs_resume(tmp_path):
     (run / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError, match="already holds a run"):
         start(tmp_path)
-    with pytest.raises(ConfigError, match="--resume: no checkpoint"):
+    with pytest.raises(ConfigError, match="--resume: .* holds no run to continue \\(no config.json\\)"):
         start(tmp_path, resume=True)
 
 

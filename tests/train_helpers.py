@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def tiny_config(run_dir, **options) -> TrainConfig:
     """The embedded model on a slice of the embedded data: a few seconds per run."""
-    base = dict(run_dir=str(run_dir), sft_steps=0, max_steps=2, batch_size=4, max_train_pairs=64,
-                max_eval_pairs=16, logging_steps=1, eval_steps=0, progress_bar=False,
+    base = dict(run_dir=str(run_dir), loss_type="sigmoid", sft_steps=0, max_steps=2, batch_size=4,
+                max_train_pairs=64, max_eval_pairs=16, logging_steps=1, eval_steps=0, progress_bar=False,
                 ref_cache_dir=str(Path(run_dir).parent / "ref_cache"))
     return TrainConfig(**{**base, **options})
 

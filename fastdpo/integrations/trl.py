@@ -30,8 +30,13 @@ from dataclasses import fields
 from typing import Any
 
 import torch
-import trl
-from packaging.version import Version
+
+from ..extras import require
+
+require(["trl"], "trl", "fastdpo.integrations.trl")
+
+import trl  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 # The DPOTrainer internals this module relies on (`_compute_loss`, `compute_ref_log_probs(model, inputs)`,
 # the fused-LM-head metrics set, attribute names) are those of TRL 1.15 and 1.16; 1.14 and older

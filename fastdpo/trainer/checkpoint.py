@@ -11,6 +11,7 @@ previous `latest` pointing at a complete checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -59,6 +60,12 @@ def save_checkpoint(accelerator, run_dir: str | Path, state: dict[str, Any], kee
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> None:
+    """Delete checkpoints that a crash left half-written (never `latest` or what it names)."""
+    for tmp in checkpoint_root(run_dir).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
@@ -110,3 +117,30 @@ def save_final_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path
         os.replace(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
+
+
+# Write failures a user fixes outside the program, and how to recognise them when a library
+# (torch.save, safetensors) reports them as a RuntimeError carrying only the OS's message.
+STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "permission denied"}
+
+
+def storage_error(error: BaseException, run_dir: str | Path) -> str | None:
+    """One line naming the path and the cause when `error` (or an error it came from) is a full
+    disk, a read-only file system or a refused permission; None for any other error."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRORS:
+            return _storage_message(seen.errno, seen.filename or run_dir)
+        text = str(seen).lower()
+        for code in STORAGE_ERRORS:
+            if os.strerror(code).lower() in text:
+                return _storage_message(code, run_dir)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _storage_message(code: int, path: Any) -> str:
+    verb = "access" if code in (errno.EACCES, errno.EPERM) else "write"
+    return f"cannot {verb} {path}: {STORAGE_ERRORS[code]}"

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -39,80 +40,86 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """Options of a fastdpo training run (see `fastdpo train --help` for each one)."""
 
-    # Model
     model: str = _opt(EMBEDDED_MODEL, "Hub name or local path of an AutoModelForCausalLM; "
-                      f"'{EMBEDDED_MODEL}' builds the embedded tiny Llama (random weights)")
-    tokenizer: str = _opt("", "tokenizer name or path (default: the model's)")
+                      f"'{EMBEDDED_MODEL}' builds the embedded tiny Llama (random weights)", group="model")
+    tokenizer: str = _opt("", "tokenizer name or path", group="model", default_text="the model's")
     dtype: str = _opt("auto", "weight dtype; auto = bfloat16 for a frozen LoRA base on GPU, else float32",
-                      choices=DTYPES)
-    mixed_precision: str = _opt("auto", "bf16 autocast; auto = on for GPUs that support it", choices=MIXED_PRECISION)
-    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward")
-    disable_dropout: bool = _opt(True, "set every dropout to 0 (as TRL does for DPO)")
-    lora_r: int = _opt(0, "LoRA rank through peft (0 = full fine-tuning)")
-    lora_alpha: float = _opt(16.0, "LoRA alpha")
-    lora_dropout: float = _opt(0.0, "LoRA dropout")
-    lora_target_modules: str = _opt("all-linear", "comma-separated module names for LoRA, or all-linear")
+                      choices=DTYPES, group="model")
+    mixed_precision: str = _opt("auto", "bf16 autocast; auto = on for GPUs that support it", choices=MIXED_PRECISION,
+                                group="model")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward", group="model")
+    disable_dropout: bool = _opt(True, "set every dropout to 0 (as TRL does for DPO)", group="model")
+    lora_r: int = _opt(0, "LoRA rank through peft (0 = full fine-tuning)", group="model")
+    lora_alpha: float = _opt(16.0, "LoRA alpha", group="model")
+    lora_dropout: float = _opt(0.0, "LoRA dropout", group="model")
+    lora_target_modules: str = _opt("all-linear", "comma-separated module names for LoRA, or all-linear",
+                                    group="model")
 
-    # Data
     dataset: str = _opt(EMBEDDED_DATASET, "Hub name, a .jsonl/.json/.parquet file, or a directory of "
-                        f"<split>.jsonl|json|parquet files; '{EMBEDDED_DATASET}' is the embedded task")
-    split: str = _opt("train", "training split")
-    eval_split: str = _opt("", "eval split (default: 'test' when the dataset has it)")
-    eval_fraction: float = _opt(0.0, "hold out this fraction of the training split for eval instead")
-    max_length: int = _opt(1024, "tokens per sequence (prompt + completion); the start is kept")
-    max_train_pairs: int = _opt(0, "use only the first N training pairs (0 = all)")
-    max_eval_pairs: int = _opt(0, "use only the first N eval pairs (0 = all)")
-    skip_invalid: bool = _opt(False, "skip malformed rows (counted in the log) instead of stopping")
-    padding_free: Optional[bool] = _opt(None, "run each micro-batch as one row of packed sequences, no padding "
-                                        "(default: on where the model's attention supports it)")
+                        f"<split>.jsonl|json|parquet files; '{EMBEDDED_DATASET}' is the embedded task", group="data")
+    split: str = _opt("train", "training split", group="data")
+    eval_split: str = _opt("", "eval split", group="data", default_text="'test' when the dataset has it")
+    eval_fraction: float = _opt(0.0, "hold out this fraction of the training split for eval instead", group="data")
+    max_length: int = _opt(1024, "tokens per sequence (prompt + completion); the start is kept", group="data")
+    max_train_pairs: int = _opt(0, "use only the first N training pairs (0 = all)", group="data")
+    max_eval_pairs: int = _opt(0, "use only the first N eval pairs (0 = all)", group="data")
+    skip_invalid: bool = _opt(False, "skip malformed rows (counted in the log) instead of stopping", group="data")
+    padding_free: Optional[bool] = _opt(None, "run each micro-batch as one row of packed sequences, no padding",
+                                        group="data", default_text="on where the model's attention supports it")
     share_prompt: bool = _opt(False, "run each pair as one sequence [prompt, chosen, rejected], the prompt "
-                              "computed once (padding-free, with a custom attention mask)")
+                              "computed once (padding-free, with a custom attention mask)", group="data")
     max_tokens: int = _opt(0, "fill micro-batches with whole pairs up to N token positions instead of "
-                           "--batch-size pairs (0 = off)")
+                           "--batch-size pairs (0 = off)", group="data")
 
-    # Reference and loss
     ref: str = _opt("copy", "reference: frozen copy, precomputed log-probs, LoRA base (adapter), or none",
-                    choices=REF_MODES)
-    ref_cache_dir: str = _opt("", "where --ref precompute caches log-probs (default ~/.cache/fastdpo/ref_logps)")
-    loss_type: str = _opt("sigmoid", "a fastdpo loss name, or several joined by commas")
+                    choices=REF_MODES, group="reference")
+    ref_cache_dir: str = _opt("", "where --ref precompute caches log-probs", group="reference",
+                              default_text="~/.cache/fastdpo/ref_logps")
+
+    loss_type: Optional[str] = _opt(None, "a loss name, or several joined by commas, summed (weights: "
+                                    "--loss-options loss_weights); one of: {losses}", group="loss")
     loss_impl: str = _opt("fused", "fused (from logits), fused_linear (from hidden states), or reference "
-                          "(pure PyTorch)", choices=LOSS_IMPLS)
-    beta: float = _opt(0.1, "inverse temperature of the implicit reward")
-    label_smoothing: float = _opt(0.0, "label smoothing of conservative / robust DPO")
+                          "(pure PyTorch)", choices=LOSS_IMPLS, group="loss")
+    beta: float = _opt(0.1, "inverse temperature of the implicit reward", group="loss")
+    label_smoothing: float = _opt(0.0, "label smoothing of conservative / robust DPO", group="loss")
     logps_reduction: str = _opt("sum", "each sequence's log-prob in the loss and metrics: the sum over its "
                                 "completion tokens, or their mean (Liger's average_log_prob, minimind)",
-                                choices=LOGPS_REDUCTIONS)
-    loss_options: dict = field(default_factory=dict, metadata={"help": "extra loss options as JSON, e.g. "
-                               "'{\"simpo_gamma\": 0.5}' or '{\"loss_weights\": [1, 0.2]}'"})
-    inplace_backward: bool = _opt(False, "write the logits gradient over the logits (fused only)")
+                                choices=LOGPS_REDUCTIONS, group="loss")
+    loss_options: dict = field(default_factory=dict, metadata={
+        "help": "extra loss options as JSON, e.g. '{\"simpo_gamma\": 0.5}' or '{\"loss_weights\": [1, 0.2]}'",
+        "group": "loss", "default_text": "{}"})
+    inplace_backward: bool = _opt(False, "write the logits gradient over the logits (fused only)", group="loss")
 
-    # Optimization
-    learning_rate: Optional[float] = _opt(None, "AdamW learning rate (default 1e-3 embedded, 5e-7 otherwise)")
-    batch_size: Optional[int] = _opt(None, "pairs per device per micro-batch (default 32 embedded, 4 otherwise)")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_steps: Optional[int] = _opt(None, "optimizer steps (default 200 embedded; 0 = use --num-epochs)")
-    num_epochs: float = _opt(1.0, "epochs over the training pairs when --max-steps is 0")
-    lr_scheduler: str = _opt("cosine", "decay after warm-up", choices=SCHEDULERS)
-    warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming up the learning rate")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = no clipping)")
-    cpu_threads: Optional[int] = _opt(None, "torch threads when training on CPU (default 1 for the embedded "
-                                      "model, whose matrices are too small for threads to pay; 0 = torch's default)")
-    seed: int = _opt(42, "seed of the weights (embedded model), the data order and the RNGs")
-    sft_steps: Optional[int] = _opt(None, "supervised warm-up steps on the chosen answers before DPO "
-                                    "(default 150 embedded, 0 otherwise)")
-    sft_learning_rate: Optional[float] = _opt(None, "warm-up learning rate (default 3e-3 embedded, 2e-5 otherwise)")
+    learning_rate: Optional[float] = _opt(None, "AdamW learning rate", group="optimisation")
+    batch_size: Optional[int] = _opt(None, "pairs per device per micro-batch", group="optimisation")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", group="optimisation")
+    max_steps: Optional[int] = _opt(None, "optimizer steps (0 = use --num-epochs)", group="optimisation")
+    num_epochs: float = _opt(1.0, "epochs over the training pairs when --max-steps is 0", group="optimisation")
+    lr_scheduler: str = _opt("cosine", "decay after warm-up", choices=SCHEDULERS, group="optimisation")
+    warmup_ratio: float = _opt(0.1, "fraction of the steps spent warming up the learning rate", group="optimisation")
+    weight_decay: float = _opt(0.0, "AdamW weight decay", group="optimisation")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = no clipping)", group="optimisation")
+    cpu_threads: Optional[int] = _opt(None, "torch threads when training on CPU (0 = torch's default; the embedded "
+                                      "model's matrices are too small for threads to pay)", group="optimisation")
+    seed: int = _opt(42, "seed of the weights (embedded model), the data order and the RNGs", group="optimisation")
+    sft_steps: Optional[int] = _opt(None, "supervised warm-up steps on the chosen answers before DPO",
+                                    group="optimisation")
+    sft_learning_rate: Optional[float] = _opt(None, "warm-up learning rate", group="optimisation")
 
-    # Run directory, logging, eval, checkpoints
-    run_dir: str = _opt("", "where metrics, checkpoints and the final model go (default runs/<time>)")
-    logging_steps: int = _opt(10, "log metrics every N steps")
-    eval_steps: Optional[int] = _opt(None, "evaluate every N steps and at the end (default 50 embedded, "
-                                     "200 otherwise; 0 = only at the end)")
+    run_dir: str = _opt("", "where metrics, checkpoints and the final model go", group="run",
+                        default_text="runs/<time>")
+    logging_steps: int = _opt(10, "log metrics every N steps", group="run")
+    eval_steps: Optional[int] = _opt(None, "evaluate every N steps and at the end (0 = only at the end)", group="run")
+    task_eval_prompts: Optional[int] = _opt(None, "greedy-decode this many held-out prompts before the first DPO "
+                                            "step and at each eval, and check the answers by the task's rule "
+                                            "(eval/task_success; only the embedded task has a rule)", group="run",
+                                            default_text=f"100 for {EMBEDDED_DATASET}, 0 otherwise")
     save_steps: int = _opt(500, "checkpoint every N steps (and always at the end and on Ctrl-C; "
-                           "0 = never periodically)")
-    save_total_limit: int = _opt(2, "checkpoints kept (0 = all)")
-    resume: bool = _opt(False, "continue from the latest checkpoint in --run-dir")
-    progress_bar: bool = _opt(True, "show a tqdm progress bar")
+                           "0 = never periodically)", group="run")
+    save_total_limit: int = _opt(2, "checkpoints kept (0 = all)", group="run")
+    resume: bool = _opt(False, "continue the run in --run-dir with its saved options, from its latest "
+                        "checkpoint (or from the start when it has none)", group="run")
+    progress_bar: bool = _opt(True, "show a tqdm progress bar", group="run")
 
     @property
     def embedded_model(self) -> bool:
@@ -120,7 +127,10 @@ class TrainConfig:
 
     @property
     def loss_types(self) -> list[str]:
-        return [t.strip() for t in self.loss_type.split(",") if t.strip()]
+        names = self.loss_type
+        if names is None:  # not resolved yet: the default for this model
+            names = (EMBEDDED_DEFAULTS if self.embedded_model else MODEL_DEFAULTS)["loss_type"]
+        return [t.strip() for t in names.split(",") if t.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,10 +138,12 @@ class TrainConfig:
 
 # Values for the None ("auto") fields: with these the embedded model learns its task in about half
 # a minute on two CPU cores; the others are usual starting points for DPO on a pretrained LLM.
+# The embedded model's loss adds the chosen answers' NLL to DPO's (RPO): with the sigmoid loss alone
+# both likelihoods fall and greedy answers get worse while reward accuracy rises (see README).
 EMBEDDED_DEFAULTS = dict(learning_rate=1e-3, batch_size=32, max_steps=200, sft_steps=150,
-                         sft_learning_rate=3e-3, eval_steps=50, cpu_threads=1)
+                         sft_learning_rate=3e-3, eval_steps=50, cpu_threads=1, loss_type="sigmoid,sft")
 MODEL_DEFAULTS = dict(learning_rate=5e-7, batch_size=4, max_steps=0, sft_steps=0,
-                      sft_learning_rate=2e-5, eval_steps=200, cpu_threads=0)
+                      sft_learning_rate=2e-5, eval_steps=200, cpu_threads=0, loss_type="sigmoid")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -140,6 +152,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("--resume needs --run-dir: the directory of the run to continue")
     table = EMBEDDED_DEFAULTS if cfg.embedded_model else MODEL_DEFAULTS
     filled = {k: v for k, v in table.items() if getattr(cfg, k) is None}
+    if cfg.task_eval_prompts is None:  # a property of the data, not of the model
+        filled["task_eval_prompts"] = 100 if cfg.dataset == EMBEDDED_DATASET else 0
     if not cfg.run_dir:
         filled["run_dir"] = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     return dataclasses.replace(cfg, **filled)
@@ -159,7 +173,7 @@ def check(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_steps", "sft_steps", "eval_steps", "save_steps", "save_total_limit", "lora_r",
-                 "max_train_pairs", "max_eval_pairs", "cpu_threads", "max_tokens"):
+                 "max_train_pairs", "max_eval_pairs", "cpu_threads", "task_eval_prompts", "max_tokens"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     for name in ("learning_rate", "sft_learning_rate", "num_epochs"):
@@ -171,6 +185,8 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"--warmup-ratio must be in [0, 1], got {cfg.warmup_ratio}")
     if cfg.eval_fraction and cfg.eval_split:
         raise ConfigError("--eval-split and --eval-fraction conflict: choose one source of eval pairs")
+    if cfg.task_eval_prompts and cfg.dataset != EMBEDDED_DATASET:
+        raise ConfigError(f"--task-eval-prompts needs a task with an answer rule; only {EMBEDDED_DATASET} has one")
     if not isinstance(cfg.loss_options, dict):
         raise ConfigError(f"--loss-options must be a JSON object, got {cfg.loss_options!r}")
     if "logps_reduction" in cfg.loss_options:
@@ -179,6 +195,13 @@ def check(cfg: TrainConfig) -> None:
     if cfg.ref == "none" and losses.needs_reference:
         raise ConfigError(f"--ref none conflicts with --loss-type {cfg.loss_type}, which needs a reference; "
                           "use --ref copy/precompute/adapter or a reference-free loss")
+    if cfg.lora_r:
+        from ..extras import MissingExtra, require
+
+        try:
+            require(["peft"], "lora", "--lora-r")
+        except MissingExtra as e:
+            raise ConfigError(str(e)) from None
     if cfg.ref == "adapter" and cfg.lora_r == 0:
         raise ConfigError("--ref adapter needs LoRA (--lora-r > 0): the reference is the base model with adapters off")
     if cfg.ref == "adapter" and cfg.sft_steps:
@@ -209,26 +232,82 @@ def _flag(name: str) -> str:
 # Command line: one flag per field, the same names.
 
 
-def build_parser(prog: str = "fastdpo train") -> argparse.ArgumentParser:
-    """An argparse parser with one `--field-name` option per TrainConfig field."""
+# Help groups in display order: (metadata key, title, description).
+GROUPS = [
+    ("model", "model", None),
+    ("data", "data", None),
+    ("reference", "reference", "the frozen policy whose log-probs the DPO rewards are measured against"),
+    ("loss", "loss", None),
+    ("optimisation", "optimisation", None),
+    ("run", "run, eval and checkpoints", None),
+    ("distributed", "distributed", "launch with `accelerate launch -m fastdpo.train [options]` for DDP, FSDP or "
+     "DeepSpeed (accelerate's own config picks the engine); --batch-size is per process, so the global batch is "
+     "batch-size x processes x grad-accum"),
+]
+
+
+class _Toggle(argparse.BooleanOptionalAction):
+    """--flag / --no-flag, with the help text as given (Python <= 3.12 appends a second default)."""
+
+    def __init__(self, *args: Any, help: str | None = None, **kw: Any) -> None:
+        super().__init__(*args, help=help, **kw)
+        self.help = help
+
+
+def build_parser(prog: str = "fastdpo train", defaults: bool = True) -> argparse.ArgumentParser:
+    """An argparse parser with one `--field-name` option per TrainConfig field, in help groups.
+
+    Options must be spelled out: `--lr` is an error, not `--lr-scheduler`. With defaults=False,
+    options not on the command line are left out of the result (to tell which were given)."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="DPO training with fastdpo's fused losses. With no options it trains the "
-        "embedded tiny model on the embedded preference task.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog=prog, allow_abbrev=False, formatter_class=_HelpFormatter, usage="%(prog)s [options]",
+        description="DPO training with fastdpo's fused losses. With no options it trains the embedded tiny model "
+        f"({EMBEDDED_MODEL}) on the embedded preference task ({EMBEDDED_DATASET}); defaults marked 'for "
+        f"{EMBEDDED_MODEL}' apply to it, the other value to any other model.")
+    groups = {key: parser.add_argument_group(title, description) for key, title, description in GROUPS}
     for f in dataclasses.fields(TrainConfig):
         meta = dict(f.metadata)
-        kw: dict[str, Any] = {"help": meta.pop("help"), "dest": f.name}
+        kw: dict[str, Any] = {"help": _help(f.name, meta), "dest": f.name}
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if "choices" in meta:
-            kw["choices"] = meta.pop("choices")
+            kw["choices"] = meta["choices"]
         if f.type in ("bool", bool, "Optional[bool]"):
-            kw["action"] = argparse.BooleanOptionalAction
+            kw["action"] = _Toggle
         elif f.name == "loss_options":
-            kw["type"] = _json_object
+            kw.update(type=_json_object, metavar="JSON")
         else:
             kw["type"] = _scalar_type(f.type)
-        parser.add_argument("--" + _flag(f.name), default=default, **kw)
+            kw["metavar"] = {int: "N", float: "X"}.get(kw["type"]) if "choices" not in kw else None
+        groups[meta.get("group", "run")].add_argument("--" + _flag(f.name), **kw,
+                                                      default=default if defaults else argparse.SUPPRESS)
     return parser
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=min(110, shutil.get_terminal_size().columns))
+
+
+def _help(name: str, meta: dict) -> str:
+    """The field's help with its default stated once: the embedded model's and the others' when they differ."""
+    from ..losses import LOSSES
+
+    text = meta["help"].replace("{losses}", ", ".join(sorted(LOSSES)))
+    field_ = TrainConfig.__dataclass_fields__[name]
+    default = field_.default
+    if "default_text" in meta:
+        shown = meta["default_text"]
+    elif name in EMBEDDED_DEFAULTS:
+        shown = f"{_num(EMBEDDED_DEFAULTS[name])} for {EMBEDDED_MODEL}, {_num(MODEL_DEFAULTS[name])} otherwise"
+    elif isinstance(default, bool):
+        shown = "on" if default else "off"
+    else:
+        shown = _num(default)
+    return f"{text} (default: {shown})".replace("%", "%%")
+
+
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _scalar_type(annotation: Any):
@@ -252,4 +331,67 @@ def _json_object(text: str) -> dict:
 
 def parse_args(argv: list[str] | None = None, prog: str = "fastdpo train") -> TrainConfig:
     """TrainConfig from command-line flags."""
-    return TrainConfig(**vars(build_parser(prog).parse_args(argv)))
+    return parse_args_given(argv, prog)[0]
+
+
+def parse_args_given(argv: list[str] | None = None, prog: str = "fastdpo train") -> tuple[TrainConfig, set[str]]:
+    """TrainConfig from command-line flags, and the names of the fields the flags set explicitly."""
+    cfg = TrainConfig(**vars(build_parser(prog).parse_args(argv)))
+    given = set(vars(build_parser(prog, defaults=False).parse_args(argv)))
+    return cfg, given
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: the run's saved options, and which ones may change
+
+# Options that leave what is trained unchanged (where output goes, how often to log / eval / save,
+# speed knobs) and the run length. Every other option, including ones added later, must keep the
+# run's saved value: a resumed run with another model, data, loss, beta, batch layout or learning
+# rate would be neither run.
+RESUME_FREE = frozenset({
+    "run_dir", "resume", "progress_bar", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+    "task_eval_prompts", "max_eval_pairs", "eval_split", "ref_cache_dir", "cpu_threads",
+    "gradient_checkpointing", "inplace_backward", "max_steps", "num_epochs",
+})
+SAVED_CONFIG = "config.json"
+
+
+def read_saved_config(run_dir: str) -> dict[str, Any] | None:
+    """The options saved in run_dir/config.json, or None when there is none."""
+    path = os.path.join(run_dir, SAVED_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume: cannot read {path} ({e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} does not hold a fastdpo configuration")
+    return saved
+
+
+def merge_saved(cfg: TrainConfig, saved: dict[str, Any], given: set[str] | None = None) -> TrainConfig:
+    """`cfg` for continuing the run whose options are `saved`: options not given take the saved
+    value; a given option that changes what is trained (not in RESUME_FREE) must equal it.
+
+    `given`: the options set explicitly (the command line's flags); None means every option
+    whose value is not its default (the Python API)."""
+    defaults = TrainConfig()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if given is None:
+        given = {n for n in fields if getattr(cfg, n) != getattr(defaults, n)}
+    merged = {}
+    for name in fields & set(saved):
+        value, old = getattr(cfg, name), saved[name]
+        if name not in given:
+            merged[name] = old
+        elif name not in RESUME_FREE and value != old:
+            raise ConfigError(f"--resume: --{_flag(name)} {_show(value)} differs from this run's {_show(old)} "
+                              f"({os.path.join(cfg.run_dir, SAVED_CONFIG)}); only run length, logging, eval and "
+                              "checkpoint options may change when resuming")
+    return dataclasses.replace(cfg, **merged)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)

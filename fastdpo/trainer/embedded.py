@@ -2,9 +2,10 @@
 
 The task: the prompt is `sort: <letters>\\n`, the chosen answer is the letters in alphabetical
 order, and the rejected answer breaks the rule (left unsorted, shuffled, one adjacent swap, or
-one wrong letter). A 2-layer, 64-wide Llama learns the rule from a short supervised warm-up
-on the chosen answers, and DPO then drives the held-out reward accuracy to ~1 within two minutes
-on two CPU cores.
+one wrong letter). A 2-layer, 64-wide Llama learns the rule partly from a short supervised
+warm-up on the chosen answers (about a fifth of its greedy answers to held-out prompts are then
+right); DPO with an NLL term on the chosen answers then raises that share (`eval/task_success`,
+checked by `task_eval.sort_rule`) in well under a minute on two CPU cores.
 
 The shipped data files (fastdpo/data/sort.{train,test}.jsonl) are written by
 `python -m fastdpo.trainer.embedded`; a test checks they match this generator.

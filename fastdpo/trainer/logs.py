@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 METRICS = "metrics.jsonl"
+TASK_SUCCESS = "eval/task_success"
 
 
 class RunLog:
@@ -38,6 +39,20 @@ class RunLog:
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+    def restart(self, keep_warmup: bool) -> None:
+        """Starting a run over: drop its records, except the warm-up's when its result is kept."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if keep_warmup and line.strip() and "sft_step" in json.loads(line)]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def task_success(self) -> list[tuple[int, float]]:
+        """(step, eval/task_success) of every eval so far, in order."""
+        if not self.enabled or not self.path.is_file():
+            return []
+        return [(r["step"], r[TASK_SUCCESS]) for r in read_metrics(self.path.parent) if TASK_SUCCESS in r]
 
     def info(self, message: str) -> None:
         if self.enabled:

@@ -24,13 +24,14 @@ from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     read_state,
+    remove_partial_checkpoints,
     save_checkpoint,
     save_final_model,
     write_json_atomic,
 )
-from .config import ConfigError, TrainConfig, check, resolve
+from .config import SAVED_CONFIG, ConfigError, TrainConfig, check, merge_saved, read_saved_config, resolve
 from .data import PairLoader, check_budget, prepare_data, sharded_batches
-from .logs import RunLog, peak_memory_gb
+from .logs import METRICS, TASK_SUCCESS, RunLog, peak_memory_gb
 from .loss import LossFn, attach_head, head_options, loss_config, sft_nll
 from .model import (
     check_layout,
@@ -42,6 +43,7 @@ from .model import (
     weight_dtype,
 )
 from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
+from .task_eval import rule_for, task_success
 
 WARMUP_DIR = "warmup"  # the policy after the supervised warm-up: the starting point of DPO
 FINAL_DIR = "final"
@@ -50,8 +52,14 @@ FINAL_DIR = "final"
 class DPOTrainer:
     """DPO training of a causal LM with fastdpo's losses, on one process or many (Accelerate)."""
 
-    def __init__(self, cfg: TrainConfig | None = None) -> None:
-        cfg = resolve(cfg or TrainConfig())
+    def __init__(self, cfg: TrainConfig | None = None, *, given: set[str] | None = None) -> None:
+        """`given`: with resume=True, the options set explicitly (the command line's flags); the
+        others take the run's saved values. None counts every option not at its default as given."""
+        cfg = cfg or TrainConfig()
+        saved = read_saved_config(cfg.run_dir) if cfg.resume and cfg.run_dir else None
+        if saved is not None:  # --resume continues with the run's own options
+            cfg = merge_saved(cfg, saved, given)
+        cfg = resolve(cfg)
         check(cfg)
         quiet_libraries()
         self.accelerator = make_accelerator(cfg.grad_accum)
@@ -72,6 +80,9 @@ class DPOTrainer:
         self.loader = PairLoader(self.data.train, cfg.batch_size, world=world, rank=rank, seed=cfg.seed,
                                  pad_id=self.tokenizer.pad_token_id, layout=self.layout, max_tokens=cfg.max_tokens)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.loader.per_epoch / cfg.grad_accum))
+        if self.resume_from is not None and read_state(self.resume_from)["step"] > self.total_steps:
+            raise ConfigError(f"--resume: {self.resume_from} has trained {read_state(self.resume_from)['step']} "
+                              f"steps, more than the {self.total_steps} asked for; raise --max-steps")
         self.loss_fn = LossFn(cfg, self.autocast)
         # A reference-free loss never reads the reference: do not spend a model copy or a pass on one.
         self.ref_mode = cfg.ref if loss_config(cfg).needs_reference else "none"
@@ -90,6 +101,8 @@ class DPOTrainer:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
+        if self.restart:
+            self._start_over()
         self._report_start()
         start = self._warm_up() if cfg.sft_steps else cfg.model
         if start is None:
@@ -106,6 +119,7 @@ class DPOTrainer:
         self.reference = self._make_reference(frozen, key)
         if self.resume_from is not None:
             self.step = load_checkpoint(acc, self.resume_from)["step"]
+            follow_schedule(self.scheduler)
             self.log.truncate_after(self.step)
             self.log.info(f"resumed from {self.resume_from} at step {self.step}")
         self._saved_step = self.step
@@ -154,11 +168,13 @@ class DPOTrainer:
         model = acc.prepare(model)
         optimizer, scheduler = acc.prepare(*make_optimizer(model, cfg.sft_learning_rate, cfg, cfg.sft_steps))
         self.log.start_bar(cfg.sft_steps, 0, "warm-up")
-        with StopOnSignal() as stop:
+        with StopOnSignal(self.log.info, "stopping the warm-up after this step (nothing is saved before DPO "
+                          "starts; Ctrl-C again quits at once)") as stop:
             for step in range(cfg.sft_steps):
                 if stop.requested(acc):
                     self.log.close_bar()
-                    self.log.info("interrupted during the warm-up; nothing saved")
+                    self.log.info(f"interrupted during the warm-up; nothing saved. Start over with: "
+                                  f"{self.resume_command()}")
                     return None
                 loss = self._sft_step(model, optimizer, scheduler, step)
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.sft_steps:
@@ -204,15 +220,21 @@ class DPOTrainer:
         with cpu_threads(self.cfg.cpu_threads if self.device.type == "cpu" else 0):
             summary = self._train()
         summary["seconds"] = time.perf_counter() - t0
+        if not summary["interrupted"]:
+            for line in summary_lines(summary, self.cfg.run_dir, self.log.task_success()):
+                self.log.info(line)
         return summary
 
     def _train(self) -> dict[str, Any]:
         self.setup()
         if self.model is None:
             return {"step": 0, "interrupted": True}
+        if self.step == 0:
+            self._task_eval()  # the starting policy's success, the baseline DPO must beat
         window, interrupted = Window(), False
         self.log.start_bar(self.total_steps, self.step, "dpo")
-        with StopOnSignal() as stop:
+        with StopOnSignal(self.log.info, "stopping after this step to save a checkpoint (Ctrl-C again quits "
+                          "at once, keeping the last complete checkpoint)") as stop:
             while self.step < self.total_steps and not (interrupted := stop.requested(self.accelerator)):
                 t = time.perf_counter()
                 stats = self.train_step()
@@ -289,13 +311,33 @@ class DPOTrainer:
             sums = acc.reduce(sums, "sum")
         sums = sums.tolist()
         record = {f"eval_{k}": v / sums[-1] for k, v in zip(names, sums[:-1])}
+        success = self._task_success()
+        if success is not None:
+            record[TASK_SUCCESS] = success
         self.log.write({"step": self.step, **record})
         self.log.info(f"step {self.step}: eval loss {record['eval_loss']:.4f}, reward accuracy "
                       f"{record.get('eval_rewards/accuracies', math.nan):.3f}, margin "
-                      f"{record.get('eval_rewards/margins', math.nan):.3f}")
+                      f"{record.get('eval_rewards/margins', math.nan):.3f}"
+                      + ("" if success is None else f", task success {success:.2f}"))
         self._evaluated_step = self.step
         self.last_eval = record
         return record
+
+    def _task_success(self) -> float | None:
+        """Greedy answers to the first --task-eval-prompts eval prompts, checked by the task's rule."""
+        rule = rule_for(self.cfg.dataset)
+        if rule is None or not self.cfg.task_eval_prompts or not self.data.eval:
+            return None
+        prompts = [pair.prompt for pair in self.data.eval[:self.cfg.task_eval_prompts]]
+        return task_success(self.model, self.tokenizer, prompts, rule, device=self.device, autocast=self.autocast)
+
+    def _task_eval(self) -> None:
+        """Log task success alone (before the first DPO step)."""
+        success = self._task_success()
+        if success is not None:
+            self.log.write({"step": self.step, TASK_SUCCESS: success})
+            self.log.info(f"step {self.step}: task success {success:.2f} (greedy answers to "
+                          f"{min(self.cfg.task_eval_prompts, len(self.data.eval))} held-out prompts)")
 
     def save(self) -> Path:
         """Checkpoint now (atomic; see checkpoint.py)."""
@@ -313,7 +355,7 @@ class DPOTrainer:
             summary["checkpoint"] = str(self.save())
         if interrupted:
             self.log.info(f"interrupted at step {self.step}; checkpoint saved to {summary['checkpoint']}; "
-                          f"continue with --resume --run-dir {self.cfg.run_dir}")
+                          f"continue with: {self.resume_command()}")
             return summary
         if self.data.eval and self._evaluated_step != self.step:
             self.evaluate()
@@ -323,20 +365,45 @@ class DPOTrainer:
         self.log.info(f"model saved to {summary['final_model']}")
         return summary
 
+    def _start_over(self) -> None:
+        """--resume of a run stopped before its first checkpoint: begin again in its directory,
+        keeping a finished warm-up (written whole or not at all, see save_final_model)."""
+        warmed = (Path(self.cfg.run_dir) / WARMUP_DIR / "config.json").is_file()
+        self.log.info(f"--resume: {self.cfg.run_dir} has no checkpoint yet; starting the run over in the same "
+                      "directory" + (", from its finished warm-up" if warmed else ""))
+        if self.accelerator.is_main_process:
+            self.log.restart(keep_warmup=warmed)
+            remove_partial_checkpoints(self.cfg.run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def resume_command(self) -> str:
+        """The command that continues this run (it reads the run's saved options)."""
+        import shlex
+
+        return f"fastdpo train --resume --run-dir {shlex.quote(self.cfg.run_dir)}"
+
     # ------------------------------------------------------------------------------------------
     # Start-up checks and reports
 
     def _check_run_dir(self) -> Path | None:
-        """The checkpoint to resume from, or None for a fresh run; refuses to mix two runs."""
+        """The checkpoint to resume from, or None for a fresh start; refuses to mix two runs.
+
+        Only reads: nothing in the run directory is written until every check has passed."""
         cfg = self.cfg
-        latest = latest_checkpoint(cfg.run_dir)
+        run_dir = Path(cfg.run_dir)
+        latest = latest_checkpoint(run_dir)
+        holds_run = latest is not None or any((run_dir / name).exists() for name in (SAVED_CONFIG, METRICS))
+        self.restart = False
         if not cfg.resume:
-            if latest is not None or (Path(cfg.run_dir) / "metrics.jsonl").exists():
+            if holds_run:
                 raise ConfigError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, "
                                   "or choose another --run-dir")
             return None
         if latest is None:
-            raise ConfigError(f"--resume: no checkpoint in {Path(cfg.run_dir) / 'checkpoints'}")
+            if not (run_dir / SAVED_CONFIG).is_file():
+                raise ConfigError(f"--resume: {cfg.run_dir} holds no run to continue (no {SAVED_CONFIG})")
+            self.restart = True  # stopped before its first checkpoint: start over, same directory
+            return None
         state = read_state(latest)
         global_batch = cfg.batch_size * self.accelerator.num_processes
         if (state["global_micro_batch"], state["grad_accum"]) != (global_batch, cfg.grad_accum):
@@ -460,6 +527,18 @@ def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.mixed_precision == "bf16"
 
 
+def follow_schedule(scheduler) -> None:
+    """Set the optimizer's learning rate to the schedule's value at the restored step.
+
+    A checkpoint restores the optimizer's last learning rate and the scheduler's step count, but
+    the schedule itself is rebuilt from this run's total steps: when --max-steps was raised on
+    resume, the next step must use the new schedule's rate, not the old schedule's last one. For
+    an unchanged total this recomputes the same value (the same float operations)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the torch scheduler
+    inner.last_epoch -= 1
+    inner.step()
+
+
 def make_optimizer(model, lr: float, cfg: TrainConfig, steps: int):
     """AdamW over the trainable parameters, with linear warm-up then the chosen decay."""
     from transformers import get_scheduler
@@ -473,15 +552,42 @@ def make_optimizer(model, lr: float, cfg: TrainConfig, steps: int):
     return optimizer, scheduler
 
 
+def summary_lines(summary: dict[str, Any], run_dir: str, task_success: list[tuple[int, float]]) -> list[str]:
+    """The end-of-run report: time, steps, final eval, where everything is, and the plot command."""
+    import shlex
+
+    minutes, seconds = divmod(round(summary["seconds"]), 60)
+    lines = [f"done: {summary['step']} DPO steps in {minutes}m {seconds:02d}s (wall time, set-up and warm-up included)"]
+    ev = summary.get("eval") or {}
+    if ev:
+        lines.append(f"  final eval:  loss {ev['eval_loss']:.4f}, reward accuracy "
+                     f"{ev.get('eval_rewards/accuracies', math.nan):.3f}, margin {ev.get('eval_rewards/margins', math.nan):.3f}")
+    if task_success:
+        (s0, first), (s1, last) = task_success[0], task_success[-1]
+        lines.append(f"  task success (greedy answers checked by the task's rule): {first:.2f} at step {s0} "
+                     f"-> {last:.2f} at step {s1}")
+    run = Path(run_dir)
+    latest = latest_checkpoint(run)
+    lines += [f"  metrics:     {run / METRICS}",
+              f"  checkpoints: {run / 'checkpoints'}" + (f" (latest {latest.name})" if latest else ""),
+              f"  final model: {summary.get('final_model', '-')}",
+              f"  plot:        fastdpo plot {shlex.quote(run_dir)}"]
+    return lines
+
+
 class Window:
     """Metrics summed over the steps since the last log line."""
 
     COUNTS = ("tokens", "real_tokens")  # summed over the window and the ranks, not averaged
 
     def __init__(self) -> None:
+        self.last_rate = 0.0  # tokens/s of the latest step, for the progress bar (kept across flushes)
+        self._reset()
+
+    def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts = dict.fromkeys(self.COUNTS, 0)
-        self.steps, self.seconds, self.last_rate = 0, 0.0, 0.0
+        self.steps, self.seconds = 0, 0.0
 
     def add(self, stats: dict, seconds: float) -> None:
         for name, value in stats.items():
@@ -508,15 +614,20 @@ class Window:
         for name, total in zip(self.COUNTS, values[-k:].tolist()):
             record[name] = int(total)
             record[f"{name}/s"] = total / max(self.seconds, 1e-9)
-        self.__init__()
+        self._reset()  # not last_rate: the bar shows it right after this flush
         return record
 
 
 class StopOnSignal:
     """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, so that a
-    checkpoint can be saved; a second Ctrl-C aborts at once."""
+    checkpoint can be saved, and says so at once; a second one raises KeyboardInterrupt where the
+    program is (a checkpoint being written then stays a hidden temporary: `latest` still names
+    the last complete one)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, notify=None, message: str = "stopping after this step") -> None:
+        self.notify, self.message = notify, message
 
     def __enter__(self) -> "StopOnSignal":
         self.flag = False
@@ -527,8 +638,11 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.flag:
+            raise KeyboardInterrupt
         self.flag = True
-        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))  # the next one is not caught
+        if self.notify is not None:
+            self.notify(f"{signal.Signals(signum).name}: {self.message}")
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():

@@ -1,0 +1,66 @@
+"""Task success by generation: the sort rule and batched greedy decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdpo.trainer import embedded
+from fastdpo.trainer.task_eval import greedy_decode, rule_for, sort_rule, task_success
+
+
+def test_sort_rule():
+    assert sort_rule("sort: dcba\n", "abcd")
+    assert sort_rule("sort: aab\n", "aab")
+    assert not sort_rule("sort: dcba\n", "abdc")
+    assert not sort_rule("sort: aab\n", "ab")  # a dropped duplicate is wrong
+    assert not sort_rule("sort: dcba\n", "abcd ")
+    assert not sort_rule("reverse: dcba\n", "abcd")
+    assert rule_for("fastdpo:sort") is sort_rule and rule_for("my.jsonl") is None
+
+
+def naive_greedy(model, prompt: list[int], eos: int, steps: int) -> list[int]:
+    """One prompt at a time, from the logits of the whole sequence at every step."""
+    ids = list(prompt)
+    for _ in range(steps):
+        nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        ids.append(nxt)
+    return ids[len(prompt):]
+
+
+def test_batched_greedy_decoding_matches_one_prompt_at_a_time():
+    tokenizer = embedded.build_tokenizer()
+    torch.manual_seed(0)
+    model = embedded.build_model(tokenizer, seed=3).eval()
+    rows = embedded.make_split("test")[:12]
+    prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    got = greedy_decode(model, prompts, eos_id=tokenizer.eos_token_id, max_new_tokens=6, device=torch.device("cpu"))
+    with torch.no_grad():
+        want = [naive_greedy(model, p, tokenizer.eos_token_id, 6) for p in prompts]
+    assert got == want
+
+
+def test_task_success_counts_rule_passes():
+    tokenizer = embedded.build_tokenizer()
+    rows = embedded.make_split("test")[:5]
+    prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    answers = {tuple(p): tokenizer(r["chosen"] if i % 2 == 0 else r["rejected"], add_special_tokens=False)["input_ids"]
+               for i, (p, r) in enumerate(zip(prompts, rows))}
+
+    class Oracle(torch.nn.Module):
+        """Emits a fixed answer per prompt, then EOS: right for even rows, wrong for odd ones."""
+
+        def forward(self, input_ids):
+            out = torch.full((*input_ids.shape, len(tokenizer)), -1.0)
+            for r, row in enumerate(input_ids.tolist()):
+                for n in range(len(row), 0, -1):
+                    if tuple(row[:n]) in answers:
+                        answer, done = answers[tuple(row[:n])], len(row) - n
+                        nxt = answer[done] if done < len(answer) else tokenizer.eos_token_id
+                        out[r, -1, nxt] = 1.0
+                        break
+            return type("Out", (), {"logits": out})()
+
+    assert task_success(Oracle(), tokenizer, prompts, sort_rule, device=torch.device("cpu")) == pytest.approx(3 / 5)
