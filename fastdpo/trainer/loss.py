@@ -17,14 +17,18 @@ from contextlib import nullcontext
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from fastdpo.attention import activation_dtype, model_inputs
 from fastdpo.dpo import loss_from_rows
-from fastdpo.head import HeadOptions, RowStats, install_head
 from fastdpo.layouts import LayoutBatch
 from fastdpo.linear import _spec_for
 from fastdpo.losses import LossConfig
 
 from .config import ConfigError, TrainConfig
+
+if TYPE_CHECKING:  # fastdpo.head needs transformers, which `fastdpo train` checks for before importing it
+    from fastdpo.head import HeadOptions, RowStats
 
 HEAD_MODES = {"fused": "logits", "fused_linear": "linear", "reference": "eager"}
 
@@ -46,11 +50,15 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
 
 def head_options(cfg: TrainConfig) -> HeadOptions:
     """The head's mode for --loss-impl; token metrics (TRL's entropy, top-1) are not logged here."""
+    from fastdpo.head import HeadOptions
+
     return HeadOptions(mode=HEAD_MODES[cfg.loss_impl], token_metrics=False, inplace_backward=cfg.inplace_backward)
 
 
 def attach_head(model, options: HeadOptions) -> None:
     """Install the head on the causal LM inside `model` (under PEFT, its base model)."""
+    from fastdpo.head import install_head
+
     install_head(causal_lm(model), options)
 
 
