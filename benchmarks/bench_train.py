@@ -177,7 +177,7 @@ def fastdpo_steps(model, pairs, P: int, impl: str, layout: str, device, steps: i
     from fastdpo.trainer.config import TrainConfig
     from fastdpo.trainer.loss import LossFn, attach_head, head_options, sequence_logps
 
-    cfg = TrainConfig(loss_impl=impl)
+    cfg = TrainConfig(loss_impl=impl, loss_type="sigmoid")  # TRL's default loss
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     for m in (model, ref):
         attach_head(m, head_options(cfg))
