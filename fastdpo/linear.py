@@ -87,10 +87,12 @@ def linear_sequence_stats(
     grad_spec: tuple[str, torch.Tensor] | None = None,
     prefix: str = "",
     layout: TokenLayout | None = None,
+    log_sum_sq: bool = False,
 ) -> SequenceStats:
     """Validate, then run the fused linear pass: per-row log-probs, counts and, on request, score
-    sums (`sum_scores`) and the entropy sums and top-1 counts of TRL's token metrics
-    (`token_metrics`), all from the same chunks of logits.
+    sums (`sum_scores`), the entropy sums and top-1 counts of TRL's token metrics
+    (`token_metrics`) and the sums of log sum_v p_v^2 that WPO's weights need (`log_sum_sq`), all
+    from the same chunks of logits.
 
     `grad_spec` = (loss spec, reference rows) selects the grad-in-forward op for that loss.
     `layout` is the labels' prepared TokenLayout when the caller shares it between two passes.
@@ -111,16 +113,17 @@ def linear_sequence_stats(
     args = (1.0 / temperature, softcap, sum_scores, token_metrics, chunk, vocab_chunk)
     if grad_spec is not None and any(want):
         spec, ref_rows = grad_spec
-        logps, zsum, ent, top1, *_ = linear_logps_grad_in_forward(flat_hidden, weight, bias, flat, offsets, ref_rows,
-                                                                  spec, *args, *want)
+        logps, zsum, ent, top1, _lse, lss, *_ = linear_logps_grad_in_forward(
+            flat_hidden, weight, bias, flat, offsets, ref_rows, spec, *args, *want, log_sum_sq)
     else:
-        logps, zsum, ent, top1, _lse = linear_logps(flat_hidden, weight, bias, flat, offsets, *args)
+        logps, zsum, ent, top1, _lse, lss = linear_logps(flat_hidden, weight, bias, flat, offsets, *args, log_sum_sq)
 
     def detached(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
         return x.detach() if wanted else None
 
     return SequenceStats(logps=logps, counts=counts, score_sums=detached(zsum, sum_scores),
-                         entropy_sums=detached(ent, token_metrics), top1_counts=detached(top1, token_metrics))
+                         entropy_sums=detached(ent, token_metrics), top1_counts=detached(top1, token_metrics),
+                         log_sum_sq_sums=detached(lss, log_sum_sq))
 
 
 def linear_sequence_logps(
