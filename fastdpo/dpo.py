@@ -14,7 +14,7 @@ from torch import nn
 
 from . import validation as V
 from .logps import _check_options, layout_stats, token_layout
-from .losses import LossConfig, PairLogps, preference_loss
+from .losses import LossConfig, PairLogps, preference_loss, wpo_weights
 from .metrics import preference_metrics
 from .packed import check_cu_seqlens
 
@@ -57,9 +57,11 @@ def loss_from_rows(
     score_sums: torch.Tensor | None = None,
     vocab: int = 0,
     return_metrics: bool = False,
+    pair_weights: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss (and metrics) from per-row results laid out as [chosen; rejected]."""
-    pairs = PairLogps.from_rows(logps, ref_logps, counts)
+    """The loss (and metrics) from per-row results laid out as [chosen; rejected]; `pair_weights`
+    [P] are WPO's (read when cfg.use_weighting)."""
+    pairs = PairLogps.from_rows(logps, ref_logps, counts, pair_weights)
     loss = preference_loss(pairs, cfg)
     if not return_metrics:
         return loss
@@ -138,9 +140,17 @@ def fused_dpo_loss(
         ref_pass = lambda: layout_stats(ref_logits, layout, name="ref_logits", **scores).logps  # noqa: E731
     ref = resolve_reference(cfg, rows, policy_logits, ref_logps, reference_free, ref_pass)
     policy = layout_stats(policy_logits, layout, sum_scores=return_metrics, inplace_backward=inplace_backward,
-                          name="policy_logits", **scores)
+                          name="policy_logits", log_sum_sq=cfg.use_weighting, **scores)
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
-                          vocab=policy_logits.shape[-1], return_metrics=return_metrics)
+                          vocab=policy_logits.shape[-1], return_metrics=return_metrics,
+                          pair_weights=policy_weights(policy, cfg))
+
+
+def policy_weights(policy, cfg: LossConfig) -> torch.Tensor | None:
+    """WPO's per-pair weights from a policy pass run with `log_sum_sq=cfg.use_weighting`, else None."""
+    if not cfg.use_weighting:
+        return None
+    return wpo_weights(policy.logps, policy.log_sum_sq_sums, policy.counts)
 
 
 class FusedDPOLoss(nn.Module):

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from . import validation as V
-from .dpo import loss_from_rows, resolve_reference
+from .dpo import loss_from_rows, policy_weights, resolve_reference
 from .linear_ops import linear_logps, linear_logps_grad_in_forward, loss_spec
 from .logps import SequenceStats, TokenLayout, _check_options, build_layout
 from .losses import COUPLED_LOSSES, LossConfig
@@ -170,6 +170,10 @@ def linear_sequence_logps(
 
 def _spec_for(cfg: LossConfig, options: dict[str, Any], grad_in_forward: bool | None) -> str | None:
     """The loss as a string for the grad-in-forward op, or None to take the recompute path."""
+    if cfg.use_weighting:  # the guess would need the weights inside the op: the backward recomputes
+        if grad_in_forward:
+            raise ValueError("grad_in_forward=True does not support use_weighting (WPO); leave it None")
+        return None
     if grad_in_forward is None:
         grad_in_forward = not any(name in COUPLED_LOSSES for name in cfg.types)
     if not grad_in_forward or not all(_literal(v) for v in options.values()):
@@ -295,9 +299,11 @@ def fused_linear_dpo_loss(
     ref = resolve_reference(cfg, rows, hidden, ref_logps, reference_free, ref_pass)
     spec = _spec_for(cfg, options, grad_in_forward)
     policy = linear_sequence_stats(hidden, weight, labels, bias=bias, sum_scores=return_metrics,
-                                   grad_spec=None if spec is None else (spec, ref), **common)
+                                   grad_spec=None if spec is None else (spec, ref), log_sum_sq=cfg.use_weighting,
+                                   **common)
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
-                          vocab=weight.shape[0], return_metrics=return_metrics)
+                          vocab=weight.shape[0], return_metrics=return_metrics,
+                          pair_weights=policy_weights(policy, cfg))
 
 
 class FusedLinearDPOLoss(nn.Module):

@@ -38,6 +38,7 @@ from transformers.utils import ModelOutput
 
 from ..linear import linear_sequence_stats
 from ..logps import sequence_stats
+from ..packed import segment_sums
 
 MODES = ("logits", "linear")
 CALLS = ("policy", "reference")
@@ -50,6 +51,7 @@ class HeadOptions:
     mode: str = "logits"
     token_metrics: bool = True
     inplace_backward: bool = True
+    log_sum_sq: bool = False  # policy calls also sum WPO's log sum_v p_v^2 (same pass as the log-probs)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -74,6 +76,8 @@ class RowStats(ModelOutput):
     entropy_sums: torch.Tensor | None = None  # sum over positions of the next-token entropy
     top1_counts: torch.Tensor | None = None  # positions whose label is the (first) argmax
     vocab: int | None = None
+    log_sum_sq_sums: torch.Tensor | None = None  # sum over positions of log sum_v p_v^2 (WPO), when asked
+    tail_logps: torch.Tensor | None = None  # LD-DPO: the part of `logps` beyond the row's first `shared` tokens
 
 
 def install_head(model: torch.nn.Module, options: HeadOptions) -> None:
@@ -94,7 +98,7 @@ def install_head(model: torch.nn.Module, options: HeadOptions) -> None:
         if fastdpo_head not in CALLS:
             raise ValueError(f"fastdpo_head must be one of {CALLS}, got {fastdpo_head!r}")
         return head_forward(self, args, kwargs, self._fastdpo_head_options, fastdpo_head == "policy",
-                            kwargs.pop("fastdpo_grad", None))
+                            kwargs.pop("fastdpo_grad", None), kwargs.pop("fastdpo_shared", None))
 
     model.forward = types.MethodType(forward, model)
     model._fastdpo_head_options = options
@@ -115,12 +119,14 @@ def logit_transform(config: Any) -> tuple[float, float | None]:
 
 
 def head_forward(model, args: tuple, kwargs: dict, options: HeadOptions, policy: bool,
-                 grad_spec: tuple[str, torch.Tensor] | None = None) -> RowStats:
+                 grad_spec: tuple[str, torch.Tensor] | None = None, shared: torch.Tensor | None = None) -> RowStats:
     """Backbone, shift, then per-row statistics in the chosen mode.
 
     `grad_spec` = (loss spec, reference rows), in "linear" mode, lets the fused-linear op build the
     gradients during the forward for that loss (6 N H V FLOPs instead of 8); its backward checks
     the guess against the true row gradient and recomputes exactly when they differ.
+    `shared` [B] (LD-DPO): also return `tail_logps`, the sum over each row's scored tokens after
+    its first shared[b] ones.
     """
     labels = kwargs.pop("labels", None)
     if labels is None:
@@ -134,9 +140,33 @@ def head_forward(model, args: tuple, kwargs: dict, options: HeadOptions, policy:
     labels = labels[:, 1:].to(lm_head.weight.device)
     scale, softcap = logit_transform(model.config)
     want = policy  # the reference pass needs the log-probs only
+    if shared is not None:
+        return _with_tail(hidden, labels, lm_head, scale, softcap, options, want, shared.to(labels.device))
     if options.mode == "linear":
         return _from_linear(hidden, labels, lm_head, scale, softcap, options, want, grad_spec)
     return _from_logits(hidden, labels, lm_head, scale, softcap, options, want)
+
+
+def _with_tail(hidden, labels, lm_head, scale, softcap, options: HeadOptions, metrics: bool,
+               shared: torch.Tensor) -> RowStats:
+    """LD-DPO's split, with no per-token tensor beyond [B, T]: each row is cut after its shared[b]-th
+    scored token, and the pass sums the 2B pieces (row b's shared part, then its tail) as segments of
+    the flat batch; logps = shared + tail, tail_logps = tail."""
+    B, T = labels.shape
+    rank = (labels != -100).cumsum(-1)  # [B, T]: scored tokens up to and including t
+    cut = (rank <= shared[:, None]).sum(-1) + torch.arange(B, device=labels.device) * T
+    ends = torch.arange(1, B + 1, device=labels.device) * T
+    cu_seqlens = torch.cat([cut.new_zeros(1), torch.stack([cut, ends], 1).flatten()])
+    flat_hidden, flat_labels = hidden.reshape(1, B * T, -1), labels.reshape(1, B * T)
+    if options.mode == "linear":
+        stats = _from_linear(flat_hidden, flat_labels, lm_head, scale, softcap, options, metrics, None, cu_seqlens)
+    else:
+        stats = _from_logits(flat_hidden, flat_labels, lm_head, scale, softcap, options, metrics, cu_seqlens)
+    halves = {}
+    for name in ("logps", "counts", "score_sums", "entropy_sums", "top1_counts", "log_sum_sq_sums"):
+        value = getattr(stats, name)
+        halves[name] = None if value is None else value.view(B, 2).sum(-1)
+    return RowStats(**halves, vocab=stats.vocab, tail_logps=stats.logps.view(B, 2)[:, 1])
 
 
 def _rows(values: torch.Tensor | None, rows: torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -146,11 +176,16 @@ def _rows(values: torch.Tensor | None, rows: torch.Tensor, batch: int) -> torch.
     return values.new_zeros(batch).index_add(0, rows, values)
 
 
-def _from_logits(hidden, labels, lm_head, scale, softcap, options: HeadOptions, metrics: bool) -> RowStats:
+def _from_logits(hidden, labels, lm_head, scale, softcap, options: HeadOptions, metrics: bool,
+                 cu_seqlens: torch.Tensor | None = None) -> RowStats:
     valid = labels != -100
     rows = valid.nonzero(as_tuple=True)[0]
     B, vocab = labels.shape[0], lm_head.weight.shape[0]
     counts = valid.sum(-1)
+    if cu_seqlens is not None:  # a packed [1, tokens] batch: rows are its segments
+        rows = torch.bucketize(valid.flatten().nonzero(as_tuple=True)[0], cu_seqlens[1:], right=True)
+        B = cu_seqlens.numel() - 1
+        counts = segment_sums(valid.flatten(), cu_seqlens)
     if rows.numel() == 0:  # a differentiable zero keeps an all-masked micro-batch in the graph
         return RowStats(logps=hidden.sum() * 0.0 + hidden.new_zeros(B, dtype=torch.float32), counts=counts)
     targets = labels[valid]
@@ -167,14 +202,16 @@ def _from_logits(hidden, labels, lm_head, scale, softcap, options: HeadOptions, 
         logits.unsqueeze(1), targets.unsqueeze(1), temperature=temperature, softcap=softcap,
         sum_scores=metrics, token_metrics=token_metrics,
         inplace_backward=options.inplace_backward and torch.is_grad_enabled(),
+        log_sum_sq=metrics and options.log_sum_sq,
     )
     return RowStats(logps=_rows(stats.logps, rows, B), counts=counts, vocab=vocab,
                     score_sums=_rows(stats.score_sums, rows, B),
-                    entropy_sums=_rows(stats.entropy_sums, rows, B), top1_counts=_rows(stats.top1_counts, rows, B))
+                    entropy_sums=_rows(stats.entropy_sums, rows, B), top1_counts=_rows(stats.top1_counts, rows, B),
+                    log_sum_sq_sums=_rows(stats.log_sum_sq_sums, rows, B))
 
 
 def _from_linear(hidden, labels, lm_head, scale, softcap, options: HeadOptions, metrics: bool,
-                 grad_spec=None) -> RowStats:
+                 grad_spec=None, cu_seqlens: torch.Tensor | None = None) -> RowStats:
     weight, bias = _full(lm_head.weight), _full(lm_head.bias)
     if torch.is_autocast_enabled(hidden.device.type):  # as lm_head(hidden) would run under autocast
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -186,9 +223,11 @@ def _from_linear(hidden, labels, lm_head, scale, softcap, options: HeadOptions, 
     token_metrics = metrics and options.token_metrics
     # Entropy and top-1 come from the chunks of logits that give the log-probs: no second matmul.
     stats = linear_sequence_stats(hidden, weight, labels, bias=bias, ignore_index=-100, softcap=softcap,
-                                  sum_scores=metrics, token_metrics=token_metrics, grad_spec=grad_spec)
-    return RowStats(logps=stats.logps, counts=(labels != -100).sum(-1), score_sums=stats.score_sums,
-                    entropy_sums=stats.entropy_sums, top1_counts=stats.top1_counts, vocab=weight.shape[0])
+                                  sum_scores=metrics, token_metrics=token_metrics, grad_spec=grad_spec,
+                                  log_sum_sq=metrics and options.log_sum_sq, cu_seqlens=cu_seqlens)
+    return RowStats(logps=stats.logps, counts=stats.counts, score_sums=stats.score_sums,
+                    entropy_sums=stats.entropy_sums, top1_counts=stats.top1_counts, vocab=weight.shape[0],
+                    log_sum_sq_sums=stats.log_sum_sq_sums)
 
 
 def _full(p: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,86 @@
+"""TRL DPOConfig options beyond the loss type: f-divergences, WPO weighting (use_weighting), LD-DPO
+(ld_alpha), and TRL's completion-token counts with an empty prompt, a one-token answer and a
+truncated answer. "Same as TRL" is checked against TRL's own DPOTrainer (the pattern of
+test_integration_trl.py); the formulas themselves against float64 implementations written here
+from the papers and TRL's definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+import fastdpo
+from test_integration_trl import (  # noqa: F401  (fixtures)
+    ATOL, BETA, RTOL, WORDS, assert_same_step, build, dataset, dpo_args, loss_grads_metrics, models_, tokenizer,
+    train_two_steps,
+)
+
+MODES = ["logits", "linear"] if hasattr(fastdpo, "linear_sequence_logps") else ["logits"]
+
+OPTIONS = {
+    "forward_kl": dict(f_divergence_type="forward_kl"),
+    "js_divergence": dict(f_divergence_type="js_divergence", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    "alpha_divergence": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3,
+                             loss_type=["ipo"]),
+    "use_weighting": dict(use_weighting=True, loss_type=["sigmoid", "sigmoid_norm"], loss_weights=[1.0, 0.5]),
+    "ld_alpha": dict(ld_alpha=0.3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_option_two_steps_match_trl(option, mode, models_, tokenizer, dataset, tmp_path):
+    overrides = OPTIONS[option]
+    expected = train_two_steps(build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a", **overrides)))
+    actual = train_two_steps(build("fast", models_, tokenizer, dataset, dpo_args(tmp_path / "b", **overrides),
+                                   mode=mode))
+    assert_same_training(expected, actual)
+
+
+def assert_same_training(expected, actual):
+    """test_integration_trl's check, with the update compared to one fp32 ulp of a weight near 1 on top:
+    the update is the difference of two fp32 parameters, so it carries their rounding (2^-24 for a
+    layer-norm weight in [0.5, 1)) whatever the gradient's accuracy."""
+    (logs_e, upd_e), (logs_a, upd_a) = expected, actual
+    for step_e, step_a in zip(logs_e, logs_a):
+        assert set(step_e) == set(step_a), set(step_e) ^ set(step_a)
+        for key, value in step_e.items():
+            assert step_a[key] == pytest.approx(value, rel=RTOL, abs=ATOL), (key, step_a["step"])
+    assert any(u.abs().max() > 1e-3 for u in upd_e.values())  # the steps did move the weights
+    for name, u in upd_e.items():
+        atol = 1e-5 * u.abs().max().item() + 2.0**-23
+        torch.testing.assert_close(upd_a[name], u, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+
+# ---- TRL's completion-token counts: empty prompt, one-token answer, truncated answer ------------
+@pytest.fixture(scope="module")
+def edge_dataset():
+    """Row 0: empty prompt (its first completion token is at position 0, which no label scores, and
+    TRL's ipo / sigmoid_norm still count it); row 1: one-token answers; row 2: answers cut by
+    max_length; row 3: an ordinary pair."""
+    w = lambda *ids: " ".join(WORDS[i] for i in ids)  # noqa: E731
+    rows = [
+        {"prompt": "", "chosen": w(1, 2, 3), "rejected": w(4, 5)},
+        {"prompt": w(6, 7), "chosen": " " + w(8), "rejected": " " + w(9)},
+        {"prompt": w(10), "chosen": " " + w(*range(11)), "rejected": " " + w(*range(3, 15))},
+        {"prompt": w(1, 3), "chosen": " " + w(5, 7), "rejected": " " + w(2, 4, 6)},
+    ]
+    return Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("loss_type", [["ipo"], ["sigmoid_norm"], ["ipo", "sigmoid_norm", "sft"]])
+def test_length_normalized_counts_match_trl(loss_type, mode, models_, tokenizer, edge_dataset, tmp_path):
+    args = dict(loss_type=loss_type, max_length=8)
+    trl_trainer = build("trl", models_, tokenizer, edge_dataset, dpo_args(tmp_path / "a", **args))
+    fast_trainer = build("fast", models_, tokenizer, edge_dataset, dpo_args(tmp_path / "b", **args), mode=mode)
+    batch = trl_trainer.data_collator([trl_trainer.train_dataset[i] for i in range(4)])
+    mask = batch["completion_mask"]
+    assert mask[0, 0] == 1 and mask[2, -1] == 1 and mask[6, -1] == 1  # the empty prompt; answers cut by max_length
+    assert (mask.sum(-1) == 2).any()  # a one-token answer (plus its end-of-sequence token)
+    assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch), loss_type)
