@@ -75,12 +75,16 @@ def edge_dataset():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("loss_type", [["ipo"], ["sigmoid_norm"], ["ipo", "sigmoid_norm", "sft"]])
-def test_length_normalized_counts_match_trl(loss_type, mode, models_, tokenizer, edge_dataset, tmp_path):
-    args = dict(loss_type=loss_type, max_length=8)
+@pytest.mark.parametrize("truncation", ["keep_start", "keep_end"])
+def test_length_normalized_counts_match_trl(loss_type, truncation, mode, models_, tokenizer, edge_dataset, tmp_path):
+    args = dict(loss_type=loss_type, max_length=8, truncation_mode=truncation)
     trl_trainer = build("trl", models_, tokenizer, edge_dataset, dpo_args(tmp_path / "a", **args))
     fast_trainer = build("fast", models_, tokenizer, edge_dataset, dpo_args(tmp_path / "b", **args), mode=mode)
     batch = trl_trainer.data_collator([trl_trainer.train_dataset[i] for i in range(4)])
     mask = batch["completion_mask"]
-    assert mask[0, 0] == 1 and mask[2, -1] == 1 and mask[6, -1] == 1  # the empty prompt; answers cut by max_length
-    assert (mask.sum(-1) == 2).any()  # a one-token answer (plus its end-of-sequence token)
+    assert mask[0, 0] == 1 and (mask.sum(-1) == 2).any()  # the empty prompt; a one-token answer (and its EOS)
+    if truncation == "keep_start":
+        assert mask[2, -1] == 1 and mask[6, -1] == 1  # answers cut by max_length
+    else:  # keep_end cuts from the left: the long rows keep only completion tokens, from position 0
+        assert mask[2].all() and mask[6].all()
     assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch), loss_type)
