@@ -88,3 +88,46 @@ def test_length_normalized_counts_match_trl(loss_type, truncation, mode, models_
     else:  # keep_end cuts from the left: the long rows keep only completion tokens, from position 0
         assert mask[2].all() and mask[6].all()
     assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch), loss_type)
+
+
+# ---- LD-DPO against its definition, and TRL's precompute with it --------------------------------
+def ld_logps64(model, batch, alpha):
+    """LD-DPO (Liu et al., 2024, arXiv:2409.06411) as TRL 1.16 defines it, float64 from the logits: a
+    row's first l_p scored tokens count fully and the rest with weight alpha, l_p the smaller
+    number of scored tokens of the pair's two answers."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    scored = batch["completion_mask"][:, 1:].bool()
+    P = scored.shape[0] // 2
+    lengths = scored.sum(-1)
+    shared = torch.minimum(lengths[:P], lengths[P:]).repeat(2)
+    out = torch.zeros(scored.shape[0], dtype=torch.float64)
+    for b in range(scored.shape[0]):
+        tokens = logp[b][scored[b]]
+        out[b] = tokens[: shared[b]].sum() + alpha * tokens[shared[b]:].sum()
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ld_alpha_matches_float64_definition(mode, models_, tokenizer, dataset, tmp_path):
+    alpha = 0.25
+    trainer = build("fast", models_, tokenizer, dataset, dpo_args(tmp_path, ld_alpha=alpha), mode=mode)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    P = batch["input_ids"].shape[0] // 2
+    lengths = batch["completion_mask"][:, 1:].sum(-1)
+    assert (lengths[:P] != lengths[P:]).all()  # every pair has a tail to weight
+    trainer._metrics["train"].clear()
+    loss = trainer.compute_loss(trainer.model, batch)
+    logps, ref = ld_logps64(trainer.model, batch, alpha), ld_logps64(trainer.ref_model, batch, alpha)
+    d = (logps[:P] - ref[:P]) - (logps[P:] - ref[P:])
+    assert loss.item() == pytest.approx(F.softplus(-BETA * d).mean().item(), rel=1e-5)
+    assert trainer._metrics["train"]["logps/chosen"][-1] == pytest.approx(logps[:P].mean().item(), rel=1e-5)
+
+
+def test_ld_alpha_precompute_matches_trl(models_, tokenizer, dataset, tmp_path):
+    args = dict(ld_alpha=0.4, precompute_ref_log_probs=True)
+    trainers = [build(kind, models_, tokenizer, dataset, dpo_args(tmp_path / kind, **args)) for kind in ("trl", "fast")]
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        expected, actual = (torch.tensor(t.train_dataset[column]) for t in trainers)
+        torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
