@@ -111,7 +111,10 @@ def fused_dpo_loss(
         cu_seqlens: for a packed, padding-free batch: logits [1, total_tokens, V] (ref_logits
             the same), labels and mask [1, total_tokens], and int32/int64 [B + 1] cumulative row
             lengths (flash-attention's varlen convention); rows are [chosen; rejected] as above.
-        **loss_options: extra hyper-parameters of specific loss types (see ``LossConfig``).
+        **loss_options: extra hyper-parameters of specific loss types (see ``LossConfig``), and
+            the family-wide ``f_divergence_type`` / ``f_alpha_divergence_coef`` (f-DPO) and
+            ``use_weighting`` (WPO: the per-token log sum_v p_v^2 it needs comes from the same
+            kernel pass as the log-probs).
 
     Returns:
         The scalar loss (mean over pairs), or ``(loss, metrics)`` with ``return_metrics=True``.

@@ -264,7 +264,7 @@ def fused_linear_dpo_loss(
             [1, total_tokens], int32/int64 [B + 1] cumulative row lengths; rows as above.
         grad_in_forward: build the gradients in the forward pass, pair group by pair group
             (6 N H V FLOPs instead of 8; one backward per call). Default: on unless a loss couples
-            pairs (aot family). Always exact: the backward checks the row gradients it receives
+            pairs (aot family) or ``use_weighting`` is set. Always exact: the backward checks the row gradients it receives
             and recomputes if they are not the ones the forward assumed. The gradient work is
             done whenever an input requires grad and grad mode is on, so evaluate under
             ``torch.no_grad()`` (then only the 2 N H V forward runs).
