@@ -210,3 +210,38 @@ def test_wpo_needs_weights_and_recomputes_in_linear_mode():
     with pytest.raises(ValueError, match="grad_in_forward"):
         fused_linear_dpo_loss(hidden, weight, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2),
                               use_weighting=True, grad_in_forward=True)
+
+
+# ---- the trainer: --loss-options reach every loss path ------------------------------------------
+def test_trainer_loss_paths_agree_with_f_divergence_and_wpo(tmp_path):
+    """fused, fused_linear and the eager reference (which takes WPO's statistic from a second
+    log_softmax of the whole logits) give the same loss and gradients through the trainer's LossFn."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from train_helpers import tiny_config
+
+    from fastdpo.trainer import ConfigError
+    from fastdpo.trainer.data import Batch
+    from fastdpo.trainer.loss import LossFn, loss_config
+
+    options = {"f_divergence_type": "js_divergence", "use_weighting": True}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(0, 23, (4, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = Batch(ids, torch.ones_like(ids), labels, torch.arange(2))
+    ref = -20 - torch.rand(4)
+    results = []
+    for impl in ("fused", "fused_linear", "reference"):
+        fn = LossFn(tiny_config(tmp_path / impl, loss_type="ipo", loss_impl=impl, loss_options=options), False)
+        model.zero_grad()
+        loss, _ = fn(model, batch, ref)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-6)
+        for g, g0 in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="only defined for"):
+        loss_config(tiny_config(tmp_path / "bad", loss_type="nca_pair", loss_options={"f_divergence_type": "forward_kl"}))
