@@ -170,10 +170,6 @@ def linear_sequence_logps(
 
 def _spec_for(cfg: LossConfig, options: dict[str, Any], grad_in_forward: bool | None) -> str | None:
     """The loss as a string for the grad-in-forward op, or None to take the recompute path."""
-    if cfg.use_weighting:  # the guess would need the weights inside the op: the backward recomputes
-        if grad_in_forward:
-            raise ValueError("grad_in_forward=True does not support use_weighting (WPO); leave it None")
-        return None
     if grad_in_forward is None:
         grad_in_forward = not any(name in COUPLED_LOSSES for name in cfg.types)
     if not grad_in_forward or not all(_literal(v) for v in options.values()):
@@ -264,7 +260,7 @@ def fused_linear_dpo_loss(
             [1, total_tokens], int32/int64 [B + 1] cumulative row lengths; rows as above.
         grad_in_forward: build the gradients in the forward pass, pair group by pair group
             (6 N H V FLOPs instead of 8; one backward per call). Default: on unless a loss couples
-            pairs (aot family) or ``use_weighting`` is set. Always exact: the backward checks the row gradients it receives
+            pairs (aot family). Always exact: the backward checks the row gradients it receives
             and recomputes if they are not the ones the forward assumed. The gradient work is
             done whenever an input requires grad and grad mode is on, so evaluate under
             ``torch.no_grad()`` (then only the 2 N H V forward runs).

@@ -421,7 +421,8 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
 
     `loss_grad(rows)` is dLoss/dlogps [B] at per-row log-probs `rows` [B] (or None when it cannot
     be computed: that group's guess is NaN and the backward recomputes); it is called once per
-    group, with the rows not computed yet holding placeholders. So the gradient used for a group
+    group, with the rows not computed yet holding placeholders. With `log_sum_sq` it is called as
+    `loss_grad(rows, log_sum_sq_rows)`, the rows' sums of log sum_v p_v^2 that WPO's weights need. So the gradient used for a group
     is exact when a pair's gradient depends on that pair alone (every loss that does not sort or
     otherwise couple pairs); the caller verifies that guess against the true gradient.
 
@@ -440,6 +441,7 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     # a Python int, so the loop never copies to the device nor waits for it.
     group_id = _group_ids(groups, counts.numel(), hidden.device)
     current = -counts
+    current_lss = -counts  # with log_sum_sq: WPO weight exp(0) = 1 for the rows not computed yet
     guess = torch.zeros_like(current)
     for k, (_, chunk) in enumerate(groups):
         # A group fits in one chunk unless it is a single pair longer than a chunk: then its
@@ -449,7 +451,11 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
             pos, idx, h, z = run.logits(piece)
             _store(per_token, pos, run.token_forward(z, pos, sum_scores, token_metrics, log_sum_sq))
         current = torch.where(group_id <= k, segment_sums(logp, plan.starts_t), current)
-        g = loss_grad(current)
+        if log_sum_sq:
+            current_lss = torch.where(group_id <= k, segment_sums(per_token[5], plan.starts_t), current_lss)
+            g = loss_grad(current, current_lss)
+        else:
+            g = loss_grad(current)
         rows = group_id == k
         if g is None:  # no gradient available here: a NaN guess makes the backward recompute
             guess = torch.where(rows, float("nan"), guess)

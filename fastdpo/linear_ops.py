@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import linear_chunks as C
-from .losses import LossConfig
+from .losses import LossConfig, wpo_weights
 
 Tensor = torch.Tensor
 
@@ -149,16 +149,18 @@ def loss_spec(options: dict) -> str:
 
 
 def loss_grad_fn(spec: str, ref_rows: Tensor, counts: Tensor):
-    """dLoss/dlogps [B] at given row log-probs, for the loss that `spec` describes."""
+    """dLoss/dlogps [B] at given row log-probs (and, for WPO, the rows' sums of log sum_v p_v^2,
+    from which its detached weights follow), for the loss that `spec` describes."""
     from .dpo import loss_from_rows  # dpo imports this package's logps; import late, no cycle
 
     cfg = LossConfig(**dict(ast.literal_eval(spec)))
 
-    def grad(rows: Tensor) -> Tensor | None:
+    def grad(rows: Tensor, log_sum_sq_rows: Tensor | None = None) -> Tensor | None:
         try:
             with _plain_autograd():
                 x = rows.detach().requires_grad_(True)
-                loss = loss_from_rows(x, ref_rows, counts, cfg)
+                weights = wpo_weights(x, log_sum_sq_rows, counts) if cfg.use_weighting else None
+                loss = loss_from_rows(x, ref_rows, counts, cfg, pair_weights=weights)
                 (g,) = torch.autograd.grad(loss, x, allow_unused=True)
         except Exception as exc:  # a torch without the private APIs below: the backward recomputes
             warnings.warn(f"fastdpo: no loss gradient inside the forward ({exc!r}); the backward recomputes "

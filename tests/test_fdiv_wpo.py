@@ -157,7 +157,12 @@ def test_fused_dpo_loss_f_divergence_and_wpo_match_float64(loss_type, kind, a, u
 
 @pytest.mark.parametrize("kind,use_weighting", [("js_divergence", False), ("alpha_divergence", True),
                                                 ("reverse_kl", True)])
-def test_fused_linear_dpo_loss_f_divergence_and_wpo_match_float64(kind, use_weighting):
+def test_fused_linear_dpo_loss_f_divergence_and_wpo_match_float64(kind, use_weighting, monkeypatch):
+    from fastdpo import linear_chunks
+
+    recomputed = []
+    recompute = linear_chunks.backward
+    monkeypatch.setattr(linear_chunks, "backward", lambda *a, **k: recomputed.append(1) or recompute(*a, **k))
     B, T, H, V = 4, 5, 8, 29
     hidden = torch.randn(B, T, H, device=DEVICE, requires_grad=True)
     weight = torch.randn(V, H, device=DEVICE, requires_grad=True)
@@ -176,6 +181,7 @@ def test_fused_linear_dpo_loss_f_divergence_and_wpo_match_float64(kind, use_weig
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     for g, g64 in zip(grads, grads64):
         torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
+    assert not recomputed  # the gradients were built in the forward, WPO's weights included (6 N H V)
 
 
 def test_alpha_divergence_at_one_is_dpo():
@@ -201,15 +207,11 @@ def test_refusals(options, match):
         LossConfig(**options)
 
 
-def test_wpo_needs_weights_and_recomputes_in_linear_mode():
+def test_wpo_needs_weights():
     from fastdpo.dpo import loss_from_rows
 
     with pytest.raises(ValueError, match="use_weighting"):
         loss_from_rows(torch.zeros(4), torch.zeros(4), torch.ones(4), LossConfig(use_weighting=True))
-    hidden, weight = torch.randn(2, 3, 4), torch.randn(5, 4)
-    with pytest.raises(ValueError, match="grad_in_forward"):
-        fused_linear_dpo_loss(hidden, weight, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2),
-                              use_weighting=True, grad_in_forward=True)
 
 
 # ---- the trainer: --loss-options reach every loss path ------------------------------------------

@@ -131,3 +131,20 @@ def test_ld_alpha_precompute_matches_trl(models_, tokenizer, dataset, tmp_path):
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         expected, actual = (torch.tensor(t.train_dataset[column]) for t in trainers)
         torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.skipif("linear" not in MODES, reason="no fused-linear op in this build")
+def test_wpo_linear_mode_builds_gradients_in_the_forward(models_, tokenizer, dataset, tmp_path, monkeypatch):
+    """WPO's weights enter the loss gradient of each pair group inside the fused-linear forward: no
+    recomputation (6 N H V), and the step still equals TRL's."""
+    from fastdpo import linear_chunks
+
+    recomputed = []
+    recompute = linear_chunks.backward
+    monkeypatch.setattr(linear_chunks, "backward", lambda *a, **k: recomputed.append(1) or recompute(*a, **k))
+    args = dict(use_weighting=True, loss_type=["sigmoid"])
+    trl_trainer = build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a", **args))
+    fast_trainer = build("fast", models_, tokenizer, dataset, dpo_args(tmp_path / "b", **args), mode="linear")
+    batch = trl_trainer.data_collator([trl_trainer.train_dataset[i] for i in range(4)])
+    assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
+    assert not recomputed

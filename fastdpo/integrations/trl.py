@@ -241,11 +241,12 @@ class FastDPOMixin:
         smoothed = {t in SMOOTHED for t in self.loss_types if t in SMOOTHED or t == "sigmoid"}
         if any(n in COUPLED_LOSSES for n in names) or (self.label_smoothing and len(smoothed) > 1):
             return None  # pairs coupled by sorting, or eps read by some types and not others
-        if self.args.use_weighting or self.args.ld_alpha is not None:
-            return None  # WPO's weights and LD-DPO's split rows are not in a loss spec: the backward recomputes
+        if self.args.ld_alpha is not None:
+            return None  # LD-DPO's rows are split in two segments, which a loss spec does not describe
         cfg = self._fastdpo_config(self.loss_types[0])
         options = dict(loss_type=names, loss_weights=list(self.loss_weights), beta=self.beta,
                        label_smoothing=self.label_smoothing if smoothed == {True} else 0.0,
+                       use_weighting=bool(self.args.use_weighting),
                        **{f.name: getattr(cfg, f.name) for f in fields(LossConfig)
                           if f.init and f.name not in _CORE_FIELDS})
         return loss_spec(options)
