@@ -87,11 +87,13 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
     def vector(wanted: bool) -> torch.Tensor | None:
         return torch.zeros_like(logp) if wanted else None
 
-    lse_all, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    lse_all, zsum, ent, top1, lss = (vector(save_lse), vector(sum_scores), vector(token_metrics),
+                                     vector(token_metrics), vector(log_sum_sq))
     top = torch.full_like(logp, float("-inf")) if slab and token_metrics else None
-    lss = vector(log_sum_sq)
     for b, t, idx, y in _chunks(labels, T, V):
         s = _scores(logits[b, t].to(acc), inv_temp, softcap)
+        if log_sum_sq:  # WPO's statistic first, from the scores before anything reuses their tile
+            lss[idx] = _log_sum_sq(s)
         lse = torch.logsumexp(s, dim=-1)
         column = y - (label_offset or 0)
         inside = (column >= 0) & (column < V)
@@ -114,8 +116,6 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
             top1[idx] = (s.argmax(-1) == column).to(acc)
             if slab:
                 top[idx] = best.squeeze(1)
-        if log_sum_sq:
-            lss[idx] = _log_sum_sq(s)
     return logp, lse_all, zsum, ent, top1, top, lss
 
 

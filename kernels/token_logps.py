@@ -72,15 +72,15 @@ def token_logps_fwd_kernel(
     zs = tl.zeros((), ACC_DTYPE)
     ent = tl.zeros((), ACC_DTYPE)
     top1 = tl.zeros((), ACC_DTYPE)
-    m = tl.full((), float("-inf"), ACC_DTYPE)
     lss = tl.zeros((), ACC_DTYPE)
+    m = tl.full((), float("-inf"), ACC_DTYPE)
     if label >= 0:  # masked rows are not read at all
         row = z_ptr + (n // T) * stride_zb + (n % T) * stride_zt
         neg_inf = float("-inf")
         s = tl.zeros((), ACC_DTYPE)
         sz = tl.zeros((), ACC_DTYPE)  # sum_v exp(s_v - shift) * (s_v - shift), for the entropy
-        best = tl.zeros((), tl.int64)  # first index of the running max
         s2 = tl.zeros((), ACC_DTYPE)  # LOG_SUM_SQ: sum_v exp(2 (s_v - shift))
+        best = tl.zeros((), tl.int64)  # first index of the running max
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             valid = offs < V
@@ -104,9 +104,9 @@ def token_logps_fwd_kernel(
                 sz = alpha * (sz + (prev_shift - shift) * s) + tile_sz
                 # Strictly greater: an earlier tile keeps a tie, as torch.argmax keeps the first.
                 best = tl.where(tile_max > m, start + tl.argmax(z, axis=0).to(tl.int64), best)
+            s = s * alpha + tl.sum(e, axis=0)
             if LOG_SUM_SQ:
                 s2 = s2 * (alpha * alpha) + tl.sum(e * e, axis=0)
-            s = s * alpha + tl.sum(e, axis=0)
             m = m_new
         lse = tl.where(m == neg_inf, 0.0, m) + tl.log(s)  # an all -inf row gives -inf, as torch does
         column = label - label_offset
@@ -264,9 +264,9 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
         return torch.empty(N, dtype=acc, device=logits.device) if wanted else None
 
     logp = vector(True)
-    lse, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    lse, zsum, ent, top1, lss = (vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics),
+                                 vector(log_sum_sq))
     top = vector(slab and token_metrics)
-    lss = vector(log_sum_sq)
     if N > 0:
         block_v, num_warps = _launch_config(V, block_v, num_warps, backward=False)
         token_logps_fwd_kernel[(N,)](
