@@ -247,3 +247,19 @@ def test_trainer_loss_paths_agree_with_f_divergence_and_wpo(tmp_path):
             torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="only defined for"):
         loss_config(tiny_config(tmp_path / "bad", loss_type="nca_pair", loss_options={"f_divergence_type": "forward_kl"}))
+
+
+def test_wpo_weights_a_batch_level_sft_term():
+    """RPO with WPO: the sft term (token-mean NLL of the chosen answers, one value for the batch)
+    enters each pair's loss, so it is multiplied by the mean pair weight."""
+    logits, labels = random_batch(scale=1.0)
+    ref = seq_logps64(logits + 0.3 * torch.randn_like(logits), labels).float()
+    loss = fused_dpo_loss(logits, labels, ref, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7],
+                          use_weighting=True)
+    logps = seq_logps64(logits, labels)
+    P = logps.shape[0] // 2
+    w = wpo_weights64(logits, labels)
+    d = (logps[:P] - ref[:P].double()) - (logps[P:] - ref[P:].double())
+    nll = -logps[:P].sum() / (labels[:P] != -100).sum()
+    expected = (w * torch.nn.functional.softplus(-0.1 * d)).mean() + 0.7 * nll * w.mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)

@@ -21,11 +21,14 @@ Every DPOConfig loss option of these TRL versions is honoured with TRL's numbers
 per-token log sum_v p_v^2 comes from the same kernel pass as the log-probs), LD-DPO (`ld_alpha`:
 each row's scored tokens split at the shorter answer's length as segments of the same pass, no
 per-token tensor beyond [B, T]), and TRL's completion-token counts for `ipo` / `sigmoid_norm`.
+One difference: TRL 1.16 fails on `use_weighting=True` with `"sft"` in `loss_type` (an in-place
+multiply of its expanded sft term); here that term is weighted like the others (the sft value
+times the mean pair weight).
 
 Supported TRL versions: SUPPORTED_TRL (checked at import). What fastdpo does not do (MoE router
 loss, vision models, loss types with no fastdpo twin) raises at construction instead of training
-differently. `use_liger_kernel` keeps
-meaning what it means in these TRL versions (Liger's layer kernels; the LM head is ours).
+differently. `use_liger_kernel` keeps meaning what it means in these TRL versions (Liger's layer
+kernels; the LM head is ours).
 """
 
 from __future__ import annotations
