@@ -15,8 +15,8 @@ from datasets import Dataset
 
 import fastdpo
 from test_integration_trl import (  # noqa: F401  (fixtures)
-    ATOL, BETA, RTOL, WORDS, assert_same_step, build, dataset, dpo_args, loss_grads_metrics, models_, tokenizer,
-    train_two_steps,
+    ATOL, BETA, RTOL, WORDS, VocabWideOps, assert_same_step, build, dataset, dpo_args, loss_grads_metrics, models_,
+    one_batch_pair, tokenizer, train_two_steps,
 )
 
 MODES = ["logits", "linear"] if hasattr(fastdpo, "linear_sequence_logps") else ["logits"]
@@ -148,3 +148,16 @@ def test_wpo_linear_mode_builds_gradients_in_the_forward(models_, tokenizer, dat
     batch = trl_trainer.data_collator([trl_trainer.train_dataset[i] for i in range(4)])
     assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
     assert not recomputed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_wpo_takes_no_second_pass(mode, models_, tokenizer, dataset, tmp_path):
+    """WPO's log sum_v p_v^2 comes from the pass that gives the log-probs: besides fastdpo's ops only
+    the projection of "logits" mode (policy, reference) makes vocabulary-wide tensors, none in "linear"."""
+    trl_trainer, fast_trainer, batch = one_batch_pair(models_, tokenizer, dataset, tmp_path, dict(mode=mode),
+                                                      use_weighting=True)
+    expected = loss_grads_metrics(trl_trainer, batch)
+    with VocabWideOps(len(tokenizer)) as seen:
+        actual = loss_grads_metrics(fast_trainer, batch)
+    assert seen.ops == (["aten::mm", "aten::mm"] if mode == "logits" else []), seen.ops
+    assert_same_step(expected, actual)
