@@ -14,7 +14,7 @@ from torch import nn
 
 from . import validation as V
 from .logps import _check_options, layout_stats, token_layout
-from .losses import LossConfig, PairLogps, preference_loss
+from .losses import LossConfig, PairLogps, preference_loss, wpo_weights
 from .metrics import preference_metrics, preference_rows
 from .packed import check_cu_seqlens
 
@@ -58,10 +58,12 @@ def loss_from_rows(
     vocab: int = 0,
     return_metrics: bool = False,
     return_rows: bool = False,
+    pair_weights: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple:
     """The loss from per-row log-prob sums laid out as [chosen; rejected], then the metrics dict if
-    `return_metrics` and the `PreferenceRows` if `return_rows` (a bare loss when neither)."""
-    pairs = PairLogps.from_rows(logps, ref_logps, counts, cfg.logps_reduction)
+    `return_metrics` and the `PreferenceRows` if `return_rows` (a bare loss when neither).
+    `pair_weights` [P] are WPO's (read when cfg.use_weighting)."""
+    pairs = PairLogps.from_rows(logps, ref_logps, counts, cfg.logps_reduction, pair_weights)
     loss = preference_loss(pairs, cfg)
     if not (return_metrics or return_rows):
         return loss
@@ -125,7 +127,10 @@ def fused_dpo_loss(
         cu_seqlens: for a packed, padding-free batch: logits [1, total_tokens, V] (ref_logits
             the same), labels and mask [1, total_tokens], and int32/int64 [B + 1] cumulative row
             lengths (flash-attention's varlen convention); rows are [chosen; rejected] as above.
-        **loss_options: extra hyper-parameters of specific loss types (see ``LossConfig``).
+        **loss_options: extra hyper-parameters of specific loss types (see ``LossConfig``), and
+            the family-wide ``f_divergence_type`` / ``f_alpha_divergence_coef`` (f-DPO) and
+            ``use_weighting`` (WPO: the per-token log sum_v p_v^2 it needs comes from the same
+            kernel pass as the log-probs).
 
     Returns:
         The scalar loss (mean over pairs); ``(loss, metrics)`` with ``return_metrics=True``,
@@ -155,10 +160,17 @@ def fused_dpo_loss(
         ref_pass = lambda: layout_stats(ref_logits, layout, name="ref_logits", **scores).logps  # noqa: E731
     ref = resolve_reference(cfg, rows, policy_logits, ref_logps, reference_free, ref_pass)
     policy = layout_stats(policy_logits, layout, sum_scores=return_metrics, inplace_backward=inplace_backward,
-                          name="policy_logits", **scores)
+                          name="policy_logits", log_sum_sq=cfg.use_weighting, **scores)
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
                           vocab=policy_logits.shape[-1], return_metrics=return_metrics,
-                          return_rows=return_rows)
+                          return_rows=return_rows, pair_weights=policy_weights(policy, cfg))
+
+
+def policy_weights(policy, cfg: LossConfig) -> torch.Tensor | None:
+    """WPO's per-pair weights from a policy pass run with `log_sum_sq=cfg.use_weighting`, else None."""
+    if not cfg.use_weighting:
+        return None
+    return wpo_weights(policy.logps, policy.log_sum_sq_sums, policy.counts)
 
 
 class FusedDPOLoss(nn.Module):

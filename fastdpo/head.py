@@ -59,6 +59,7 @@ class HeadOptions:
     mode: str = "logits"
     token_metrics: bool = True
     inplace_backward: bool = True
+    log_sum_sq: bool = False  # policy calls also sum WPO's log sum_v p_v^2 (same pass as the log-probs)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -75,6 +76,8 @@ class RowStats(ModelOutput):
     entropy_sums: torch.Tensor | None = None  # sum over positions of the next-token entropy
     top1_counts: torch.Tensor | None = None  # positions whose label is the (first) argmax
     vocab: int | None = None
+    log_sum_sq_sums: torch.Tensor | None = None  # sum over positions of log sum_v p_v^2 (WPO), when asked
+    tail_logps: torch.Tensor | None = None  # LD-DPO: the part of `logps` beyond the row's first `shared` tokens
 
 
 def install_head(model: torch.nn.Module, options: HeadOptions) -> None:
@@ -90,13 +93,14 @@ def install_head(model: torch.nn.Module, options: HeadOptions) -> None:
 
     @functools.wraps(type(model).forward)  # keep the signature: generate() validates kwargs against it
     def forward(self, *args, fastdpo_head: str | None = None, fastdpo_scoring: Scoring | None = None,
-                fastdpo_grad: tuple[str, torch.Tensor] | None = None, **kwargs):
+                fastdpo_grad: tuple[str, torch.Tensor] | None = None, fastdpo_shared: torch.Tensor | None = None,
+                **kwargs):
         if fastdpo_head is None:
             return inner(*args, **kwargs)
         if fastdpo_head not in CALLS:
             raise ValueError(f"fastdpo_head must be one of {CALLS}, got {fastdpo_head!r}")
         return head_forward(self, args, kwargs, self._fastdpo_head_options, fastdpo_head == "policy",
-                            fastdpo_grad, fastdpo_scoring)
+                            fastdpo_grad, fastdpo_scoring, fastdpo_shared)
 
     model.forward = types.MethodType(forward, model)
     model._fastdpo_head_options = options
@@ -129,12 +133,15 @@ def _scoring(kwargs: dict, scoring: Scoring | None) -> Scoring:
 
 
 def head_forward(model, args: tuple, kwargs: dict, options: HeadOptions, policy: bool,
-                 grad_spec: tuple[str, torch.Tensor] | None = None, scoring: Scoring | None = None) -> RowStats:
+                 grad_spec: tuple[str, torch.Tensor] | None = None, scoring: Scoring | None = None,
+                 shared: torch.Tensor | None = None) -> RowStats:
     """Backbone, then per-row statistics of the scored positions in the chosen mode.
 
     `grad_spec` = (loss spec, reference rows), in "linear" mode, lets the fused-linear op build the
     gradients during the forward for that loss (6 N H V FLOPs instead of 8); its backward checks
     the guess against the true row gradient and recomputes exactly when they differ.
+    `shared` [rows] (LD-DPO): also return `tail_logps`, the sum over each row's scored tokens after
+    its first shared[r] ones.
     """
     scoring = _scoring(kwargs, scoring)
     _check_positions(scoring, args, kwargs)
@@ -143,7 +150,10 @@ def head_forward(model, args: tuple, kwargs: dict, options: HeadOptions, policy:
     lm_head = model.get_output_embeddings()
     device = lm_head.weight.device  # a model split over devices ends on the head's device
     hidden = hidden.reshape(-1, hidden.shape[-1])[scoring.positions.to(hidden.device)].to(device)  # [M, H]
-    return row_stats(hidden, scoring.to(device), lm_head, model.config, options, policy, grad_spec)
+    scoring = scoring.to(device)
+    if shared is not None:
+        return _with_tail(hidden, scoring, lm_head, model.config, options, policy, shared.to(device))
+    return row_stats(hidden, scoring, lm_head, model.config, options, policy, grad_spec)
 
 
 def row_stats(hidden: torch.Tensor, scoring: Scoring, lm_head: torch.nn.Module, config: Any, options: HeadOptions,
@@ -155,16 +165,32 @@ def row_stats(hidden: torch.Tensor, scoring: Scoring, lm_head: torch.nn.Module, 
         zeros = hidden.new_zeros(scoring.rows, dtype=torch.float32)
         return RowStats(logps=hidden.sum() * 0.0 + zeros, counts=scoring.counts, vocab=vocab)
     metrics = policy  # the reference pass needs the log-probs only
-    token_metrics = metrics and options.token_metrics
+    wanted = dict(sum_scores=metrics, token_metrics=metrics and options.token_metrics,
+                  log_sum_sq=metrics and options.log_sum_sq)
     if options.mode == "linear":
-        stats = _from_linear(hidden, scoring, lm_head, scale, softcap, metrics, token_metrics, grad_spec)
+        stats = _from_linear(hidden, scoring, lm_head, scale, softcap, wanted, grad_spec)
     elif options.mode == "eager":
-        stats = _eager(lm_head(hidden), scoring, scale, softcap, metrics, token_metrics)
+        stats = _eager(lm_head(hidden), scoring, scale, softcap, wanted)
     else:
-        stats = _from_logits(lm_head(hidden), scoring, scale, softcap, metrics, token_metrics,
+        stats = _from_logits(lm_head(hidden), scoring, scale, softcap, wanted,
                              options.inplace_backward and torch.is_grad_enabled())
     return RowStats(logps=stats.logps, counts=scoring.counts, score_sums=stats.score_sums,
-                    entropy_sums=stats.entropy_sums, top1_counts=stats.top1_counts, vocab=vocab)
+                    entropy_sums=stats.entropy_sums, top1_counts=stats.top1_counts, vocab=vocab,
+                    log_sum_sq_sums=stats.log_sum_sq_sums)
+
+
+def _with_tail(hidden, scoring: Scoring, lm_head, config, options: HeadOptions, policy: bool,
+               shared: torch.Tensor) -> RowStats:
+    """LD-DPO's split, with no per-token tensor beyond [tokens]: each row's scored tokens are cut
+    after its first shared[r], and one pass sums the 2R pieces (row r's shared part, then its tail)
+    as segments of the same scored positions; logps = shared part + tail, tail_logps = tail."""
+    starts = scoring.offsets[:-1]
+    cut = starts + torch.minimum(shared.to(scoring.counts.dtype), scoring.counts)
+    offsets = torch.cat([torch.stack([starts, cut], 1).flatten(), scoring.offsets[-1:]])
+    pieces = row_stats(hidden, Scoring(scoring.positions, scoring.targets, offsets), lm_head, config, options, policy)
+    halves = {name: None if (v := getattr(pieces, name)) is None else v.view(-1, 2).sum(-1)
+              for name in ("logps", "counts", "score_sums", "entropy_sums", "top1_counts", "log_sum_sq_sums")}
+    return RowStats(**halves, vocab=pieces.vocab, tail_logps=pieces.logps.view(-1, 2)[:, 1])
 
 
 def _check_positions(scoring: Scoring, args: tuple, kwargs: dict) -> None:
@@ -181,7 +207,7 @@ def _check_positions(scoring: Scoring, args: tuple, kwargs: dict) -> None:
                          f"got up to {last}")
 
 
-def _from_logits(logits, scoring: Scoring, scale, softcap, metrics: bool, token_metrics: bool, inplace: bool):
+def _from_logits(logits, scoring: Scoring, scale, softcap, wanted: dict, inplace: bool):
     temperature = 1.0
     if scale != 1.0:
         if softcap is None and scale > 0:
@@ -190,12 +216,10 @@ def _from_logits(logits, scoring: Scoring, scale, softcap, metrics: bool, token_
             logits = logits * scale
     # Entropy and top-1 come from the same pass as the log-probs: no second read of the logits.
     return sequence_stats(logits.unsqueeze(0), scoring.targets.unsqueeze(0), cu_seqlens=scoring.offsets,
-                          temperature=temperature, softcap=softcap, sum_scores=metrics,
-                          token_metrics=token_metrics, inplace_backward=inplace)
+                          temperature=temperature, softcap=softcap, inplace_backward=inplace, **wanted)
 
 
-def _from_linear(hidden, scoring: Scoring, lm_head, scale, softcap, metrics: bool, token_metrics: bool,
-                 grad_spec=None):
+def _from_linear(hidden, scoring: Scoring, lm_head, scale, softcap, wanted: dict, grad_spec=None):
     weight, bias = _full(lm_head.weight), _full(lm_head.bias)
     if torch.is_autocast_enabled(hidden.device.type):  # as lm_head(hidden) would run under autocast
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -206,8 +230,7 @@ def _from_linear(hidden, scoring: Scoring, lm_head, scale, softcap, metrics: boo
         bias = bias * scale if bias is not None else None
     # Entropy and top-1 come from the chunks of logits that give the log-probs: no second matmul.
     return linear_sequence_stats(hidden.unsqueeze(0), weight, scoring.targets.unsqueeze(0), bias=bias,
-                                 cu_seqlens=scoring.offsets, softcap=softcap, sum_scores=metrics,
-                                 token_metrics=token_metrics, grad_spec=grad_spec)
+                                 cu_seqlens=scoring.offsets, softcap=softcap, grad_spec=grad_spec, **wanted)
 
 
 @dataclass
@@ -216,9 +239,10 @@ class _EagerStats:
     score_sums: torch.Tensor | None
     entropy_sums: torch.Tensor | None
     top1_counts: torch.Tensor | None
+    log_sum_sq_sums: torch.Tensor | None = None
 
 
-def _eager(logits, scoring: Scoring, scale, softcap, metrics: bool, token_metrics: bool) -> _EagerStats:
+def _eager(logits, scoring: Scoring, scale, softcap, wanted: dict) -> _EagerStats:
     """The usual way: fp32 log-softmax of the [M, V] logits, gather, sum per row."""
     scores = logits.float() * scale
     if softcap is not None:
@@ -228,11 +252,13 @@ def _eager(logits, scoring: Scoring, scale, softcap, metrics: bool, token_metric
     rows = functools.partial(segment_sums, offsets=scoring.offsets)
     out = _EagerStats(rows(logp), None, None, None)
     with torch.no_grad():
-        if metrics:
+        if wanted["sum_scores"]:
             out.score_sums = rows(scores.sum(-1))
-        if token_metrics:
+        if wanted["token_metrics"]:
             out.entropy_sums = rows(-(logp_all.exp() * logp_all).sum(-1))
             out.top1_counts = rows((scores.argmax(-1) == scoring.targets).float())
+        if wanted["log_sum_sq"]:  # WPO: log sum_v p_v^2
+            out.log_sum_sq_sums = rows(torch.logsumexp(2 * logp_all, -1))
     return out
 
 

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from . import validation as V
-from .dpo import loss_from_rows, resolve_reference
+from .dpo import loss_from_rows, policy_weights, resolve_reference
 from .linear_ops import linear_logps, linear_logps_grad_in_forward, loss_spec
 from .logps import SequenceStats, TokenLayout, _check_options, build_layout
 from .losses import COUPLED_LOSSES, LossConfig
@@ -87,10 +87,12 @@ def linear_sequence_stats(
     grad_spec: tuple[str, torch.Tensor] | None = None,
     prefix: str = "",
     layout: TokenLayout | None = None,
+    log_sum_sq: bool = False,
 ) -> SequenceStats:
     """Validate, then run the fused linear pass: per-row log-probs, counts and, on request, score
-    sums (`sum_scores`) and the entropy sums and top-1 counts of TRL's token metrics
-    (`token_metrics`), all from the same chunks of logits.
+    sums (`sum_scores`), the entropy sums and top-1 counts of TRL's token metrics
+    (`token_metrics`) and the sums of log sum_v p_v^2 that WPO's weights need (`log_sum_sq`), all
+    from the same chunks of logits.
 
     `grad_spec` = (loss spec, reference rows) selects the grad-in-forward op for that loss.
     `layout` is the labels' prepared TokenLayout when the caller shares it between two passes.
@@ -111,16 +113,17 @@ def linear_sequence_stats(
     args = (1.0 / temperature, softcap, sum_scores, token_metrics, chunk, vocab_chunk)
     if grad_spec is not None and any(want):
         spec, ref_rows = grad_spec
-        logps, zsum, ent, top1, *_ = linear_logps_grad_in_forward(flat_hidden, weight, bias, flat, offsets, ref_rows,
-                                                                  spec, *args, *want)
+        logps, zsum, ent, top1, _lse, lss, *_ = linear_logps_grad_in_forward(
+            flat_hidden, weight, bias, flat, offsets, ref_rows, spec, *args, *want, log_sum_sq)
     else:
-        logps, zsum, ent, top1, _lse = linear_logps(flat_hidden, weight, bias, flat, offsets, *args)
+        logps, zsum, ent, top1, _lse, lss = linear_logps(flat_hidden, weight, bias, flat, offsets, *args, log_sum_sq)
 
     def detached(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
         return x.detach() if wanted else None
 
     return SequenceStats(logps=logps, counts=counts, score_sums=detached(zsum, sum_scores),
-                         entropy_sums=detached(ent, token_metrics), top1_counts=detached(top1, token_metrics))
+                         entropy_sums=detached(ent, token_metrics), top1_counts=detached(top1, token_metrics),
+                         log_sum_sq_sums=detached(lss, log_sum_sq))
 
 
 def linear_sequence_logps(
@@ -296,10 +299,11 @@ def fused_linear_dpo_loss(
     ref = resolve_reference(cfg, rows, hidden, ref_logps, reference_free, ref_pass)
     spec = _spec_for(cfg, options, grad_in_forward)
     policy = linear_sequence_stats(hidden, weight, labels, bias=bias, sum_scores=return_metrics,
-                                   grad_spec=None if spec is None else (spec, ref), **common)
+                                   grad_spec=None if spec is None else (spec, ref), log_sum_sq=cfg.use_weighting,
+                                   **common)
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
                           vocab=weight.shape[0], return_metrics=return_metrics,
-                          return_rows=return_rows)
+                          return_rows=return_rows, pair_weights=policy_weights(policy, cfg))
 
 
 class FusedLinearDPOLoss(nn.Module):

@@ -268,22 +268,23 @@ class _Pass:
         z = self.buf[: h.shape[0] * (vocab.stop - vocab.start)].view(h.shape[0], -1)
         return _logits(h, self.weight[vocab], None if self.bias is None else self.bias[vocab], z)
 
-    def token_forward(self, z: torch.Tensor, pos, sum_scores: bool, token_metrics: bool):
-        """(logp, lse, zsum, entropy, top1) of the chunk's tokens; the last three None unless asked."""
+    def token_forward(self, z: torch.Tensor, pos, sum_scores: bool, token_metrics: bool, log_sum_sq: bool = False):
+        """(logp, lse, zsum, entropy, top1, log sum p^2) of the chunk's tokens; the last four None unless asked."""
         return self.backend.token_logps_forward(
             z.unsqueeze(0), self.plan.labels[pos], inv_temp=self.opts.inv_temp, softcap=self.opts.softcap,
-            save_lse=True, sum_scores=sum_scores, token_metrics=token_metrics,
+            save_lse=True, sum_scores=sum_scores, token_metrics=token_metrics, log_sum_sq=log_sum_sq,
         )
 
-    def slab_forward(self, h: torch.Tensor, pos, slabs: list[slice], sum_scores: bool, token_metrics: bool):
+    def slab_forward(self, h: torch.Tensor, pos, slabs: list[slice], sum_scores: bool, token_metrics: bool,
+                     log_sum_sq: bool = False):
         """`token_forward` of a chunk whose logits are made one vocabulary slab at a time."""
         if len(slabs) == 1:
-            return self.token_forward(self.slab_logits(h, slabs[0]), pos, sum_scores, token_metrics)
+            return self.token_forward(self.slab_logits(h, slabs[0]), pos, sum_scores, token_metrics, log_sum_sq)
         labels = self.plan.labels[pos]
         parts = [
             self.backend.token_slab_forward(
                 self.slab_logits(h, vocab).unsqueeze(0), labels, vocab.start, inv_temp=self.opts.inv_temp,
-                softcap=self.opts.softcap, sum_scores=sum_scores, token_metrics=token_metrics,
+                softcap=self.opts.softcap, sum_scores=sum_scores, token_metrics=token_metrics, log_sum_sq=log_sum_sq,
             )
             for vocab in slabs
         ]
@@ -303,13 +304,14 @@ class _Pass:
 
 def merge_slabs(parts: list[tuple], labels: torch.Tensor, vocab: int) -> tuple:
     """One token's results from those of its vocabulary slabs (`token_slab_forward`'s tuples, in
-    vocabulary order): (logp, lse, zsum, entropy, top1) as `token_forward` gives them.
+    vocabulary order): (logp, lse, zsum, entropy, top1, log sum p^2) as `token_forward` gives them.
 
         lse = logsumexp_s lse_s,   w_s = exp(lse_s - lse)   (each slab's share of the probability)
         entropy = sum_s w_s H_s - sum_s w_s log w_s         (no cancellation at the logits' size)
         top1 = top1 of the first slab holding the overall max score
+        log sum p^2 = logsumexp_s (lss_s + 2 log w_s)        (sum_v p_v^2 = sum_s w_s^2 sum_{v in s} p_sv^2)
     """
-    score, lse_s, zsum, ent, top1, top = (None if p[0] is None else torch.stack(p) for p in zip(*parts))
+    score, lse_s, zsum, ent, top1, top, lss = (None if p[0] is None else torch.stack(p) for p in zip(*parts))
     lse = torch.logsumexp(lse_s, 0)
     # A label >= V (label checks off) is in no slab: NaN, as the unsplit kernel gives.
     logp = torch.where(labels < vocab, score.sum(0) - lse, float("nan"))
@@ -318,7 +320,9 @@ def merge_slabs(parts: list[tuple], labels: torch.Tensor, vocab: int) -> tuple:
         w = log_w.exp()
         ent = (w * ent).sum(0) - (w * log_w).sum(0)
         top1 = top1.gather(0, top.argmax(0, keepdim=True)).squeeze(0)  # argmax: the first maximum
-    return logp, lse, None if zsum is None else zsum.sum(0), ent, top1
+    if lss is not None:
+        lss = torch.logsumexp(lss + 2 * (lse_s - lse), 0)
+    return logp, lse, None if zsum is None else zsum.sum(0), ent, top1, lss
 
 
 def vocab_slabs(vocab: int, width: int) -> list[slice]:
@@ -334,16 +338,18 @@ class ForwardResult:
     lse: torch.Tensor  # [N] per-token logsumexp (0 on masked tokens)
     entropy: torch.Tensor | None  # [B] row sums of the token entropies, when asked
     top1: torch.Tensor | None  # [B] tokens whose label is the first argmax, when asked
+    log_sum_sq: torch.Tensor | None = None  # [B] row sums of log sum_v p_tv^2 (WPO), when asked
 
 
-def _per_token(plan: Plan, like: torch.Tensor, sum_scores: bool, token_metrics: bool):
-    """Zeroed [Nv] log-prob, logsumexp and (if asked) score-sum, entropy and top-1 vectors in the
-    accumulation dtype: the order `token_forward` returns them in."""
+def _per_token(plan: Plan, like: torch.Tensor, sum_scores: bool, token_metrics: bool, log_sum_sq: bool = False):
+    """Zeroed [Nv] log-prob, logsumexp and (if asked) score-sum, entropy, top-1 and log sum p^2
+    vectors in the accumulation dtype: the order `token_forward` returns them in."""
 
     def vector(wanted: bool) -> torch.Tensor | None:
         return torch.zeros(plan.num_valid, dtype=acc_dtype(like.dtype), device=like.device) if wanted else None
 
-    return vector(True), vector(True), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    return (vector(True), vector(True), vector(sum_scores), vector(token_metrics), vector(token_metrics),
+            vector(log_sum_sq))
 
 
 def _store(per_token, pos, values) -> None:
@@ -353,28 +359,29 @@ def _store(per_token, pos, values) -> None:
             vector[pos] = value
 
 
-def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum, ent, top1) -> ForwardResult:
+def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum, ent, top1, lss=None) -> ForwardResult:
     lse_full = lse.new_zeros(n_tokens)
     lse_full[plan.order] = lse
 
     def rows(x: torch.Tensor | None) -> torch.Tensor | None:
         return segment_sums(x, plan.starts_t) if x is not None else None
 
-    return ForwardResult(logps=rows(logp), zsum=rows(zsum), lse=lse_full, entropy=rows(ent), top1=rows(top1))
+    return ForwardResult(logps=rows(logp), zsum=rows(zsum), lse=lse_full, entropy=rows(ent), top1=rows(top1),
+                         log_sum_sq=rows(lss))
 
 
 def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, token_metrics: bool,
-            chunk_tokens: int, vocab_chunk: int = 0) -> ForwardResult:
+            chunk_tokens: int, vocab_chunk: int = 0, log_sum_sq: bool = False) -> ForwardResult:
     """Row log-probs (and score sums, token metrics), saving one logsumexp per token for `backward`;
     with `vocab_chunk`, each chunk's logits are made slab by slab and the slabs' results merged."""
     chunks = token_chunks(plan, resolve_chunk_tokens(chunk_tokens, weight))
     slabs = vocab_slabs(weight.shape[0], vocab_chunk)
     max_chunk = max((_size(c) for c in chunks), default=0)
     run = _Pass(plan, hidden, weight, bias, opts, max_chunk, max(s.stop - s.start for s in slabs))
-    per_token = _per_token(plan, hidden, sum_scores, token_metrics)
+    per_token = _per_token(plan, hidden, sum_scores, token_metrics, log_sum_sq)
     for chunk in chunks:
         pos, _idx, h = run.gather(chunk)
-        _store(per_token, pos, run.slab_forward(h, pos, slabs, sum_scores, token_metrics))
+        _store(per_token, pos, run.slab_forward(h, pos, slabs, sum_scores, token_metrics, log_sum_sq))
     return _finish_forward(plan, hidden.shape[0], *per_token)
 
 
@@ -408,12 +415,14 @@ def backward(plan: Plan, hidden, weight, bias, opts: Options, lse: torch.Tensor,
 
 
 def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, token_metrics: bool,
-                       chunk_tokens: int, loss_grad: Callable[[torch.Tensor], torch.Tensor], grads: Grads):
+                       chunk_tokens: int, loss_grad: Callable[[torch.Tensor], torch.Tensor], grads: Grads,
+                       log_sum_sq: bool = False):
     """`forward` plus the gradients, computed while each group's logits are still in the buffer.
 
     `loss_grad(rows)` is dLoss/dlogps [B] at per-row log-probs `rows` [B] (or None when it cannot
     be computed: that group's guess is NaN and the backward recomputes); it is called once per
-    group, with the rows not computed yet holding placeholders. So the gradient used for a group
+    group, with the rows not computed yet holding placeholders. With `log_sum_sq` it is called as
+    `loss_grad(rows, log_sum_sq_rows)`, the rows' sums of log sum_v p_v^2 that WPO's weights need. So the gradient used for a group
     is exact when a pair's gradient depends on that pair alone (every loss that does not sort or
     otherwise couple pairs); the caller verifies that guess against the true gradient.
 
@@ -423,7 +432,7 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     chunk_tokens = resolve_chunk_tokens(chunk_tokens, weight, plan)
     groups = pair_groups(plan, chunk_tokens)
     run = _Pass(plan, hidden, weight, bias, opts, min(chunk_tokens, max((_size(c) for _, c in groups), default=0)))
-    per_token = _per_token(plan, hidden, sum_scores, token_metrics)
+    per_token = _per_token(plan, hidden, sum_scores, token_metrics, log_sum_sq)
     logp, lse = per_token[:2]
     counts = plan.counts.to(acc)
     # Rows not computed yet hold a placeholder of -1 nat per token (finite for every loss); rows
@@ -432,6 +441,7 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
     # a Python int, so the loop never copies to the device nor waits for it.
     group_id = _group_ids(groups, counts.numel(), hidden.device)
     current = -counts
+    current_lss = -counts  # with log_sum_sq: WPO weight exp(0) = 1 for the rows not computed yet
     guess = torch.zeros_like(current)
     for k, (_, chunk) in enumerate(groups):
         # A group fits in one chunk unless it is a single pair longer than a chunk: then its
@@ -439,9 +449,13 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
         pieces = split(chunk, chunk_tokens)
         for piece in pieces:
             pos, idx, h, z = run.logits(piece)
-            _store(per_token, pos, run.token_forward(z, pos, sum_scores, token_metrics))
+            _store(per_token, pos, run.token_forward(z, pos, sum_scores, token_metrics, log_sum_sq))
         current = torch.where(group_id <= k, segment_sums(logp, plan.starts_t), current)
-        g = loss_grad(current)
+        if log_sum_sq:
+            current_lss = torch.where(group_id <= k, segment_sums(per_token[5], plan.starts_t), current_lss)
+            g = loss_grad(current, current_lss)
+        else:
+            g = loss_grad(current)
         rows = group_id == k
         if g is None:  # no gradient available here: a NaN guess makes the backward recompute
             guess = torch.where(rows, float("nan"), guess)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from . import linear_chunks as C
-from .losses import LossConfig
+from .losses import LossConfig, wpo_weights
 
 Tensor = torch.Tensor
 
@@ -54,20 +54,22 @@ def _fake_grads(hidden, weight, want_h, want_w, want_b, has_bias):
             weight.new_empty((weight.shape[0],) if want_b and has_bias else (0,)))
 
 
-def _fake_forward(hidden, weight, offsets, sum_scores, token_metrics):
+def _fake_forward(hidden, weight, offsets, sum_scores, token_metrics, log_sum_sq=False):
     acc = C.acc_dtype(hidden.dtype)
     B = offsets.shape[0] - 1
-    sizes = (B, B if sum_scores else 0, B if token_metrics else 0, B if token_metrics else 0, hidden.shape[0])
+    sizes = (B, B if sum_scores else 0, B if token_metrics else 0, B if token_metrics else 0, hidden.shape[0],
+             B if log_sum_sq else 0)
     return tuple(hidden.new_empty(k, dtype=acc) for k in sizes)
 
 
-def _forward_outputs(out: C.ForwardResult) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Row log-probs, score sums, entropy sums, top-1 counts [B] and logsumexp [N] as op outputs.
+def _forward_outputs(out: C.ForwardResult) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row log-probs, score sums, entropy sums, top-1 counts [B], logsumexp [N] and row sums of
+    log sum p^2 [B] as op outputs.
 
     Each result not asked for is its own empty tensor: custom op outputs may not alias one another.
     """
     return (out.logps, *(x if x is not None else _empty(out.logps) for x in (out.zsum, out.entropy, out.top1)),
-            out.lse)
+            out.lse, out.log_sum_sq if out.log_sum_sq is not None else _empty(out.logps))
 
 
 # ---- recompute: forward keeps the logsumexp, backward recomputes the logits ----
@@ -76,20 +78,21 @@ def _forward_outputs(out: C.ForwardResult) -> tuple[Tensor, Tensor, Tensor, Tens
 def linear_logps(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
     inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, chunk_tokens: int,
-    vocab_chunk: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    vocab_chunk: int, log_sum_sq: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> row log-probs [B], row score sums [B] (empty unless `sum_scores`), row entropy sums and
-    top-1 counts [B] (empty unless `token_metrics`), logsumexp [N]."""
+    top-1 counts [B] (empty unless `token_metrics`), logsumexp [N], row sums of log sum_v p_v^2
+    [B] (WPO; empty unless `log_sum_sq`)."""
     plan = C.make_plan(labels, offsets)
     out = C.forward(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores, token_metrics, chunk_tokens,
-                    vocab_chunk)
+                    vocab_chunk, log_sum_sq)
     return _forward_outputs(out)
 
 
 @linear_logps.register_fake
 def _(hidden, weight, bias, labels, offsets, inv_temp, softcap, sum_scores, token_metrics, chunk_tokens,
-      vocab_chunk):
-    return _fake_forward(hidden, weight, offsets, sum_scores, token_metrics)
+      vocab_chunk, log_sum_sq=False):
+    return _fake_forward(hidden, weight, offsets, sum_scores, token_metrics, log_sum_sq)
 
 
 @torch.library.custom_op("fastdpo::linear_logps_backward", mutates_args=())
@@ -114,10 +117,10 @@ def _(grad_rows, hidden, weight, bias, labels, offsets, lse, inv_temp, softcap, 
 
 def _setup_recompute(ctx, inputs, output):
     hidden, weight, bias, labels, offsets, inv_temp, softcap, _sum_scores, _token_metrics, *chunks = inputs
-    _logps, zsum, entropy, top1, lse = output
+    _logps, zsum, entropy, top1, lse, lss = output
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse)
-    ctx.opts = (inv_temp, softcap, *chunks)
-    ctx.mark_non_differentiable(zsum, entropy, top1, lse)
+    ctx.opts = (inv_temp, softcap, *chunks[:2])  # chunk_tokens, vocab_chunk
+    ctx.mark_non_differentiable(zsum, entropy, top1, lse, lss)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 
@@ -125,10 +128,10 @@ def _backward_recompute(ctx, grad_rows, *_grads_of_detached):
     hidden, weight, bias, labels, offsets, lse = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
     if grad_rows is None or not any(want):
-        return (None,) * 11
+        return (None,) * 12
     dh, dw, db = linear_logps_backward(grad_rows, hidden, weight, bias, labels, offsets, lse, *ctx.opts,
                                        want[0], want[1], want[2] and bias is not None)
-    return _pick(want, dh, dw, db) + (None,) * 8
+    return _pick(want, dh, dw, db) + (None,) * 9
 
 
 def _pick(want, dh, dw, db):
@@ -146,16 +149,18 @@ def loss_spec(options: dict) -> str:
 
 
 def loss_grad_fn(spec: str, ref_rows: Tensor, counts: Tensor):
-    """dLoss/dlogps [B] at given row log-probs, for the loss that `spec` describes."""
+    """dLoss/dlogps [B] at given row log-probs (and, for WPO, the rows' sums of log sum_v p_v^2,
+    from which its detached weights follow), for the loss that `spec` describes."""
     from .dpo import loss_from_rows  # dpo imports this package's logps; import late, no cycle
 
     cfg = LossConfig(**dict(ast.literal_eval(spec)))
 
-    def grad(rows: Tensor) -> Tensor | None:
+    def grad(rows: Tensor, log_sum_sq_rows: Tensor | None = None) -> Tensor | None:
         try:
             with _plain_autograd():
                 x = rows.detach().requires_grad_(True)
-                loss = loss_from_rows(x, ref_rows, counts, cfg)
+                weights = wpo_weights(x, log_sum_sq_rows, counts) if cfg.use_weighting else None
+                loss = loss_from_rows(x, ref_rows, counts, cfg, pair_weights=weights)
                 (g,) = torch.autograd.grad(loss, x, allow_unused=True)
         except Exception as exc:  # a torch without the private APIs below: the backward recomputes
             warnings.warn(f"fastdpo: no loss gradient inside the forward ({exc!r}); the backward recomputes "
@@ -200,25 +205,25 @@ def _default_dispatch_keys():
 def linear_logps_grad_in_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, ref_rows: Tensor,
     spec: str, inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, chunk_tokens: int,
-    vocab_chunk: int, want_hidden: bool, want_weight: bool, want_bias: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> row log-probs, row score sums, row entropy sums, row top-1 counts, logsumexp [N] (as
-    `linear_logps`), the row gradients guessed [B], a 'used' flag [1], and the gradients of hidden,
-    weight, bias for that guess."""
+    vocab_chunk: int, want_hidden: bool, want_weight: bool, want_bias: bool, log_sum_sq: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> row log-probs, row score sums, row entropy sums, row top-1 counts, logsumexp [N], row sums
+    of log sum p^2 (as `linear_logps`), the row gradients guessed [B], a 'used' flag [1], and the
+    gradients of hidden, weight, bias for that guess."""
     plan = C.make_plan(labels, offsets)
     grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
     acc = C.acc_dtype(hidden.dtype)
     loss_grad = loss_grad_fn(spec, ref_rows.detach(), plan.counts.to(acc))
     out, guess = C.forward_with_grads(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores,
-                                      token_metrics, chunk_tokens, loss_grad, grads)
+                                      token_metrics, chunk_tokens, loss_grad, grads, log_sum_sq)
     used = torch.zeros(1, dtype=torch.int32, device=hidden.device)
     return (*_forward_outputs(out), guess, used, *_grad_outputs(grads, hidden, bias))
 
 
 @linear_logps_grad_in_forward.register_fake
 def _(hidden, weight, bias, labels, offsets, ref_rows, spec, inv_temp, softcap, sum_scores, token_metrics,
-      chunk_tokens, vocab_chunk, want_hidden, want_weight, want_bias):
-    forward = _fake_forward(hidden, weight, offsets, sum_scores, token_metrics)
+      chunk_tokens, vocab_chunk, want_hidden, want_weight, want_bias, log_sum_sq=False):
+    forward = _fake_forward(hidden, weight, offsets, sum_scores, token_metrics, log_sum_sq)
     return (*forward, torch.empty_like(forward[0]), hidden.new_empty(1, dtype=torch.int32),
             *_fake_grads(hidden, weight, want_hidden, want_weight, want_bias, bias is not None))
 
@@ -294,10 +299,10 @@ def _(grad_rows, guess, used, d_hidden, d_weight, d_bias, hidden, weight, bias, 
 
 def _setup_grad_in_forward(ctx, inputs, output):
     hidden, weight, bias, labels, offsets, _ref, _spec, inv_temp, softcap, _ss, _tm, *chunks_and_want = inputs
-    _logps, zsum, entropy, top1, lse, guess, used, dh, dw, db = output
+    _logps, zsum, entropy, top1, lse, lss, guess, used, dh, dw, db = output
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db)
     ctx.opts = (inv_temp, softcap, *chunks_and_want[:2])  # chunk_tokens, vocab_chunk
-    ctx.mark_non_differentiable(zsum, entropy, top1, lse, guess, used, dh, dw, db)
+    ctx.mark_non_differentiable(zsum, entropy, top1, lse, lss, guess, used, dh, dw, db)
     # Outputs without a gradient stay None: materializing them would zero-fill a second dW.
     ctx.set_materialize_grads(False)
 
@@ -306,11 +311,11 @@ def _backward_grad_in_forward(ctx, grad_rows, *_unused):
     hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
     if not any(want):
-        return (None,) * 16
+        return (None,) * 17
     if grad_rows is None:
         grad_rows = torch.zeros_like(guess)
     linear_logps_finish_(grad_rows, guess, used, dh, dw, db, hidden, weight, bias, labels, offsets, lse, *ctx.opts)
-    return _pick(want, dh, dw, db) + (None,) * 13
+    return _pick(want, dh, dw, db) + (None,) * 14
 
 
 linear_logps_grad_in_forward.register_autograd(_backward_grad_in_forward, setup_context=_setup_grad_in_forward)

@@ -27,27 +27,30 @@ from .packed import check_cu_seqlens, row_offsets, segment_sums
 def token_logps_op(
     logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, softcap: Optional[float],
     sum_scores: bool, save_lse: bool, inplace_backward: bool, token_metrics: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_sum_sq: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, T, V], flat labels [B*T] (-1 = masked) -> log-probs, logsumexp, score sums,
-    entropy, is-top-1 [B*T].
+    entropy, is-top-1, log sum_v p_v^2 [B*T].
 
-    Optional results are empty unless asked for (`save_lse`, `sum_scores`, `token_metrics`).
-    `inplace_backward` is only read by the backward.
+    Optional results are empty unless asked for (`save_lse`, `sum_scores`, `token_metrics`,
+    `log_sum_sq`). `inplace_backward` is only read by the backward.
     """
     backend = get_backend(logits.device)
     results = backend.token_logps_forward(
         logits, labels, inv_temp=inv_temp, softcap=softcap, save_lse=save_lse, sum_scores=sum_scores,
-        token_metrics=token_metrics,
+        token_metrics=token_metrics, log_sum_sq=log_sum_sq,
     )
     # Each absent result is its own empty tensor: custom op outputs may not alias one another.
     return tuple(x if x is not None else results[0].new_empty(0) for x in results)
 
 
 @token_logps_op.register_fake
-def _(logits, labels, inv_temp, softcap, sum_scores, save_lse, inplace_backward, token_metrics=False):
+def _(logits, labels, inv_temp, softcap, sum_scores, save_lse, inplace_backward, token_metrics=False,
+      log_sum_sq=False):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n = labels.shape[0]
-    sizes = (n, n if save_lse else 0, n if sum_scores else 0, n if token_metrics else 0, n if token_metrics else 0)
+    sizes = (n, n if save_lse else 0, n if sum_scores else 0, n if token_metrics else 0, n if token_metrics else 0,
+             n if log_sum_sq else 0)
     return tuple(logits.new_empty(k, dtype=acc) for k in sizes)
 
 
@@ -92,7 +95,7 @@ def _setup_token_logps(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 
-_NO_GRADS = (None,) * 7  # labels and the six options
+_NO_GRADS = (None,) * 8  # labels and the seven options
 
 
 def _backward_token_logps(ctx, grad_logp, *_grads_of_metrics):
@@ -122,6 +125,7 @@ class SequenceStats:
     score_sums: torch.Tensor | None  # sum of logits over vocabulary and completion tokens (detached)
     entropy_sums: torch.Tensor | None = None  # sum over completion tokens of the next-token entropy
     top1_counts: torch.Tensor | None = None  # completion tokens whose label is the (first) argmax
+    log_sum_sq_sums: torch.Tensor | None = None  # sum over completion tokens of log sum_v p_v^2 (WPO)
 
 
 def _check_options(temperature: float, softcap: float | None) -> None:
@@ -192,9 +196,11 @@ def layout_stats(
     token_metrics: bool = False,
     inplace_backward: bool = False,
     name: str = "logits",
+    log_sum_sq: bool = False,
 ) -> SequenceStats:
     """One fused pass over `logits` for a prepared layout. Differentiable only when `logits`
-    requires grad (otherwise nothing is saved for a backward)."""
+    requires grad (otherwise nothing is saved for a backward). `log_sum_sq` also sums WPO's
+    per-token log sum_v p_v^2 (detached) from the same pass."""
     V.check_logits(logits, name)
     if logits.shape[0] * logits.shape[1] != layout.labels.numel():
         raise ValueError(f"{name} has {logits.shape[0] * logits.shape[1]} positions, the labels {layout.labels.numel()}")
@@ -203,14 +209,15 @@ def layout_stats(
     # Under torch.compile the in-place backward would be functionalized into a copy anyway, so
     # the compiled path always takes the out-of-place backward (same numbers, one [B, T, V] more).
     inplace = inplace_backward and not torch.compiler.is_compiling()
-    logp, _lse, zsum, ent, top1 = token_logps_op(logits, layout.labels, 1.0 / temperature, softcap, sum_scores,
-                                                 grad, inplace, token_metrics)
+    logp, _lse, zsum, ent, top1, lss = token_logps_op(logits, layout.labels, 1.0 / temperature, softcap,
+                                                      sum_scores, grad, inplace, token_metrics, log_sum_sq)
 
     def detached_sums(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
         return layout.row_sums(x).detach() if wanted else None
 
     return SequenceStats(logps=layout.row_sums(logp), counts=layout.counts, score_sums=detached_sums(zsum, sum_scores),
-                         entropy_sums=detached_sums(ent, token_metrics), top1_counts=detached_sums(top1, token_metrics))
+                         entropy_sums=detached_sums(ent, token_metrics), top1_counts=detached_sums(top1, token_metrics),
+                         log_sum_sq_sums=detached_sums(lss, log_sum_sq))
 
 
 def sequence_stats(
@@ -226,9 +233,11 @@ def sequence_stats(
     inplace_backward: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     name: str = "logits",
+    log_sum_sq: bool = False,
 ) -> SequenceStats:
     """Validate, then run the fused pass: per-row log-probs, token counts and, on request, logit sums
-    (`sum_scores`) and the entropy sums and top-1 counts of TRL's token metrics (`token_metrics`).
+    (`sum_scores`), the entropy sums and top-1 counts of TRL's token metrics (`token_metrics`) and
+    the sums of log sum_v p_v^2 that WPO's weights need (`log_sum_sq`).
 
     With `cu_seqlens` the batch is packed ([1, total_tokens, V], see fastdpo.packed) and the
     results are per packed row.
@@ -236,7 +245,8 @@ def sequence_stats(
     _check_options(temperature, softcap)
     layout = token_layout(logits, labels, mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens, name=name)
     return layout_stats(logits, layout, temperature=temperature, softcap=softcap, sum_scores=sum_scores,
-                        token_metrics=token_metrics, inplace_backward=inplace_backward, name=name)
+                        token_metrics=token_metrics, inplace_backward=inplace_backward, name=name,
+                        log_sum_sq=log_sum_sq)
 
 
 def sequence_logps(

@@ -14,6 +14,17 @@ Every formula is written so that finite inputs give a finite loss and finite gra
 the size of beta * d: log-sigmoid / softplus forms instead of log(sigmoid(.)) or exp(.) that can
 overflow, and a capped exponent only where the loss itself is astronomically large (DiscoPOP
 with discopop_tau > 1 and beta * d far below 0; see ``discopop_loss``).
+
+Two options act on every loss that admits them, as in TRL's DPOTrainer:
+- f-divergences (f-DPO, Wang et al., 2023, arXiv:2309.16240): the reverse KL of DPO replaced by
+  another f-divergence, which turns each log-ratio u = dc (or dr) into the score f'(exp(u)):
+  reverse KL u; forward KL 1 - exp(-u); Jensen-Shannon log 2 + log sigmoid(u); alpha divergence
+  (TRL's parameterization, a = f_alpha_divergence_coef) (exp((a - 1) u) - 1) / (a - 1), which is
+  the paper's alpha-divergence with alpha = 1 - a. The losses built on the chosen-minus-rejected
+  margin then use f'(c) - f'(r) (or its length-normalized form) in place of d.
+- WPO (Zhou et al., 2024, arXiv:2406.11827, Eq. 2): each pair's loss is multiplied by the
+  detached weight w(chosen) w(rejected), w(y) = exp(mean over y's tokens of
+  (log p(y_t) - log sum_v p(v)^2)): `wpo_weights`, from the kernels' per-row sums.
 """
 
 from __future__ import annotations
@@ -46,16 +57,18 @@ class PairLogps:
     chosen_counts: torch.Tensor
     rejected_counts: torch.Tensor
     reduction: str = "sum"
+    weights: torch.Tensor | None = None  # detached per-pair weights (WPO), read when cfg.use_weighting
 
     @classmethod
     def from_rows(cls, logps: torch.Tensor, ref_logps: torch.Tensor, counts: torch.Tensor,
-                  reduction: str = "sum") -> "PairLogps":
-        """Split [2P] rows of log-prob sums laid out as [chosen; rejected]."""
+                  reduction: str = "sum", weights: torch.Tensor | None = None) -> "PairLogps":
+        """Split [2P] rows of log-prob sums laid out as [chosen; rejected]; `weights` [P] are per pair."""
         P = logps.shape[0] // 2
         ref_logps = ref_logps.to(logps.dtype)
         counts = counts.to(logps.dtype)
-        return cls(logps[:P], logps[P:], ref_logps[:P], ref_logps[P:], counts[:P], counts[P:], reduction)
-
+        if weights is not None:
+            weights = weights.detach().to(logps.dtype)
+        return cls(logps[:P], logps[P:], ref_logps[:P], ref_logps[P:], counts[:P], counts[P:], reduction, weights)
     def _reduced(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return sums if self.reduction == "sum" else sums / counts.clamp(min=1)
 
@@ -125,6 +138,53 @@ class PairLogps:
         return (c - r) - (log1mexp(c) - log1mexp(r))
 
 
+def wpo_weights(logps: torch.Tensor, log_sum_sq_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """WPO's per-pair weights [P] from [chosen; rejected] rows [2P], detached (TRL's `use_weighting`).
+
+    Row weight exp((sum_t log p(y_t) - sum_t log sum_v p_tv^2) / max(|y|, 1)) over the row's scored
+    tokens (`log_sum_sq_sums` from the kernels' `log_sum_sq` pass); a pair's weight is the product of
+    its chosen and rejected rows' weights.
+    """
+    with torch.no_grad():
+        rows = torch.exp((logps.detach() - log_sum_sq_sums.to(logps.dtype)) / counts.to(logps.dtype).clamp(min=1))
+        P = rows.shape[0] // 2
+        return rows[:P] * rows[P:]
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# exp() of the alpha divergence's scaled log-ratio is clamped below overflow of the dtype, as TRL does.
+_ALPHA_CLAMP = {torch.float16: 11.0, torch.bfloat16: 80.0, torch.float32: 80.0, torch.float64: 700.0}
+
+
+def f_scores(logratios: torch.Tensor, cfg: "LossConfig") -> torch.Tensor:
+    """f'(exp(u)) of log-ratios u under cfg.f_divergence_type (module docstring), TRL's definitions."""
+    kind = cfg.f_divergence_type
+    if kind == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - torch.exp(-logratios)
+    if kind == "js_divergence":  # f'(t) = log(2t / (1 + t))
+        return math.log(2) + F.logsigmoid(logratios)
+    a = cfg.f_alpha_divergence_coef
+    if kind == "reverse_kl" or abs(a - 1.0) < 1e-6:  # f'(t) = log t, also the alpha -> 1 limit
+        return logratios
+    t = torch.clamp((a - 1.0) * logratios, max=_ALPHA_CLAMP.get(logratios.dtype, 80.0))
+    return (torch.exp(t) - 1.0) / (a - 1.0)  # f'(t) = (t^(a-1) - 1) / (a - 1)
+
+
+def score_margin(p: "PairLogps", cfg: "LossConfig") -> torch.Tensor:
+    """f'(c) - f'(r): the margin d for the default reverse KL, its f-divergence form otherwise."""
+    if cfg.f_divergence_type == "reverse_kl":
+        return p.logits
+    return f_scores(p.chosen_logratios, cfg) - f_scores(p.rejected_logratios, cfg)
+
+
+def avg_score_margin(p: "PairLogps", cfg: "LossConfig") -> torch.Tensor:
+    """f'(c) / |c| - f'(r) / |r| (dc/|c| - dr/|r| for the reverse KL)."""
+    if cfg.f_divergence_type == "reverse_kl":
+        return p.chosen_avg_logratios - p.rejected_avg_logratios
+    return (f_scores(p.chosen_logratios, cfg) / p.chosen_counts.clamp(min=1)
+            - f_scores(p.rejected_logratios, cfg) / p.rejected_counts.clamp(min=1))
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, without cancellation (Mächler, 2012: switch at -log 2)."""
     # Both branches are evaluated by torch.where; clamp each to its own domain so that the branch
@@ -157,6 +217,12 @@ class LossConfig:
             Liger's ``average_log_prob=True``, minimind's masked mean). Metrics follow it. Losses that
             normalize by length in their own definition (``SELF_NORMALIZED``: ipo, sigmoid_norm,
             simpo, orpo) refuse ``"mean"``; the NLL terms are a token mean over the batch either way.
+        f_divergence_type: ``reverse_kl`` (DPO), ``forward_kl``, ``js_divergence`` or
+            ``alpha_divergence`` (module docstring; TRL DPOConfig). Other than ``reverse_kl`` only
+            for the losses TRL allows it with (``F_DIVERGENCE_LOSSES``).
+        f_alpha_divergence_coef: a of ``alpha_divergence`` (TRL DPOConfig, default 0.5).
+        use_weighting: WPO: multiply each pair's loss by its detached weight (``PairLogps.weights``,
+            see ``wpo_weights``) before the mean. Not with losses that sort pairs (aot family).
     """
 
     loss_type: str | list[str] = "sigmoid"
@@ -168,6 +234,9 @@ class LossConfig:
     cpo_alpha: float = 1.0
     bco_delta: float = 0.0
     logps_reduction: str = "sum"
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    use_weighting: bool = False
     types: list[str] = field(init=False)
     weights: list[float] = field(init=False)
 
@@ -197,6 +266,12 @@ class LossConfig:
             check = CHECKS.get(name)
             if check is not None:
                 check(self)
+        _check_f_divergence(self)
+        if self.use_weighting and any(name in COUPLED_LOSSES for name in self.types):
+            raise ValueError(
+                f"use_weighting (WPO) is not defined for {sorted(set(self.types) & COUPLED_LOSSES)}: those losses "
+                "sort the pairs of the batch, which would misalign the per-pair weights (TRL refuses it too)"
+            )
 
     def _check_reduction(self) -> None:
         if self.logps_reduction not in LOGPS_REDUCTIONS:
@@ -227,6 +302,10 @@ NLL_TERMS: set[str] = set()  # losses whose value includes the chosen NLL (repor
 # Losses whose gradient for one pair depends on other pairs' log-probs (they sort over the batch):
 # the fused-linear path cannot finish their gradients pair by pair, so it recomputes for them.
 COUPLED_LOSSES: set[str] = set()
+# Losses defined on the chosen-minus-rejected margin (or not on the log-ratios at all: sft), which
+# take an f-divergence other than the reverse KL: TRL's list. The others keep a beta log Z(x) term
+# that only cancels in that margin, so they have no f-divergence form.
+F_DIVERGENCE_LOSSES: set[str] = set()
 # Reference-free losses whose trainer in TRL (CPO, ORPO) logs rewards = beta * policy log-probs:
 # "sum" for sequence sums, "mean" for length-normalized ones. Read by metrics.preference_metrics.
 POLICY_REWARDS: dict[str, str] = {}
@@ -235,7 +314,7 @@ SELF_NORMALIZED: set[str] = set()
 
 
 def register(name: str, *, reference_free: bool = False, nll: bool = False, check=None, rewards: str | None = None,
-             couples_pairs: bool = False, self_normalized: bool = False):
+             couples_pairs: bool = False, self_normalized: bool = False, f_divergence: bool = False):
     """Add a loss function to the registry under `name`.
 
     Args:
@@ -246,6 +325,8 @@ def register(name: str, *, reference_free: bool = False, nll: bool = False, chec
             rewards/* as beta times the policy's (summed or length-normalized) log-probs.
         couples_pairs: one pair's loss depends on other pairs of the batch (e.g. through a sort).
         self_normalized: the loss's definition divides by completion-token counts itself.
+        f_divergence: the loss reads the log-ratios only through ``score_margin`` /
+            ``avg_score_margin`` (or not at all), so it admits every ``f_divergence_type``.
     """
     if rewards not in (None, "sum", "mean"):
         raise ValueError(f"rewards must be None, 'sum' or 'mean', got {rewards!r}")
@@ -264,6 +345,8 @@ def register(name: str, *, reference_free: bool = False, nll: bool = False, chec
             COUPLED_LOSSES.add(name)
         if self_normalized:
             SELF_NORMALIZED.add(name)
+        if f_divergence:
+            F_DIVERGENCE_LOSSES.add(name)
         return fn
 
     return wrap
@@ -318,59 +401,73 @@ def _check_bco(cfg: LossConfig) -> None:
         raise ValueError(f"loss_type 'bco_pair' needs a finite bco_delta, got {cfg.bco_delta}")
 
 
+def _check_f_divergence(cfg: LossConfig) -> None:
+    if cfg.f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {cfg.f_divergence_type!r}")
+    if not math.isfinite(cfg.f_alpha_divergence_coef):
+        raise ValueError(f"f_alpha_divergence_coef must be finite, got {cfg.f_alpha_divergence_coef}")
+    other = sorted(set(cfg.types) - F_DIVERGENCE_LOSSES)
+    if cfg.f_divergence_type != "reverse_kl" and other:
+        raise ValueError(
+            f"f_divergence_type={cfg.f_divergence_type!r} is only defined for the loss types "
+            f"{sorted(F_DIVERGENCE_LOSSES)} (their beta log Z(x) term cancels in the chosen-rejected margin); "
+            f"got {other}. Use f_divergence_type='reverse_kl' with these losses"
+        )
+
+
 # ---- losses that compare the policy with a reference ----
 
-@register("sigmoid")
+@register("sigmoid", f_divergence=True)
 def sigmoid_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """DPO (Rafailov et al., 2023, arXiv:2305.18290): -log sigmoid(beta d).
 
     With eps > 0, conservative DPO (cDPO, Mitchell, 2023): -(1-eps) log sigmoid(beta d) - eps log sigmoid(-beta d).
     """
-    return smoothed_logistic(cfg.beta * p.logits, cfg.label_smoothing)
+    return smoothed_logistic(cfg.beta * score_margin(p, cfg), cfg.label_smoothing)
 
 
-@register("robust", check=_check_robust)
+@register("robust", check=_check_robust, f_divergence=True)
 def robust_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """Robust DPO (Chowdhury et al., 2024, arXiv:2403.00409), unbiased under label flip rate eps < 1/2:
 
     (-(1-eps) log sigmoid(beta d) + eps log sigmoid(-beta d)) / (1 - 2 eps).
     """
-    z, eps = cfg.beta * p.logits, cfg.label_smoothing
+    z, eps = cfg.beta * score_margin(p, cfg), cfg.label_smoothing
     return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
 
 
-@register("hinge")
+@register("hinge", f_divergence=True)
 def hinge_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """SLiC hinge loss (Zhao et al., 2023, arXiv:2305.10425; as in RSO, arXiv:2309.06657 Eq. 12): relu(1 - beta d)."""
-    return torch.relu(1 - cfg.beta * p.logits)
+    return torch.relu(1 - cfg.beta * score_margin(p, cfg))
 
 
-@register("ipo", self_normalized=True)
+@register("ipo", self_normalized=True, f_divergence=True)
 def ipo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """IPO (Azar et al., 2023, arXiv:2310.12036, Eq. 17) with beta as tau, length-normalized as in TRL:
 
     (dc/|c| - dr/|r| - 1/(2 beta))^2.
     """
-    return (p.chosen_avg_logratios - p.rejected_avg_logratios - 1 / (2 * cfg.beta)) ** 2
+    return (avg_score_margin(p, cfg) - 1 / (2 * cfg.beta)) ** 2
 
 
-@register("sigmoid_norm", self_normalized=True)
+@register("sigmoid_norm", self_normalized=True, f_divergence=True)
 def sigmoid_norm_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """Length-normalized DPO (Tülu 3, Lambert et al., 2024, arXiv:2411.15124, Eq. 6):
 
     -log sigmoid(beta (dc/|c| - dr/|r|)).
     """
-    return -F.logsigmoid(cfg.beta * (p.chosen_avg_logratios - p.rejected_avg_logratios))
+    return -F.logsigmoid(cfg.beta * avg_score_margin(p, cfg))
 
 
-@register("exo_pair", check=_check_exo)
+@register("exo_pair", check=_check_exo, f_divergence=True)
 def exo_pair_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """EXO-pref (Ji et al., 2024, arXiv:2402.00856, Eq. 16 with K = 2): KL(q || p_eps) where
     q = (sigmoid(beta d), sigmoid(-beta d)) and p_eps = (1 - eps, eps):
 
     q_w (log q_w - log(1-eps)) + q_l (log q_l - log eps).  Needs 0 < eps < 1 (the paper uses 1e-3).
     """
-    z, eps = cfg.beta * p.logits, cfg.label_smoothing
+    z, eps = cfg.beta * score_margin(p, cfg), cfg.label_smoothing
     log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)
     return log_qw.exp() * (log_qw - math.log1p(-eps)) + log_ql.exp() * (log_ql - math.log(eps))
 
@@ -428,12 +525,12 @@ def apo_down_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     return torch.sigmoid(cfg.beta * p.chosen_logratios) + 1 - torch.sigmoid(cfg.beta * p.logits)
 
 
-@register("discopop", check=_check_discopop)
+@register("discopop", check=_check_discopop, f_divergence=True)
 def discopop_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """DiscoPOP / log-ratio modulated loss (Lu et al., 2024, arXiv:2406.08414, Eq. 5), z = beta d,
     s = sigmoid(z / discopop_tau):  (1 - s) (-log sigmoid(z)) + s exp(-z).
     """
-    z = cfg.beta * p.logits
+    z = cfg.beta * score_margin(p, cfg)
     # As written, s exp(-z) is 0 * inf = NaN once exp(-z) overflows (z < -88 in fp32), and 1 - s
     # cancels. Here: 1 - s = sigmoid(-z / tau), and s exp(-z) = exp(log sigmoid(z / tau) - z),
     # whose exponent is about z (1 / tau - 1) for very negative z: it tends to 0 for tau < 1
@@ -473,7 +570,7 @@ def aot_pair_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
 
 # ---- reference-free losses ----
 
-@register("sft", reference_free=True, nll=True)
+@register("sft", reference_free=True, nll=True, f_divergence=True)
 def sft_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
     """Negative log-likelihood of the chosen tokens (token mean over the batch): -sum(c) / sum(|c|).
 
@@ -518,9 +615,15 @@ def orpo_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
 
 
 def preference_loss(pairs: PairLogps, cfg: LossConfig) -> torch.Tensor:
-    """sum_k weight_k * mean(loss_k(pairs)) over the configured loss types."""
+    """sum_k weight_k * mean(loss_k(pairs)) over the configured loss types (each pair's loss times
+    its WPO weight first, with cfg.use_weighting)."""
+    if cfg.use_weighting and pairs.weights is None:
+        raise ValueError("use_weighting=True needs the per-pair WPO weights (PairLogps.weights, see wpo_weights)")
     total = None
     for name, weight in zip(cfg.types, cfg.weights):
-        term = weight * LOSSES[name](pairs, cfg).mean()
+        loss = LOSSES[name](pairs, cfg)
+        if cfg.use_weighting:  # a batch-level term (sft) becomes its value times each pair's weight
+            loss = loss * pairs.weights
+        term = weight * loss.mean()
         total = term if total is None else total + term
     return total

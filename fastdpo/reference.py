@@ -14,7 +14,7 @@ import torch
 
 from . import validation as V
 from .dpo import loss_from_rows, resolve_reference
-from .losses import LossConfig
+from .losses import LossConfig, wpo_weights
 
 
 def _scores(logits: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
@@ -83,6 +83,11 @@ def reference_dpo_loss(
     if return_metrics:
         with torch.no_grad():
             score_sums = (_scores(policy_logits, temperature, softcap) * valid.unsqueeze(-1)).sum((1, 2))
+    weights = None
+    if cfg.use_weighting:  # WPO: log sum_v p_v^2 from a second log_softmax of the whole logits
+        with torch.no_grad():
+            log_sum_sq = torch.logsumexp(2 * _scores(policy_logits, temperature, softcap).log_softmax(-1), -1)
+            weights = wpo_weights(logps, (log_sum_sq * valid).sum(-1), valid.sum(-1))
     return loss_from_rows(logps, ref, valid.sum(-1), cfg, score_sums=score_sums,
                           vocab=policy_logits.shape[-1], return_metrics=return_metrics,
-                          return_rows=return_rows)
+                          return_rows=return_rows, pair_weights=weights)

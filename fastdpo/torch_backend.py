@@ -49,10 +49,13 @@ def token_logps_forward(
     token_metrics: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
+    log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
-    (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None)."""
-    return _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics)[:5]
+    (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None,
+    log sum_v p_v^2 or None)."""
+    out = _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics, log_sum_sq)
+    return out[:5] + out[6:]
 
 
 def token_slab_forward(
@@ -66,14 +69,16 @@ def token_slab_forward(
     token_metrics: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
+    log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows:
     (label scores, 0 where the label is outside the slab; the slab's logsumexp; its score sums,
-    entropy, is-top-1 and max score, each None unless asked)."""
-    return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics)
+    entropy, is-top-1, max score and log sum p^2 (relative to its own logsumexp), each None
+    unless asked)."""
+    return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics, log_sum_sq)
 
 
-def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scores, token_metrics):
+def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scores, token_metrics, log_sum_sq=False):
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     slab = label_offset is not None
@@ -82,10 +87,13 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
     def vector(wanted: bool) -> torch.Tensor | None:
         return torch.zeros_like(logp) if wanted else None
 
-    lse_all, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    lse_all, zsum, ent, top1, lss = (vector(save_lse), vector(sum_scores), vector(token_metrics),
+                                     vector(token_metrics), vector(log_sum_sq))
     top = torch.full_like(logp, float("-inf")) if slab and token_metrics else None
     for b, t, idx, y in _chunks(labels, T, V):
         s = _scores(logits[b, t].to(acc), inv_temp, softcap)
+        if log_sum_sq:  # WPO's statistic first, from the scores before anything reuses their tile
+            lss[idx] = _log_sum_sq(s)
         lse = torch.logsumexp(s, dim=-1)
         column = y - (label_offset or 0)
         inside = (column >= 0) & (column < V)
@@ -108,7 +116,14 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
             top1[idx] = (s.argmax(-1) == column).to(acc)
             if slab:
                 top[idx] = best.squeeze(1)
-    return logp, lse_all, zsum, ent, top1, top
+    return logp, lse_all, zsum, ent, top1, top, lss
+
+
+def _log_sum_sq(s: torch.Tensor) -> torch.Tensor:
+    """log sum_v softmax(s)_v^2 per row, as the kernel sums it: log S2 - 2 log S, both relative to the
+    row max (logsumexp(2 s) - 2 lse would cancel two numbers of the size of the logits)."""
+    shifted = s - s.max(-1, keepdim=True).values
+    return torch.logsumexp(2 * shifted, -1) - 2 * torch.logsumexp(shifted, -1)
 
 
 def token_logps_backward(

@@ -8,6 +8,7 @@ optional soft-cap c and temperature tau, the scores are s = c * tanh(z / c) / ta
                zsum_n = sum_v s_nv                           optional, for TRL's logits/* metrics
                H_n    = lse_n - sum_v softmax(s_n)_v s_nv    optional entropy (TRL's `entropy`)
                top1_n = 1[first argmax_v s_nv == y_n]        optional (TRL's `mean_token_accuracy`)
+               lss_n  = log sum_v softmax(s_n)_v^2           optional (WPO's weights, TRL `use_weighting`)
     backward:  dz_nv  = g_n * (1[v == y_n] - exp(s_nv - lse_n)) * ds_nv/dz_nv   0 for masked rows
 
 Vocabulary slabs (the fused linear pass may hand over the columns [o, o + V) of wider rows, with
@@ -15,6 +16,11 @@ o = label_offset): the label falls at column y_n - o, or outside the slab. The s
 returns the label's score s_{n, y_n - o} (0 when outside) in place of logp_n, and the slab's
 max score for merging top1_n; the backward takes lse_n of the whole row and adds a one-hot term
 only inside the slab. Merging slabs: linear_chunks.merge_slabs.
+
+lss_n (LOG_SUM_SQ) is one more online sum beside the logsumexp's: with the same running shift m,
+S2 = sum_v exp(2 (s_v - m)) is rescaled by alpha^2 where S is rescaled by alpha, and at the end
+lss_n = log S2 - 2 log S (= logsumexp(2 s) - 2 lse, with nothing of the logits' size cancelling).
+In a slab it is the slab's own value, relative to the slab's logsumexp.
 
 One program owns one token row. Forward reads the row once; backward reads it once and writes
 the gradient once, in place over the logits if asked. Masked rows skip the read entirely, so
@@ -56,6 +62,7 @@ def token_logps_fwd_kernel(
     T, V, label_offset, inv_temp, inv_temp_lo, softcap, softcap_lo,
     HAS_SOFTCAP: tl.constexpr, SAVE_LSE: tl.constexpr, SUM_SCORES: tl.constexpr,
     TOKEN_METRICS: tl.constexpr, SLAB: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    lss_ptr, LOG_SUM_SQ: tl.constexpr,  # WPO's log sum_v p_v^2 (see the module docstring)
 ):
     n = tl.program_id(0).to(tl.int64)  # int64: n * stride overflows int32 once N * V > 2^31
     inv_temp, softcap = _scalar(inv_temp, inv_temp_lo, ACC_DTYPE), _scalar(softcap, softcap_lo, ACC_DTYPE)
@@ -65,12 +72,14 @@ def token_logps_fwd_kernel(
     zs = tl.zeros((), ACC_DTYPE)
     ent = tl.zeros((), ACC_DTYPE)
     top1 = tl.zeros((), ACC_DTYPE)
+    lss = tl.zeros((), ACC_DTYPE)
     m = tl.full((), float("-inf"), ACC_DTYPE)
     if label >= 0:  # masked rows are not read at all
         row = z_ptr + (n // T) * stride_zb + (n % T) * stride_zt
         neg_inf = float("-inf")
         s = tl.zeros((), ACC_DTYPE)
         sz = tl.zeros((), ACC_DTYPE)  # sum_v exp(s_v - shift) * (s_v - shift), for the entropy
+        s2 = tl.zeros((), ACC_DTYPE)  # LOG_SUM_SQ: sum_v exp(2 (s_v - shift))
         best = tl.zeros((), tl.int64)  # first index of the running max
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
@@ -96,6 +105,8 @@ def token_logps_fwd_kernel(
                 # Strictly greater: an earlier tile keeps a tie, as torch.argmax keeps the first.
                 best = tl.where(tile_max > m, start + tl.argmax(z, axis=0).to(tl.int64), best)
             s = s * alpha + tl.sum(e, axis=0)
+            if LOG_SUM_SQ:
+                s2 = s2 * (alpha * alpha) + tl.sum(e * e, axis=0)
             m = m_new
         lse = tl.where(m == neg_inf, 0.0, m) + tl.log(s)  # an all -inf row gives -inf, as torch does
         column = label - label_offset
@@ -111,6 +122,8 @@ def token_logps_fwd_kernel(
         if TOKEN_METRICS:
             ent = tl.log(s) - sz / s  # = lse - E_p[s]
             top1 = tl.where(best == column, 1.0, 0.0).to(ACC_DTYPE)
+        if LOG_SUM_SQ:
+            lss = tl.log(s2) - 2.0 * tl.log(s)
     tl.store(logp_ptr + n, logp)
     if SAVE_LSE:
         tl.store(lse_ptr + n, lse)
@@ -121,6 +134,8 @@ def token_logps_fwd_kernel(
         tl.store(top1_ptr + n, top1)
         if SLAB:
             tl.store(max_ptr + n, m)
+    if LOG_SUM_SQ:
+        tl.store(lss_ptr + n, lss)
 
 
 @triton.jit
@@ -207,11 +222,14 @@ def token_logps_forward(
     token_metrics: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
+    log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
-    (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None)."""
-    out = _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics, block_v, num_warps)
-    return out[:5]
+    (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None,
+    log sum_v p_v^2 or None)."""
+    out = _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics, block_v, num_warps,
+                   log_sum_sq)
+    return out[:5] + out[6:]
 
 
 def token_slab_forward(
@@ -225,16 +243,18 @@ def token_slab_forward(
     token_metrics: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
+    log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows:
     (label scores, 0 where the label is outside the slab; the slab's logsumexp; its score sums,
-    entropy, is-top-1 and max score, each None unless asked)."""
+    entropy, is-top-1, max score and log sum p^2 (relative to its own logsumexp), each None
+    unless asked)."""
     return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics, block_v,
-                    num_warps)
+                    num_warps, log_sum_sq)
 
 
 def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scores, token_metrics, block_v,
-             num_warps):
+             num_warps, log_sum_sq=False):
     B, T, V = logits.shape
     N = B * T
     acc = _acc_dtype(logits.dtype)
@@ -244,7 +264,8 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
         return torch.empty(N, dtype=acc, device=logits.device) if wanted else None
 
     logp = vector(True)
-    lse, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    lse, zsum, ent, top1, lss = (vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics),
+                                 vector(log_sum_sq))
     top = vector(slab and token_metrics)
     if N > 0:
         block_v, num_warps = _launch_config(V, block_v, num_warps, backward=False)
@@ -254,9 +275,10 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
             T, V, label_offset or 0, *_split(inv_temp), *_split(softcap or 1.0),
             HAS_SOFTCAP=softcap is not None, SAVE_LSE=save_lse, SUM_SCORES=sum_scores,
             TOKEN_METRICS=token_metrics, SLAB=slab, ACC_DTYPE=_TL_ACC.get(acc, tl.float32), BLOCK_V=block_v,
+            lss_ptr=lss if lss is not None else logp, LOG_SUM_SQ=log_sum_sq,
             num_warps=num_warps,
         )
-    return logp, lse, zsum, ent, top1, top
+    return logp, lse, zsum, ent, top1, top, lss
 
 
 def token_logps_backward(

@@ -14,7 +14,7 @@ from fastdpo.kernels import token_logps as K
 
 SM90 = GPUTarget("cuda", 90, 32)
 # Arguments the JIT marks 16-divisible at run time for the usual shapes (V = 128256, ...).
-ALIGNED = {"z_ptr", "dz_ptr", "labels_ptr", "logp_ptr", "lse_ptr", "zsum_ptr", "ent_ptr", "top1_ptr", "max_ptr", "g_ptr",
+ALIGNED = {"z_ptr", "dz_ptr", "labels_ptr", "logp_ptr", "lse_ptr", "zsum_ptr", "ent_ptr", "top1_ptr", "max_ptr", "lss_ptr", "g_ptr",
            "stride_zb", "stride_zt", "stride_db", "stride_dt", "V"}
 
 
@@ -44,10 +44,10 @@ def forward(dtype, features):
     """features: False (none), True (all) or "slab" (all, on a vocabulary slab)."""
     acc = "fp64" if dtype == "fp64" else "fp32"
     on = bool(features)
-    consts = dict(stride_zv=1, HAS_SOFTCAP=on, SAVE_LSE=on, SUM_SCORES=on, TOKEN_METRICS=on,
+    consts = dict(stride_zv=1, HAS_SOFTCAP=on, SAVE_LSE=on, SUM_SCORES=on, TOKEN_METRICS=on, LOG_SUM_SQ=on,
                   SLAB=features == "slab", ACC_DTYPE=tl.float64 if acc == "fp64" else tl.float32)
     ptrs = dict(z_ptr=f"*{dtype}", labels_ptr="*i32", logp_ptr=f"*{acc}", lse_ptr=f"*{acc}", zsum_ptr=f"*{acc}",
-                ent_ptr=f"*{acc}", top1_ptr=f"*{acc}", max_ptr=f"*{acc}")
+                ent_ptr=f"*{acc}", top1_ptr=f"*{acc}", max_ptr=f"*{acc}", lss_ptr=f"*{acc}")
     ptx = compile_sm90(K.token_logps_fwd_kernel, ptrs, consts, backward=False).asm["ptx"]
     return {"vector_loads": vectorized(ptx, "ld")}
 

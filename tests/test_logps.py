@@ -275,7 +275,7 @@ def test_forward_on_a_vocabulary_slab(backend, device, V, offset):
     column = labels[3] - offset
     slab.reshape(8, V)[3, column] = slab.reshape(8, V)[3].max() + 1  # row 3: the label is the maximum
     s = slab.reshape(8, V).double() / 0.7
-    score, lse, zsum, ent, top1, top = get_backend(torch.device(device)).token_slab_forward(
+    score, lse, zsum, ent, top1, top, _lss = get_backend(torch.device(device)).token_slab_forward(
         slab, labels, offset, inv_temp=1 / 0.7, sum_scores=True, token_metrics=True)
     valid = labels >= 0
     inside = valid & (labels >= offset) & (labels < offset + V)

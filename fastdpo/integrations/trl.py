@@ -16,10 +16,19 @@ by one, precomputed `ref_chosen_logps` / `ref_rejected_logps` columns are used a
 metrics are TRL's names with TRL's meaning (rewards/*, logps/*, logits/* as the mean score over
 vocabulary and completion tokens, entropy, mean_token_accuracy, num_tokens), gathered as TRL does.
 
-Supported TRL versions: SUPPORTED_TRL (checked at import). Options TRL has and fastdpo does not
-(f-divergences, WPO weighting, LD-DPO's ld_alpha, MoE router loss, vision models, loss types with
-no fastdpo twin) raise at construction instead of training differently. `use_liger_kernel` keeps
-meaning what it means in these TRL versions (Liger's layer kernels; the LM head is ours).
+Every DPOConfig loss option of these TRL versions is honoured with TRL's numbers: f-divergences
+(`f_divergence_type`, `f_alpha_divergence_coef`, in fastdpo.losses), WPO (`use_weighting`: the
+per-token log sum_v p_v^2 comes from the same kernel pass as the log-probs), LD-DPO (`ld_alpha`:
+each row's scored tokens split at the shorter answer's length as segments of the same pass, no
+per-token tensor beyond [B, T]), and TRL's completion-token counts for `ipo` / `sigmoid_norm`.
+One difference: TRL 1.16 fails on `use_weighting=True` with `"sft"` in `loss_type` (an in-place
+multiply of its expanded sft term); here that term is weighted like the others (the sft value
+times the mean pair weight).
+
+Supported TRL versions: SUPPORTED_TRL (checked at import). What fastdpo does not do (MoE router
+loss, vision models, loss types with no fastdpo twin) raises at construction instead of training
+differently. `use_liger_kernel` keeps meaning what it means in these TRL versions (Liger's layer
+kernels; the LM head is ours).
 """
 
 from __future__ import annotations
@@ -68,10 +77,10 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
 from ..dpo import loss_from_rows  # noqa: E402
-from ..losses import LOSSES, LossConfig  # noqa: E402
 from ..attention import activation_dtype, layout_support, model_inputs  # noqa: E402
 from ..head import HeadOptions, RowStats, install_head  # noqa: E402
 from ..layouts import LayoutBatch, build, pairs_from_padded  # noqa: E402
+from ..losses import F_DIVERGENCES, LOSSES, LossConfig, wpo_weights  # noqa: E402
 
 # The loss types of DPOTrainer in the supported TRL versions.
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -84,7 +93,9 @@ TRL_TO_FASTDPO: dict[str, str] = {}
 SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}
 # TRL normalizes these by the completion-mask count before the shift (the others count scored tokens).
 UNSHIFTED_COUNTS = {"ipo", "sigmoid_norm"}
-_CORE_FIELDS = {"loss_type", "loss_weights", "beta", "label_smoothing"}
+# TRL's sft term is the mean per-token log-prob of the chosen tokens, never LD-DPO's weighted sum.
+UNWEIGHTED_LOGPS = {"sft"}
+_CORE_FIELDS = {"loss_type", "loss_weights", "beta", "label_smoothing", "use_weighting"}
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
 
@@ -107,17 +118,11 @@ def check_args(args: Any) -> None:
             f"loss_type {missing} has no fastdpo implementation; fastdpo implements these TRL loss types: "
             f"{supported_loss_types(TRL_LOSS_TYPES)}"
         )
-    unsupported = {
-        "f_divergence_type": args.f_divergence_type != "reverse_kl",
-        "use_weighting": bool(args.use_weighting),
-        "ld_alpha": args.ld_alpha is not None,
-    }
-    named = [name for name, bad in unsupported.items() if bad]
-    if named:
-        raise NotImplementedError(
-            f"fastdpo's TRL integration does not support {named} (defaults: f_divergence_type='reverse_kl', "
-            "use_weighting=False, ld_alpha=None); use trl.DPOTrainer for these"
-        )
+    # TRL itself refuses the combinations it does not define (f-divergences with losses outside its
+    # list, WPO with the aot family) when DPOTrainer is built; an unknown f-divergence it only meets
+    # in the first loss computation, so refuse that here, before any work.
+    if args.f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {args.f_divergence_type!r}")
 
 
 def _check_trainer(trainer: DPOTrainer) -> None:
@@ -199,31 +204,50 @@ class FastDPOMixin:
             return model(**model_kwargs, labels=scored, fastdpo_head=call, **extra)
 
     def _fastdpo_reference(self, model, model_kwargs: dict, labels: LayoutBatch | torch.Tensor) -> torch.Tensor:
-        """The reference's per-row log-probs: the ref model, or the policy with its adapter swapped."""
+        """The reference's per-row log-probs (LD-DPO-weighted as TRL's with ld_alpha): the ref model,
+        or the policy with its adapter swapped."""
         adapter = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             unwrapped = self.accelerator.unwrap_model(self.model)
             adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter:
-            return self._fastdpo_rows(model, model_kwargs, labels, "reference").logps.detach()
+            return self._fastdpo_ld_logps(self._fastdpo_rows(model, model_kwargs, labels, "reference")).detach()
 
     def compute_ref_log_probs(self, model, inputs):
         """TRL's precompute pass (one batch of its collator), through the fastdpo head."""
         model_kwargs, scored = self._fastdpo_inputs(inputs)
+        model_kwargs.update(self._fastdpo_split(inputs["completion_mask"]))
         return self._fastdpo_reference(model, model_kwargs, scored).chunk(2, dim=0)
+
+    # ---- LD-DPO ---------------------------------------------------------------------------------
+    def _fastdpo_split(self, completion_mask: torch.Tensor) -> dict:
+        """With ld_alpha, the head's `fastdpo_shared` argument: each row's shared length, TRL's
+        min(scored tokens of the chosen, of the rejected answer) of its pair; else nothing."""
+        if self.args.ld_alpha is None:
+            return {}
+        lengths = completion_mask[:, 1:].sum(-1)  # TRL counts the shifted mask: the scored tokens
+        chosen, rejected = lengths.chunk(2, dim=0)
+        return {"fastdpo_shared": torch.minimum(chosen, rejected).repeat(2)}
+
+    def _fastdpo_ld_logps(self, rows: RowStats) -> torch.Tensor:
+        """TRL's LD-DPO log-probs: shared part + ld_alpha * tail (the plain sums without ld_alpha)."""
+        if self.args.ld_alpha is None:
+            return rows.logps
+        return (rows.logps - rows.tail_logps) + self.args.ld_alpha * rows.tail_logps
 
     # ---- the loss -------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         model_kwargs, scored = self._fastdpo_inputs(inputs)
         completion_mask = inputs["completion_mask"]
+        split = self._fastdpo_split(completion_mask)
         # The reference first: in "linear" mode the policy pass can then build its gradients in the forward.
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]])
         else:
             ref_model = self.model if self.ref_model is None else self.ref_model
-            ref = self._fastdpo_reference(ref_model, model_kwargs, scored)
-        extra = {}
+            ref = self._fastdpo_reference(ref_model, {**model_kwargs, **split}, scored)
+        extra = dict(split)
         if self.fastdpo_options.mode == "linear" and (spec := self._fastdpo_grad_spec()) is not None:
             extra["fastdpo_grad"] = (spec, ref.detach().float())
         policy = self._fastdpo_rows(model, model_kwargs, scored, "policy", **extra)
@@ -242,11 +266,16 @@ class FastDPOMixin:
     def _fastdpo_loss(self, policy: RowStats, ref: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
         """sum_k weight_k * mean(loss_k), one fastdpo loss per TRL loss type with TRL's hyper-parameters."""
         unshifted = completion_mask.sum(dim=1)
+        weights = None
+        if self.args.use_weighting:  # TRL's WPO weights: plain per-token log-probs over the scored tokens
+            weights = wpo_weights(policy.logps, policy.log_sum_sq_sums, policy.counts)
+        ld_logps = self._fastdpo_ld_logps(policy)
         loss = None
         for loss_type, weight in zip(self.loss_types, self.loss_weights, strict=True):
             cfg = self._fastdpo_config(loss_type)
             counts = unshifted if loss_type in UNSHIFTED_COUNTS else policy.counts
-            term = loss_from_rows(policy.logps, ref, counts.to(policy.logps.device), cfg) * weight
+            logps = policy.logps if loss_type in UNWEIGHTED_LOGPS else ld_logps
+            term = loss_from_rows(logps, ref, counts.to(logps.device), cfg, pair_weights=weights) * weight
             loss = term if loss is None else loss + term
         return loss
 
@@ -265,9 +294,12 @@ class FastDPOMixin:
         smoothed = {t in SMOOTHED for t in self.loss_types if t in SMOOTHED or t == "sigmoid"}
         if any(n in COUPLED_LOSSES for n in names) or (self.label_smoothing and len(smoothed) > 1):
             return None  # pairs coupled by sorting, or eps read by some types and not others
+        if self.args.ld_alpha is not None:
+            return None  # LD-DPO's rows are split in two segments, which a loss spec does not describe
         cfg = self._fastdpo_config(self.loss_types[0])
         options = dict(loss_type=names, loss_weights=list(self.loss_weights), beta=self.beta,
                        label_smoothing=self.label_smoothing if smoothed == {True} else 0.0,
+                       use_weighting=bool(self.args.use_weighting),
                        **{f.name: getattr(cfg, f.name) for f in fields(LossConfig)
                           if f.init and f.name not in _CORE_FIELDS})
         return loss_spec(options)
@@ -280,13 +312,14 @@ class FastDPOMixin:
         extra = {f.name: getattr(self.args, f.name) for f in fields(LossConfig)
                  if f.init and f.name not in _CORE_FIELDS and hasattr(self.args, f.name)}
         eps = self.label_smoothing if loss_type in SMOOTHED else 0.0
-        return LossConfig(loss_type=name, beta=self.beta, label_smoothing=eps, **extra)
+        return LossConfig(loss_type=name, beta=self.beta, label_smoothing=eps,
+                          use_weighting=bool(self.args.use_weighting), **extra)
 
     # ---- the metrics ----------------------------------------------------------------------------
     def _fastdpo_log(self, mode: str, policy: RowStats, ref: torch.Tensor, inputs: dict) -> None:
         """TRL's metrics, names and gathering, from per-row sums."""
         metrics, gather = self._metrics[mode], self.accelerator.gather_for_metrics
-        logps = policy.logps.detach()
+        logps = self._fastdpo_ld_logps(policy).detach()
         P = logps.shape[0] // 2
         chosen_tokens, rejected_tokens = policy.counts[:P].sum(), policy.counts[P:].sum()
 
@@ -337,11 +370,12 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
                  **kwargs: Any) -> None:
         # Set before DPOTrainer.__init__: its reference precompute already runs through fastdpo
         # (padded: the values are per pair, so any layout can use them).
-        self.fastdpo_options = HeadOptions(mode=fastdpo_mode, token_metrics=fastdpo_token_metrics,
-                                           inplace_backward=fastdpo_inplace_backward)
-        self.fastdpo_layout = "padded"
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         check_args(config)
+        self.fastdpo_options = HeadOptions(mode=fastdpo_mode, token_metrics=fastdpo_token_metrics,
+                                           inplace_backward=fastdpo_inplace_backward,
+                                           log_sum_sq=bool(getattr(config, "use_weighting", False)))
+        self.fastdpo_layout = "padded"
         layout = requested_layout(config, share_prompt, padding_free)
         super().__init__(*args, **kwargs)
         self.fastdpo_layout = check_layout(self, layout)
@@ -361,8 +395,9 @@ def patch_trainer(trainer: DPOTrainer, *, mode: str = "logits", token_metrics: b
     """
     if not isinstance(trainer, DPOTrainer):
         raise TypeError(f"trainer must be a trl.DPOTrainer, got {type(trainer).__name__}")
-    options = HeadOptions(mode=mode, token_metrics=token_metrics, inplace_backward=inplace_backward)
     check_args(trainer.args)
+    options = HeadOptions(mode=mode, token_metrics=token_metrics, inplace_backward=inplace_backward,
+                          log_sum_sq=bool(trainer.args.use_weighting))
     if not isinstance(trainer, FastDPOMixin):
         cls = type(trainer)
         if cls not in _PATCHED:
