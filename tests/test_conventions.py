@@ -366,7 +366,7 @@ def test_trainer_flag_reaches_the_loss(tmp_path):
     cfg = parse_args(["--logps-reduction", "mean", "--loss-type", "sigmoid,sft"])
     assert cfg.logps_reduction == "mean"
     assert loss_config(cfg).logps_reduction == "mean"
-    assert LossFn(cfg, autocast=False).options["logps_reduction"] == "mean"
+    assert LossFn(cfg, autocast=False).loss.logps_reduction == "mean"
     assert parse_args([]).logps_reduction == "sum"
     with pytest.raises(ConfigError, match="'ipo' divides by the completion-token count"):
         DPOTrainer(tiny_config(tmp_path / "a", loss_type="ipo", logps_reduction="mean"))

@@ -221,26 +221,30 @@ def test_trainer_loss_paths_agree_with_f_divergence_and_wpo(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     from train_helpers import tiny_config
 
+    from fastdpo.layouts import PairTokens, build
     from fastdpo.trainer import ConfigError
-    from fastdpo.trainer.data import Batch
-    from fastdpo.trainer.loss import LossFn, loss_config
+    from fastdpo.trainer.loss import LossFn, attach_head, head_options, loss_config
 
     options = {"f_divergence_type": "js_divergence", "use_weighting": True}
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
-    ids = torch.randint(0, 23, (4, 7))
-    labels = ids.clone()
-    labels[:, :3] = -100
-    batch = Batch(ids, torch.ones_like(ids), labels, torch.arange(2))
+    ids = torch.randint(0, 23, (4, 7)).tolist()
+    pairs = [PairTokens(ids[i][:3], ids[i][3:], ids[i + 2][3:]) for i in range(2)]
     ref = -20 - torch.rand(4)
     results = []
     for impl in ("fused", "fused_linear", "reference"):
-        fn = LossFn(tiny_config(tmp_path / impl, loss_type="ipo", loss_impl=impl, loss_options=options), False)
-        model.zero_grad()
-        loss, _ = fn(model, batch, ref)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        for layout in ("padded", "shared"):
+            cfg = tiny_config(tmp_path / impl, loss_type="ipo", loss_impl=impl, loss_options=options)
+            attach_head(model, head_options(cfg))
+            model.zero_grad()
+            loss, _ = LossFn(cfg, False)(model, build(layout, pairs, range(2), pad_id=0), ref)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    unweighted = tiny_config(tmp_path / "plain", loss_type="ipo", loss_options={"f_divergence_type": "js_divergence"})
+    attach_head(model, head_options(unweighted))
+    plain, _ = LossFn(unweighted, False)(model, build("padded", pairs, range(2), pad_id=0), ref)
+    assert not torch.allclose(plain.detach(), results[0][0], rtol=1e-3)  # the WPO weights were applied
     for loss, grads in results[1:]:
         torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-6)
         for g, g0 in zip(grads, results[0][1]):

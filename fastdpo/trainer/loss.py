@@ -20,7 +20,7 @@ import torch
 from typing import TYPE_CHECKING
 
 from fastdpo.attention import activation_dtype, model_inputs
-from fastdpo.dpo import loss_from_rows
+from fastdpo.dpo import loss_from_rows, policy_weights
 from fastdpo.layouts import LayoutBatch
 from fastdpo.linear import _spec_for
 from fastdpo.losses import LossConfig
@@ -52,7 +52,8 @@ def head_options(cfg: TrainConfig) -> HeadOptions:
     """The head's mode for --loss-impl; token metrics (TRL's entropy, top-1) are not logged here."""
     from fastdpo.head import HeadOptions
 
-    return HeadOptions(mode=HEAD_MODES[cfg.loss_impl], token_metrics=False, inplace_backward=cfg.inplace_backward)
+    return HeadOptions(mode=HEAD_MODES[cfg.loss_impl], token_metrics=False, inplace_backward=cfg.inplace_backward,
+                       log_sum_sq=loss_config(cfg).use_weighting)
 
 
 def attach_head(model, options: HeadOptions) -> None:
@@ -92,7 +93,8 @@ class LossFn:
             extra["fastdpo_grad"] = (self.spec, ref_logps.detach().float())
         policy = rows(model, batch, "policy", self.autocast, **extra)
         return loss_from_rows(policy.logps, ref_logps.to(policy.logps.device), policy.counts, self.loss,
-                              score_sums=policy.score_sums, vocab=policy.vocab, return_metrics=True)
+                              score_sums=policy.score_sums, vocab=policy.vocab, return_metrics=True,
+                              pair_weights=policy_weights(policy, self.loss))
 
 
 @torch.no_grad()
