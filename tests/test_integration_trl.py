@@ -376,6 +376,7 @@ LAYOUT_CASES = {
     "share_prompt/subclass": ("fast", dict(share_prompt=True), dict(), "shared"),
     "share_prompt/linear": ("fast", dict(share_prompt=True, fastdpo_mode="linear"), dict(), "shared"),
     "padding_free/patch": ("patch", dict(padding_free=True), dict(), "packed"),
+    "share_prompt/ld_alpha+wpo": ("fast", dict(share_prompt=True), dict(ld_alpha=0.5, use_weighting=True), "shared"),
 }
 
 
@@ -384,7 +385,8 @@ def test_layouts_match_trls_padded_training(case, models_, tokenizer, dataset, t
     """Two steps with fastdpo's padding-free / shared-prompt batches equal TRL's own padded path
     (the dataset has an empty prompt, prompts and answers of different lengths)."""
     kind, layout, config, expected_layout = LAYOUT_CASES[case]
-    expected = train_two_steps(build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a")))
+    # the DPOConfig options apply to both runs (TRL itself ignores padding_free and pads)
+    expected = train_two_steps(build("trl", models_, tokenizer, dataset, dpo_args(tmp_path / "a", **config)))
     trainer = layout_trainer(models_, tokenizer, dataset, dpo_args(tmp_path / "b", **config), kind, **layout)
     assert trainer.fastdpo_layout == expected_layout
     assert_same_training(expected, train_two_steps(trainer))
