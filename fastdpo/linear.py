@@ -18,7 +18,7 @@ Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
   by default a chunk grows to hold the largest pair; a pair longer than an explicit
   ``chunk_size`` is forwarded in pieces and recomputed (8 N H V for it).
 - recompute (aot, ``grad_in_forward=False``, or ``linear_sequence_logps``): the forward keeps
-  one logsumexp per token and the backward recomputes each chunk's logits. 8 N H V FLOPs, with
+  two fp32 per token (logsumexp, exact 1 - p_label) and the backward recomputes each chunk's logits. 8 N H V FLOPs, with
   chunks of any size; with ``vocab_chunk_size`` both passes take the vocabulary in slabs too,
   so the logits are never more than [chunk_size, vocab_chunk_size] (the lean setting: memory
   near the gradients themselves).

@@ -28,8 +28,8 @@ def token_logps_op(
     logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, softcap: Optional[float],
     sum_scores: bool, save_lse: bool, inplace_backward: bool, token_metrics: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [B, T, V], flat labels [B*T] (-1 = masked) -> log-probs, logsumexp, score sums,
-    entropy, is-top-1 [B*T].
+    """logits [B, T, V], flat labels [B*T] (-1 = masked) -> log-probs, backward state [B*T, 2]
+    (logsumexp, 1 - p_label), score sums, entropy, is-top-1 [B*T].
 
     Optional results are empty unless asked for (`save_lse`, `sum_scores`, `token_metrics`).
     `inplace_backward` is only read by the backward.
@@ -47,7 +47,8 @@ def token_logps_op(
 def _(logits, labels, inv_temp, softcap, sum_scores, save_lse, inplace_backward, token_metrics=False):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n = labels.shape[0]
-    sizes = (n, n if save_lse else 0, n if sum_scores else 0, n if token_metrics else 0, n if token_metrics else 0)
+    sizes = (n, (n, 2) if save_lse else 0, n if sum_scores else 0, n if token_metrics else 0,
+             n if token_metrics else 0)
     return tuple(logits.new_empty(k, dtype=acc) for k in sizes)
 
 

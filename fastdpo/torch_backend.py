@@ -1,6 +1,7 @@
 """Exact pure-PyTorch twin of kernels/token_logps.py, for CPU and any device without Triton.
 
-Same math and signatures as the kernels. It works on chunks of the unmasked token rows, so its
+Same math and signatures as the kernels, the exact 1 - p_label of confident tokens included
+(summed from the other tokens' probabilities, saved beside the logsumexp). It works on chunks of the unmasked token rows, so its
 working memory is a few [chunk x V] fp32 tiles however long the batch, and masked rows are never
 read (forward) and only zero-filled (backward).
 """
@@ -50,8 +51,8 @@ def token_logps_forward(
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
-    (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None)."""
+    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked): (log-probs, backward state
+    [B*T, 2] = (logsumexp, 1 - p_label) or None, score sums or None, entropy or None, is-top-1 or None)."""
     return _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics)[:5]
 
 
@@ -68,8 +69,9 @@ def token_slab_forward(
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows:
-    (label scores, 0 where the label is outside the slab; the slab's logsumexp; its score sums,
-    entropy, is-top-1 and max score, each None unless asked)."""
+    (label scores, 0 where the label is outside the slab; the slab's state [B*T, 2]: its logsumexp
+    and the share of its mass that is not the label; its score sums, entropy, is-top-1 and max
+    score, each None unless asked)."""
     return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics)
 
 
@@ -84,30 +86,37 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
 
     lse_all, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
     top = torch.full_like(logp, float("-inf")) if slab and token_metrics else None
+    if save_lse:  # the backward state (lse, 1 - p_label) of each token
+        lse_all = logp.new_zeros(B * T, 2)
     for b, t, idx, y in _chunks(labels, T, V):
         s = _scores(logits[b, t].to(acc), inv_temp, softcap)
-        lse = torch.logsumexp(s, dim=-1)
+        best = s.max(-1, keepdim=True).values
+        shift = torch.where(best == float("-inf"), 0.0, best)  # an all -inf row: lse = -inf, as torch's
+        shifted = s - shift
+        e = shifted.exp()
+        total = e.sum(-1)
+        lse = shift.squeeze(1) + total.log()
         column = y - (label_offset or 0)
         inside = (column >= 0) & (column < V)
-        picked = s.gather(1, column.clamp(0, V - 1)[:, None]).squeeze(1)
+        at = column.clamp(0, V - 1)[:, None]
+        picked = s.gather(1, at).squeeze(1)
         if slab:  # the label's score, or 0 when the label is in another slab
             logp[idx] = torch.where(inside, picked, 0.0)
         else:
             logp[idx] = torch.where(y < V, picked - lse, float("nan"))  # as the kernel: NaN for a label >= V
         if save_lse:
-            lse_all[idx] = lse
+            lse_all[idx, 0] = lse
         if sum_scores:
             zsum[idx] = s.sum(-1)
         if token_metrics:
             # log S - E_p[s - max] with S = sum exp(s - max): no cancellation at the logits' size.
-            best = s.max(-1, keepdim=True).values
-            shifted = s - best
-            e = shifted.exp()
-            total = e.sum(-1)
             ent[idx] = total.log() - (e * torch.where(e > 0, shifted, 0.0)).sum(-1) / total  # e = 0 where s = -inf
             top1[idx] = (s.argmax(-1) == column).to(acc)
             if slab:
                 top[idx] = best.squeeze(1)
+        if save_lse:  # exact 1 - p_label: the sum of the other tokens' mass (e is not needed after this)
+            e.scatter_(1, at, torch.where(inside[:, None], 0.0, e.gather(1, at)))
+            lse_all[idx, 1] = e.sum(-1) / total
     return logp, lse_all, zsum, ent, top1, top
 
 
@@ -125,10 +134,14 @@ def token_logps_backward(
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
-    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose logsumexp
-    is `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
+    `lse` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row.
+    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose state is
+    `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
+    if lse.shape != (B * T, 2):
+        raise ValueError(f"lse must be the forward's [{B * T}, 2] state (logsumexp, 1 - p_label), "
+                         f"got {tuple(lse.shape)}")
     if out is None:
         out = torch.zeros((B, T, V), dtype=logits.dtype, device=logits.device)
     else:  # in place: every masked row must become exactly zero too
@@ -136,11 +149,13 @@ def token_logps_backward(
         out[masked // T, masked % T] = 0
     for b, t, idx, y in _chunks(labels, T, V):
         z = logits[b, t].to(acc)
-        p = torch.exp(_scores(z, inv_temp, softcap) - lse[idx, None])
-        dz = -p
+        state = lse[idx]
+        dz = torch.exp(_scores(z, inv_temp, softcap) - state[:, :1]).neg_()
         column = y - label_offset  # outside [0, V): the label is in another vocabulary slab
         inside = (column >= 0) & (column < V)
-        dz.scatter_add_(1, column.clamp(0, V - 1)[:, None], inside.to(acc)[:, None])
+        at = column.clamp(0, V - 1)[:, None]
+        # The label column: 1 - p_label from the forward's sum over the other tokens, not 1 - p (cancels).
+        dz.scatter_(1, at, torch.where(inside[:, None], state[:, 1:].to(acc), dz.gather(1, at)))
         dz *= grad_logp[idx, None].to(acc)
         dz *= _scores_grad(z, inv_temp, softcap)
         out[b, t] = dz.to(out.dtype)
