@@ -1,7 +1,7 @@
 """Per-sequence log-probs of the labels from logits: the autograd op over the fused kernels.
 
 Data flow: validate -> flat labels (-1 = masked) -> backend forward (per-token log-probs, one
-fp32 logsumexp per token saved) -> per-row sum in PyTorch over [B, T] floats (or segment sums
+(logsumexp, 1 - p_label) per token saved) -> per-row sum in PyTorch over [B, T] floats (or segment sums
 over a packed [1, total_tokens] batch, fastdpo.packed). Autograd turns the per-row gradient into
 a per-token one (an expand), and the backend backward writes the logits gradient in one pass.
 """

@@ -89,25 +89,27 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
     if save_lse:  # the backward state (lse, 1 - p_label) of each token
         lse_all = logp.new_zeros(B * T, 2)
     for b, t, idx, y in _chunks(labels, T, V):
+        # Indexing with tensors copies: s is this loop's own tile, so it is reused in place below
+        # (on CPU the tiles are most of the memory this pass holds).
         s = _scores(logits[b, t].to(acc), inv_temp, softcap)
-        best = s.max(-1, keepdim=True).values
-        shift = torch.where(best == float("-inf"), 0.0, best)  # an all -inf row: lse = -inf, as torch's
-        shifted = s - shift
-        e = shifted.exp()
-        total = e.sum(-1)
-        lse = shift.squeeze(1) + total.log()
         column = y - (label_offset or 0)
         inside = (column >= 0) & (column < V)
         at = column.clamp(0, V - 1)[:, None]
         picked = s.gather(1, at).squeeze(1)
+        if sum_scores:
+            zsum[idx] = s.sum(-1)
+        best = s.max(-1, keepdim=True).values
+        shift = torch.where(best == float("-inf"), 0.0, best)  # an all -inf row: lse = -inf, as torch's
+        shifted = s.sub_(shift)
+        e = shifted.exp() if token_metrics else shifted.exp_()  # the entropy needs both tiles
+        total = e.sum(-1)
+        lse = shift.squeeze(1) + total.log()
         if slab:  # the label's score, or 0 when the label is in another slab
             logp[idx] = torch.where(inside, picked, 0.0)
         else:
             logp[idx] = torch.where(y < V, picked - lse, float("nan"))  # as the kernel: NaN for a label >= V
         if save_lse:
             lse_all[idx, 0] = lse
-        if sum_scores:
-            zsum[idx] = s.sum(-1)
         if token_metrics:
             # log S - E_p[s - max] with S = sum exp(s - max): no cancellation at the logits' size.
             ent[idx] = total.log() - (e * torch.where(e > 0, shifted, 0.0)).sum(-1) / total  # e = 0 where s = -inf
@@ -148,9 +150,11 @@ def token_logps_backward(
         masked = torch.nonzero(labels < 0).squeeze(1)
         out[masked // T, masked % T] = 0
     for b, t, idx, y in _chunks(labels, T, V):
-        z = logits[b, t].to(acc)
+        z = logits[b, t].to(acc)  # a copy (tensor indexing); the softcap's gradient needs it kept
         state = lse[idx]
-        dz = torch.exp(_scores(z, inv_temp, softcap) - state[:, :1]).neg_()
+        # The scores are a new tile, or z itself when there is neither softcap nor temperature (and
+        # then z is not needed after): dz is made in place over them.
+        dz = _scores(z, inv_temp, softcap).sub_(state[:, :1]).exp_().neg_()
         column = y - label_offset  # outside [0, V): the label is in another vocabulary slab
         inside = (column >= 0) & (column < V)
         at = column.clamp(0, V - 1)[:, None]
