@@ -54,16 +54,30 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# On CPU the pass's extra memory is the gradients plus a few fp32 [chunk, V] tiles (the logits and
+# the PyTorch twin's), and a matmul of a few dozen rows runs as fast per FLOP as a large one. So
+# the CPU default is a chunk of H / CPU_TOKENS_PER_HIDDEN tokens: each tile is then 1/32 of the
+# weight (in fp32), the tiles together under a tenth of the weight gradient, and the pass holds
+# about what torch's chunked linear_cross_entropy holds (the gradients and chunks sized by the
+# same aspect ratio), while scoring only valid tokens keeps it faster (README, the CPU table).
+# Pairs are not kept whole on CPU: one longer than a chunk is recomputed (8 N H V for it).
+CPU_TOKENS_PER_HIDDEN = 32
+CPU_MIN_CHUNK = 8
+
+
 def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
     """Tokens per chunk so that one [chunk, V] logits buffer is about CHUNK_BYTES."""
     return max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
 
 
 def resolve_chunk_tokens(chunk_tokens: int, weight: torch.Tensor, plan: "Plan | None" = None) -> int:
-    """`chunk_tokens`, or for 0 (the default) about CHUNK_BYTES of logits; given the `plan` of a
-    pass that groups whole pairs, at least the largest pair, so that no pair is recomputed."""
+    """`chunk_tokens`, or for 0 (the default) about CHUNK_BYTES of logits (on CPU H / 32 tokens);
+    given the `plan` of a pass that groups whole pairs, on a GPU at least the largest pair, so
+    that no pair is recomputed."""
     if chunk_tokens:
         return chunk_tokens
+    if weight.device.type == "cpu":
+        return max(CPU_MIN_CHUNK, weight.shape[1] // CPU_TOKENS_PER_HIDDEN)
     tokens = default_chunk_tokens(weight.shape[0], weight.dtype)
     return max(tokens, max(pair_sizes(plan), default=0)) if plan is not None else tokens
 
