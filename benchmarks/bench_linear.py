@@ -34,6 +34,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +275,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def bench_shape(name, P, T, H, V, impls, args, device, rate) -> list[common.Result]:
+    torch.manual_seed(0)  # the same inputs and masks in every process of an --isolate run
     dtype = getattr(torch, args.dtype)
     hidden = torch.randn(2 * P, T, H, device=device).to(dtype).requires_grad_()
     weight = (torch.randn(V, H, device=device) / H**0.5 * 4).to(dtype).requires_grad_()
@@ -323,7 +325,10 @@ def bench_shape(name, P, T, H, V, impls, args, device, rate) -> list[common.Resu
                     # --isolate this is the first step of a fresh process, as in a real run.
                     r.extra_gb = common.extra_memory_gb(fn, device)
                     r.extra["peak_rss_gb"] = common.peak_rss_gb()  # the process's peak during that step
-                r.ms = common.time_ms(fn, device, args.warmup, args.iters)
+                cpu_ms = []
+                r.ms = common.time_ms(fn, device, args.warmup, args.iters, cpu_ms)
+                if cpu_ms:
+                    r.extra["cpu_ms"] = statistics.median(cpu_ms)
                 if device.type != "cpu":
                     r.extra_gb = common.extra_memory_gb(fn, device)
                 r.extra["matmul_frac"] = flops / (r.ms / 1e3) / rate
@@ -367,6 +372,8 @@ def parse_args(argv=None):
     p.add_argument("--isolate", action="store_true",
                    help="run each implementation and mode in a process of its own (peak memory on CPU)")
     p.add_argument("--baseline", default="torch-lce", help="the implementation the ratio table divides by")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's); 1 makes CPU time comparable on a shared machine")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="tokens per chunk of fastdpo and fastdpo-recompute (default: fastdpo's, ~512 MiB of logits)")
     return p.parse_args(argv)
@@ -405,8 +412,8 @@ def run_isolated(argv: list[str], impls: list[str], modes: set[str], out: Path) 
 def ratio_table(results: list[common.Result], baseline: str) -> str:
     """Time, extra memory and (CPU) process peak of each row as ratios to the baseline's same shape and mode."""
     base = {(r.shape, r.mode): r for r in results if r.impl == baseline and r.ms}
-    lines = [f"| shape | mode | impl | ms | extra GB | process peak GB | time / {baseline} | extra / {baseline} | "
-             f"peak / {baseline} |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| shape | mode | impl | wall ms | CPU ms | extra GB | process peak GB | wall / {baseline} | "
+             f"CPU time / {baseline} | extra / {baseline} | peak / {baseline} |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(a, b):
         return f"{a / b:.2f}" if a is not None and b else ""
@@ -416,15 +423,18 @@ def ratio_table(results: list[common.Result], baseline: str) -> str:
         if r.ms is None or b is None:
             continue
         peak, b_peak = r.extra.get("peak_rss_gb"), b.extra.get("peak_rss_gb")
-        lines.append(f"| {r.shape} | {r.mode} | {r.impl} | {r.ms:.0f} | {common._fmt(r.extra_gb, '.3f')} | "
-                     f"{common._fmt(peak, '.3f')} | {ratio(r.ms, b.ms)} | {ratio(r.extra_gb, b.extra_gb)} | "
-                     f"{ratio(peak, b_peak)} |")
+        cpu, b_cpu = r.extra.get("cpu_ms"), b.extra.get("cpu_ms")
+        lines.append(f"| {r.shape} | {r.mode} | {r.impl} | {r.ms:.0f} | {common._fmt(cpu, '.0f')} | "
+                     f"{common._fmt(r.extra_gb, '.3f')} | {common._fmt(peak, '.3f')} | {ratio(r.ms, b.ms)} | "
+                     f"{ratio(cpu, b_cpu)} | {ratio(r.extra_gb, b.extra_gb)} | {ratio(peak, b_peak)} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.modes = set(args.modes.split(","))
     device = torch.device(args.device)
     shapes = common.select_shapes(args, device, "P,T,H,V", tiny=(2, 64, 64, 1000))

@@ -55,8 +55,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
-    """Median wall time of fn() in milliseconds."""
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10,
+            cpu_ms: list[float] | None = None) -> float:
+    """Median wall time of fn() in milliseconds; on CPU the process CPU time of each call is
+    appended to `cpu_ms` if given (on a shared machine it varies far less than wall time)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -70,9 +72,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
         return statistics.median(start.elapsed_time(end) for start, end in events)
     times = []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(1e3 * (time.perf_counter() - t0))
+        if cpu_ms is not None:
+            cpu_ms.append(1e3 * (time.process_time() - c0))
     return statistics.median(times)
 
 
