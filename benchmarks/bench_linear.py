@@ -274,7 +274,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-30)).item()
 
 
-def bench_shape(name, P, T, H, V, impls, args, device, rate) -> list[common.Result]:
+def bench_shape(name, P, T, H, V, impls, args, device, rate, on_result=None) -> list[common.Result]:
+    """Every implementation and mode at one shape; `on_result(results so far)` after each row."""
     torch.manual_seed(0)  # the same inputs and masks in every process of an --isolate run
     dtype = getattr(torch, args.dtype)
     hidden = torch.randn(2 * P, T, H, device=device).to(dtype).requires_grad_()
@@ -345,6 +346,8 @@ def bench_shape(name, P, T, H, V, impls, args, device, rate) -> list[common.Resu
             except Exception as exc:  # one failing peer must not sink the whole run
                 r.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
             results.append(r)
+            if on_result is not None:
+                on_result(results)
             print(f"  {name} {mode:7s} {impl:18s} {r.ms or float('nan'):9.3f} ms  "
                   f"extra {r.extra_gb if r.extra_gb is not None else float('nan'):6.2f} GB  "
                   f"matmul {r.extra.get('matmul_frac', float('nan')):5.2f}  {r.error or ''}", flush=True)
@@ -453,8 +456,11 @@ def main(argv=None) -> None:
     else:
         results = []
         for name, (P, T, H, V) in shapes.items():
-            results += bench_shape(name, P, T, H, V, impls, args, device, rate)
-            tables = write_tables(results, meta, args, title)  # after each shape, should a time limit stop us
+            # Written after each row, should a time limit stop the run.
+            done = results
+            results = done + bench_shape(name, P, T, H, V, impls, args, device, rate,
+                                         on_result=lambda rows: write_tables(done + rows, meta, args, title))
+        tables = write_tables(results, meta, args, title)
     for t in tables:
         print()
         print(t)

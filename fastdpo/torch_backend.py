@@ -1,9 +1,10 @@
 """Exact pure-PyTorch twin of kernels/token_logps.py, for CPU and any device without Triton.
 
 Same math and signatures as the kernels, the exact 1 - p_label of confident tokens included
-(summed from the other tokens' probabilities, saved beside the logsumexp). It works on chunks of the unmasked token rows, so its
-working memory is a few [chunk x V] fp32 tiles however long the batch, and masked rows are never
-read (forward) and only zero-filled (backward).
+(summed from the other tokens' probabilities, saved beside the logsumexp). It works on chunks of
+the unmasked token rows, so its working memory is a few [chunk x V] fp32 tiles however long the
+batch (reused in place where it can), and masked rows are never read (forward) and only
+zero-filled (backward).
 """
 
 from __future__ import annotations
