@@ -85,10 +85,9 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
     def vector(wanted: bool) -> torch.Tensor | None:
         return torch.zeros_like(logp) if wanted else None
 
-    lse_all, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    lse_all = logp.new_zeros(B * T, 2) if save_lse else None  # the backward state (lse, 1 - p_label)
+    zsum, ent, top1 = vector(sum_scores), vector(token_metrics), vector(token_metrics)
     top = torch.full_like(logp, float("-inf")) if slab and token_metrics else None
-    if save_lse:  # the backward state (lse, 1 - p_label) of each token
-        lse_all = logp.new_zeros(B * T, 2)
     for b, t, idx, y in _chunks(labels, T, V):
         # Indexing with tensors copies: s is this loop's own tile, so it is reused in place below
         # (on CPU the tiles are most of the memory this pass holds).

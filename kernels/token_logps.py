@@ -262,10 +262,9 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
         return torch.empty(N, dtype=acc, device=logits.device) if wanted else None
 
     logp = vector(True)
-    lse, zsum, ent, top1 = vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics)
+    lse = torch.empty((N, 2), dtype=acc, device=logits.device) if save_lse else None  # (lse, 1 - p_label)
+    zsum, ent, top1 = vector(sum_scores), vector(token_metrics), vector(token_metrics)
     top = vector(slab and token_metrics)
-    if save_lse:  # the backward state (lse, 1 - p_label) of each token
-        lse = torch.empty((N, 2), dtype=acc, device=logits.device)
     if N > 0:
         block_v, num_warps = _launch_config(V, block_v, num_warps, backward=False)
         token_logps_fwd_kernel[(N,)](
@@ -318,5 +317,6 @@ def token_logps_backward(
 def _state(state: torch.Tensor, n: int) -> torch.Tensor:
     """The backward state as the kernel reads it: contiguous [n, 2]."""
     if state.shape != (n, 2):
-        raise ValueError(f"lse must be the forward's [{n}, 2] state (logsumexp, 1 - p_label), got {tuple(state.shape)}")
+        raise ValueError(f"lse must be the forward's [{n}, 2] state (logsumexp, 1 - p_label), "
+                         f"got {tuple(state.shape)}")
     return state.contiguous()
