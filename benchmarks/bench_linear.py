@@ -7,7 +7,8 @@ PyTorch's chunked linear_cross_entropy and TRL's chunked log-probs.
     python benchmarks/bench_linear.py --device cpu      # smoke test on a tiny shape
     python benchmarks/bench_linear.py --impls compile,cce-exact --lean 256:0,1024:4096   # lean settings
     python benchmarks/bench_linear.py --device cpu --dtype float32 --shapes CPU --modes fwd+bwd --isolate \
-        --impls torch-lce,torch-lce-lean,trl-chunked,fastdpo,fastdpo-recompute   # the CPU comparison
+        --threads 1 --iters 3 --warmup 1 --lean 64:0 \
+        --impls torch-lce,torch-lce-lean,trl-chunked,fastdpo,fastdpo-recompute,fastdpo-lean   # the CPU comparison
 
 Every row computes the same per-row log-prob sums (masked) and the same sigmoid DPO loss on top:
 `torch-lce` is torch.nn.functional.linear_cross_entropy (torch 2.13+) with reduction="none" and
@@ -190,9 +191,11 @@ def trl_impl() -> dict:
         B, T, H = h.shape
         flat_h, flat_y, flat_m = h.reshape(-1, H), y.reshape(-1), m.reshape(-1)
         compact = _use_triton(h.device)
-        per_token = _ChunkedLogProbFunction.apply(
-            flat_h[flat_m] if compact else flat_h, w, None, flat_y[flat_m] if compact else torch.where(flat_m, flat_y, 0),
-            1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("log_probs",))
+        hidden = flat_h[flat_m] if compact else flat_h
+        targets = flat_y[flat_m] if compact else torch.where(flat_m, flat_y, 0)
+        # (hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)
+        per_token = _ChunkedLogProbFunction.apply(hidden, w, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+                                                  1.0, ("log_probs",))
         lp = per_token[0]
         lp = lp.new_zeros(flat_m.shape).masked_scatter(flat_m, lp) if compact else lp.masked_fill(~flat_m, 0)
         return lp.view(B, T).float().sum(-1)

@@ -40,7 +40,10 @@ for stage in $stages; do
         --impls compile,cce-exact,fastdpo,fastdpo-lean --lean "${LEAN_TILES:-256:0,256:4096,512:4096,1024:4096,1024:8192}" \
         --out "$out/lean" > "$out/lean/bench_linear.log" 2>&1 || echo "lean failed or timed out: see $out/lean" ;;
     peers) mkdir -p "$out/peers"
-      if [ -d .whl/torch_lce ]; then export TORCH_LCE_SRC="$PWD/.whl/torch_lce"; fi
+      # Carried modules only where this torch lacks its own (both would register the same ops).
+      if [ -d .whl/torch_lce ] && ! "$py" -c "import torch, sys; sys.exit(not hasattr(torch.nn.functional, 'linear_cross_entropy'))"; then
+        export TORCH_LCE_SRC="$PWD/.whl/torch_lce"
+      fi
       # Each part has its own limit, together 450 s: one overrun cannot take the others' time.
       timeout "${PEERS_TESTS_S:-150}" "$py" -m pytest ${PEERS_TESTS:-tests/test_gpu_large.py} -q -p no:cacheprovider \
         --durations=5 > "$out/peers/tests.log" 2>&1; tail -n 8 "$out/peers/tests.log"
