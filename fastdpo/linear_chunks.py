@@ -60,9 +60,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # weight (in fp32), the tiles together under a tenth of the weight gradient, and the pass holds
 # about what torch's chunked linear_cross_entropy holds (the gradients and chunks sized by the
 # same aspect ratio), while scoring only valid tokens keeps it faster (README, the CPU table).
-# Pairs are not kept whole on CPU: one longer than a chunk is recomputed (8 N H V for it).
+# Pairs are not kept whole on CPU: one longer than a chunk is recomputed (8 N H V for it). Small
+# heads (V near H) get at least CPU_MIN_CHUNK_BYTES of logits a chunk, so that the loop is not
+# Python overhead; that is still little memory in absolute terms.
 CPU_TOKENS_PER_HIDDEN = 32
-CPU_MIN_CHUNK = 8
+CPU_MIN_CHUNK_BYTES = 2**20
 
 
 def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
@@ -71,13 +73,14 @@ def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
 
 
 def resolve_chunk_tokens(chunk_tokens: int, weight: torch.Tensor, plan: "Plan | None" = None) -> int:
-    """`chunk_tokens`, or for 0 (the default) about CHUNK_BYTES of logits (on CPU H / 32 tokens);
+    """`chunk_tokens`, or for 0 (the default) about CHUNK_BYTES of logits (on CPU H / 32 tokens or 1 MiB);
     given the `plan` of a pass that groups whole pairs, on a GPU at least the largest pair, so
     that no pair is recomputed."""
     if chunk_tokens:
         return chunk_tokens
     if weight.device.type == "cpu":
-        return max(CPU_MIN_CHUNK, weight.shape[1] // CPU_TOKENS_PER_HIDDEN)
+        vocab, hidden = weight.shape
+        return max(1, hidden // CPU_TOKENS_PER_HIDDEN, CPU_MIN_CHUNK_BYTES // (4 * vocab))
     tokens = default_chunk_tokens(weight.shape[0], weight.dtype)
     return max(tokens, max(pair_sizes(plan), default=0)) if plan is not None else tokens
 

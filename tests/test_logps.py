@@ -284,7 +284,8 @@ def test_forward_on_a_vocabulary_slab(backend, device, V, offset):
     inside = valid & (labels >= offset) & (labels < offset + V)
     want_score = torch.where(inside, s.gather(1, (labels - offset).clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
     logp = s.log_softmax(-1)
-    not_label = 1 - torch.where(inside, logp.exp().gather(1, (labels - offset).clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
+    p_label = logp.exp().gather(1, (labels - offset).clamp(0, V - 1)[:, None]).squeeze(1)
+    not_label = 1 - torch.where(inside, p_label, 0.0)
     checks = {"label score": (score, want_score), "lse": (lse, torch.logsumexp(s, -1)), "zsum": (zsum, s.sum(-1)),
               "slab mass not the label": (rest, not_label),
               "entropy": (ent, -(logp.exp() * logp).sum(-1)), "max": (top, s.max(-1).values)}
