@@ -313,7 +313,7 @@ def bench_shape(name, P, T, H, V, impls, args, device, rate, on_result=None) -> 
             kind = "fastdpo-lean" if impl.startswith("fastdpo-lean") else impl
             per, per_fwd, over = FLOPS.get(kind, (6, 2, "all"))
             if kind == "fastdpo" and device.type == "cpu" and args.chunk_size is None:
-                per = 8  # the CPU default chunk is shorter than a pair: pairs are recomputed
+                per = 8  # the CPU default chunk is usually shorter than a pair: those pairs are recomputed
             flops = (per if mode == "fwd+bwd" else (per_fwd or 2)) * (N if over == "all" else Nv) * H * V
             r = common.Result(name, impl, mode, floor_ms=floor if mode == "fwd+bwd" else floor / 3,
                               extra={"P": P, "T": T, "H": H, "V": V, "N": N, "valid": Nv, "flops": flops})
