@@ -2,15 +2,19 @@
 
 Timing is the median of per-iteration CUDA-event intervals after warm-up, with the iterations
 queued back to back as in a training loop, where the host runs ahead of the GPU (a host sync
-inside a step drains that queue and shows in its time). perf_counter on CPU, which is only a
-smoke test: CPU numbers are never results. "Extra" memory is the peak allocated
-during one step minus what was allocated before it (the inputs), so it includes the gradient.
+inside a step drains that queue and shows in its time). perf_counter on CPU. "Extra" memory is
+the peak allocated during one step minus what was allocated before it (the inputs), so it
+includes the gradient; on CPU it is the process's peak resident memory during the step (Linux
+VmHWM, reset before it) minus its resident memory before it, which is meaningful only when each
+implementation runs in its own process (bench_linear.py --isolate). CPU numbers are labelled CPU
+and compared as ratios within one run, never against GPU results.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +27,8 @@ SHAPES = {  # ANCHORS.md: name -> (hidden H, vocab V, pairs P, tokens per row T)
     "A": (4096, 128256, 4, 1024),
     "B": (4096, 32000, 8, 1024),
     "C": (3584, 151936, 4, 2048),
+    # Not an anchor: the CPU comparison's shape, V >> H as in an LLM head, a few seconds a step on 2 cores.
+    "CPU": (512, 16000, 2, 256),
 }
 
 
@@ -36,6 +42,7 @@ class Result:
     floor_ms: float | None = None
     rel_err: float | None = None
     error: str | None = None
+    skipped: str | None = None  # why the implementation was not run (a peer missing from this install)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -48,8 +55,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
-    """Median wall time of fn() in milliseconds."""
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10,
+            cpu_ms: list[float] | None = None) -> float:
+    """Median wall time of fn() in milliseconds; on CPU the process CPU time of each call is
+    appended to `cpu_ms` if given (on a shared machine it varies far less than wall time)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -63,14 +72,50 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
         return statistics.median(start.elapsed_time(end) for start, end in events)
     times = []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(1e3 * (time.perf_counter() - t0))
+        if cpu_ms is not None:
+            cpu_ms.append(1e3 * (time.process_time() - c0))
     return statistics.median(times)
+
+
+def _proc_status_gb(key: str) -> float:
+    """A memory line of /proc/self/status (kB) in GB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1e3 / 1e9
+    raise KeyError(key)
+
+
+def peak_rss_gb() -> float | None:
+    """The process's peak resident memory so far (Linux), in GB; None where unknown."""
+    try:
+        return _proc_status_gb("VmHWM")
+    except (OSError, KeyError):
+        return None
+
+
+def _cpu_extra_memory_gb(fn: Callable[[], object]) -> float | None:
+    """Peak resident memory while fn() runs above the resident memory before it (Linux: VmHWM is
+    reset by writing 5 to /proc/self/clear_refs); None where that cannot be measured."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_gb("VmRSS")
+    except (OSError, KeyError):
+        return None
+    out = fn()
+    peak = _proc_status_gb("VmHWM")
+    del out
+    return peak - base
 
 
 def extra_memory_gb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak bytes allocated while fn() runs (its results freed after), above what was there before."""
+    if device.type == "cpu":
+        return _cpu_extra_memory_gb(fn)
     if device.type != "cuda":
         return None
     sync(device)
@@ -158,7 +203,9 @@ def triton_version() -> str:
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test only)"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def write_outputs(results: list[Result], meta: dict, out: Path, title: str) -> str:
@@ -177,7 +224,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def markdown_table(results: list[Result], meta: dict) -> str:
-    rate = f", matmul {meta['matmul_tflops']:.0f} TFLOP/s" if meta.get("matmul_tflops") else ""
+    rate = f", matmul {meta['matmul_tflops']:.3g} TFLOP/s" if meta.get("matmul_tflops") else ""
     lines = [
         f"{meta.get('device')}, torch {meta.get('torch')}, triton {meta.get('triton')}, {meta.get('date')}; "
         f"copy {meta.get('bandwidth_tbs', 0):.2f} TB/s{rate}",
@@ -186,6 +233,9 @@ def markdown_table(results: list[Result], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        if r.skipped:
+            lines.append(f"| {r.shape} | {r.mode} | {r.impl} | skipped: {r.skipped} | | | | |")
+            continue
         if r.error:
             lines.append(f"| {r.shape} | {r.mode} | {r.impl} | failed: {r.error} | | | | |")
             continue

@@ -2,9 +2,15 @@
 # A lent GPU session: the test suite natively (large shapes included), then the benchmarks, each
 # writing JSON + Markdown + PNG under $OUT (or bench_results/), short tables last.
 #   bash benchmarks/run_gpu.sh            # everything (can exceed one 10-minute device call)
-#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, lean, trl, train
+#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, lean, trl, peers, train
 #   (train: whole DPO steps, bench_train.py, real tokens/s of TRL, TRL + Liger and fastdpo's layouts)
 #   (lean: the lean fused-linear tiles beside torch.compile and CCE exact, shapes A and C, into $out/lean)
+#   (peers: every GPU measurement of issue 15 in under 8 minutes, into $out/peers: large-shape parity,
+#    shape B from logits, and at shapes A and C PyTorch's chunked linear_cross_entropy (default and
+#    least-memory options), TRL's chunked log-probs and the lean tiles beside CCE exact, Liger and
+#    torch.compile. A torch older than 2.13 has no linear_cross_entropy: carry its two pure-Python
+#    modules from a torch >= 2.13 install as .whl/torch_lce/ (see bench_linear.py) or the rows say
+#    why they were skipped.)
 #   TESTS="tests/test_gpu_large.py" bash benchmarks/run_gpu.sh tests   # a part of the suite
 #   BENCH_ARGS="--impls fastdpo-linear,trl" bash benchmarks/run_gpu.sh trl   # flags for the bench_* stages
 # Peers (liger-kernel, cut-cross-entropy, trl and its needs) are installed from wheels in .whl/
@@ -21,8 +27,10 @@ export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-"$py" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || "$py" -m pip install -q --no-deps -e .
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ -z "${SKIP_INSTALL:-}" ]; then  # SKIP_INSTALL=1: fastdpo is installed already (the CPU smoke test)
+  "$py" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || "$py" -m pip install -q --no-deps -e .
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
 for stage in $stages; do
   case "$stage" in
     tests) timeout "$limit" "$py" -m pytest ${TESTS:-tests} -q -p no:cacheprovider --durations=5 > "$out/tests.log" 2>&1
@@ -32,10 +40,25 @@ for stage in $stages; do
       timeout "$limit" "$py" benchmarks/bench_linear.py --shapes A,C \
         --impls compile,cce-exact,fastdpo,fastdpo-lean --lean "${LEAN_TILES:-256:0,256:4096,512:4096,1024:4096,1024:8192}" \
         --out "$out/lean" > "$out/lean/bench_linear.log" 2>&1 || echo "lean failed or timed out: see $out/lean" ;;
+    peers) mkdir -p "$out/peers"
+      # Carried modules only where this torch lacks its own (both would register the same ops).
+      if [ -d .whl/torch_lce ] && ! "$py" -c "import torch, sys; sys.exit(not hasattr(torch.nn.functional, 'linear_cross_entropy'))"; then
+        export TORCH_LCE_SRC="$PWD/.whl/torch_lce"
+      fi
+      # Each part has its own limit, together 450 s: one overrun cannot take the others' time.
+      timeout "${PEERS_TESTS_S:-150}" "$py" -m pytest ${PEERS_TESTS:-tests/test_gpu_large.py} -q -p no:cacheprovider \
+        --durations=5 > "$out/peers/tests.log" 2>&1; tail -n 8 "$out/peers/tests.log"
+      timeout "${PEERS_LOSS_S:-45}" "$py" benchmarks/bench_loss.py ${PEERS_LOSS_SHAPES:---shapes B} \
+        --impls "${PEERS_LOSS_IMPLS:-fastdpo,fastdpo-nocheck,liger}" --out "$out/peers/loss_B" ${BENCH_ARGS:-} \
+        > "$out/peers/bench_loss_B.log" 2>&1 || echo "bench_loss (shape B) failed or timed out: see $out/peers"
+      timeout "${PEERS_LINEAR_S:-255}" "$py" benchmarks/bench_linear.py ${PEERS_LINEAR_SHAPES:---shapes A,C} \
+        --impls "${PEERS_LINEAR_IMPLS:-torch-lce,torch-lce-lean,trl-chunked,fastdpo,fastdpo-lean,cce-exact,liger,compile}" \
+        --lean "${LEAN_TILES:-256:4096,1024:4096}" --out "$out/peers/linear" ${BENCH_ARGS:-} \
+        > "$out/peers/bench_linear.log" 2>&1 || echo "bench_linear (peers) failed or timed out: see $out/peers" ;;
     loss|linear|trl|train)
       timeout "$limit" "$py" "benchmarks/bench_$stage.py" --out "$out" ${BENCH_ARGS:-} > "$out/bench_$stage.log" 2>&1 \
         || echo "bench_$stage failed or timed out: see $out/bench_$stage.log" ;;
-    *) echo "unknown stage $stage (tests, tune, loss, linear, lean, trl, train)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, tune, loss, linear, lean, trl, peers, train)"; exit 2 ;;
   esac
 done
-for table in "$out"/*.md "$out"/*/*.md; do [ -f "$table" ] && { echo; echo "== $table"; cat "$table"; }; done
+for table in "$out"/*.md "$out"/*/*.md "$out"/*/*/*.md; do [ -f "$table" ] && { echo; echo "== $table"; cat "$table"; }; done

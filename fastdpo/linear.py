@@ -7,7 +7,8 @@
 
 Masked tokens (prompt, padding) are dropped before any matmul. The only [tokens x vocab] buffer
 is one chunk of logits in the input dtype (``chunk_size`` tokens; by default about 512 MiB, or
-the largest pair's valid tokens if more, with grad_in_forward); besides it the pass holds O(N H)
+the largest pair's valid tokens if more, with grad_in_forward; on CPU H / 32 tokens or 1 MiB,
+see linear_chunks.CPU_TOKENS_PER_HIDDEN); besides it the pass holds O(N H)
 floats and the gradients themselves, never [N, V].
 
 Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
@@ -18,10 +19,10 @@ Two ways to the gradients (fastdpo.linear_ops, fastdpo.linear_chunks):
   by default a chunk grows to hold the largest pair; a pair longer than an explicit
   ``chunk_size`` is forwarded in pieces and recomputed (8 N H V for it).
 - recompute (aot, ``grad_in_forward=False``, or ``linear_sequence_logps``): the forward keeps
-  one logsumexp per token and the backward recomputes each chunk's logits. 8 N H V FLOPs, with
-  chunks of any size; with ``vocab_chunk_size`` both passes take the vocabulary in slabs too,
-  so the logits are never more than [chunk_size, vocab_chunk_size] (the lean setting: memory
-  near the gradients themselves).
+  two fp32 per token (logsumexp, exact 1 - p_label) and the backward recomputes each chunk's
+  logits. 8 N H V FLOPs, with chunks of any size; with ``vocab_chunk_size`` both passes take
+  the vocabulary in slabs too, so the logits are never more than [chunk_size, vocab_chunk_size]
+  (the lean setting: memory near the gradients themselves).
 
 What the lean setting trades: a chunk of C tokens costs one read and write of dW (2 |W| bytes
 of traffic: 2.1 GB at V = 128256, H = 4096) and holds about C (2 vocab_chunk_size + 8 H) bytes
@@ -152,7 +153,8 @@ def linear_sequence_logps(
         bias: optional [V] lm_head bias.
         mask: optional [B, T] bool or 0/1; positions with 0 are skipped.
         temperature, softcap: scores are ``softcap * tanh(z / softcap) / temperature``.
-        chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits).
+        chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits; on CPU H / 32
+            tokens, or 1 MiB of logits if more).
         vocab_chunk_size: vocabulary rows per slab (default: all): the pass then holds
             [chunk_size, vocab_chunk_size] logits, and the backward one fp32 [chunk_size, H] sum.
         cu_seqlens: for a packed batch: hidden [1, total_tokens, H], labels / mask
@@ -252,8 +254,9 @@ def fused_linear_dpo_loss(
         temperature, softcap, return_metrics, return_rows, **loss_options: as in
         :func:`fastdpo.fused_dpo_loss`.
         chunk_size: valid tokens per chunk of logits (default: about 512 MiB of logits, or the
-            largest pair if that is more). With grad_in_forward a chunk holds whole pairs; a pair
-            longer than an explicit ``chunk_size`` costs a recomputation.
+            largest pair if that is more; on CPU H / 32 tokens or 1 MiB). With grad_in_forward a
+            chunk holds whole pairs; a pair longer than the chunk (explicit, or the CPU default)
+            costs a recomputation.
         vocab_chunk_size: vocabulary rows per slab (default: all), for the least memory: the
             logits are then made [chunk_size, vocab_chunk_size] at a time, forward and backward
             (which also holds a few [chunk_size, H] tiles besides the gradients), for example

@@ -10,7 +10,8 @@ chunk of them with hidden rows h [C, H], lm_head weight W [V, H] and bias b [V]:
                dz = token backward(z, g)            written over z
                dH[t] = dz W,   dW += dz^T h,   db += sum_t dz
 
-`forward` keeps one fp32 logsumexp per token, and `backward` recomputes z: 8 Nv H V FLOPs in all
+`forward` keeps two fp32 per token (the logsumexp and an exact 1 - p_label, the kernels' backward
+state), and `backward` recomputes z: 8 Nv H V FLOPs in all
 (Nv valid tokens). `forward_with_grads` does the backward's work inside the forward, group of
 pairs by group of pairs, as soon as a group's loss gradient is known, so z is never recomputed:
 6 Nv H V. A single pair longer than a chunk is the exception: it is done in chunks, forward then
@@ -23,7 +24,7 @@ besides the gradients themselves, however long the rows.
                      dW_s += dz_s^T h,   db_s += sum_t dz_s,   dh += dz_s W_s   (dh: fp32 [C, H])
                      dH[chunk] = dh
 
-The token backward takes the slab's first column: lse is the whole row's (saved by the forward),
+The token backward takes the slab's first column: the state is the whole row's (saved by the forward),
 and a label outside the slab adds no one-hot term. The FLOPs stay 8 Nv H V; what the slabs cost is
 smaller GEMMs, and what a small `chunk_tokens` costs is one more read and write of dW per chunk.
 
@@ -53,16 +54,33 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# On CPU the pass's extra memory is the gradients plus a few fp32 [chunk, V] tiles (the logits and
+# the PyTorch twin's), and a matmul of a few dozen rows runs as fast per FLOP as a large one. So
+# the CPU default is a chunk of H / CPU_TOKENS_PER_HIDDEN tokens: each tile is then 1/32 of the
+# weight (in fp32), the tiles together under a tenth of the weight gradient, and the pass holds
+# about what torch's chunked linear_cross_entropy holds (the gradients and chunks sized by the
+# same aspect ratio), while scoring only valid tokens keeps it faster (README, the CPU table).
+# Pairs are not kept whole on CPU: one longer than a chunk is recomputed (8 N H V for it). Small
+# heads (V near H) get at least CPU_MIN_CHUNK_BYTES of logits a chunk, so that the loop is not
+# Python overhead; that is still little memory in absolute terms.
+CPU_TOKENS_PER_HIDDEN = 32
+CPU_MIN_CHUNK_BYTES = 2**20
+
+
 def default_chunk_tokens(vocab: int, dtype: torch.dtype) -> int:
     """Tokens per chunk so that one [chunk, V] logits buffer is about CHUNK_BYTES."""
     return max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
 
 
 def resolve_chunk_tokens(chunk_tokens: int, weight: torch.Tensor, plan: "Plan | None" = None) -> int:
-    """`chunk_tokens`, or for 0 (the default) about CHUNK_BYTES of logits; given the `plan` of a
-    pass that groups whole pairs, at least the largest pair, so that no pair is recomputed."""
+    """`chunk_tokens`, or for 0 (the default) about CHUNK_BYTES of logits (on CPU H / 32 tokens or 1 MiB);
+    given the `plan` of a pass that groups whole pairs, on a GPU at least the largest pair, so
+    that no pair is recomputed."""
     if chunk_tokens:
         return chunk_tokens
+    if weight.device.type == "cpu":
+        vocab, hidden = weight.shape
+        return max(1, hidden // CPU_TOKENS_PER_HIDDEN, CPU_MIN_CHUNK_BYTES // (4 * vocab))
     tokens = default_chunk_tokens(weight.shape[0], weight.dtype)
     return max(tokens, max(pair_sizes(plan), default=0)) if plan is not None else tokens
 
@@ -304,25 +322,29 @@ class _Pass:
 
 def merge_slabs(parts: list[tuple], labels: torch.Tensor, vocab: int) -> tuple:
     """One token's results from those of its vocabulary slabs (`token_slab_forward`'s tuples, in
-    vocabulary order): (logp, lse, zsum, entropy, top1, log sum p^2) as `token_forward` gives them.
+    vocabulary order): (logp, state, zsum, entropy, top1, log sum p^2) as `token_forward` gives them.
 
         lse = logsumexp_s lse_s,   w_s = exp(lse_s - lse)   (each slab's share of the probability)
+        1 - p_label = sum_s w_s rest_s                       (rest_s: slab s's mass that is not the
+                                                             label; positive terms, nothing cancels)
         entropy = sum_s w_s H_s - sum_s w_s log w_s         (no cancellation at the logits' size)
         top1 = top1 of the first slab holding the overall max score
         log sum p^2 = logsumexp_s (lss_s + 2 log w_s)        (sum_v p_v^2 = sum_s w_s^2 sum_{v in s} p_sv^2)
     """
-    score, lse_s, zsum, ent, top1, top, lss = (None if p[0] is None else torch.stack(p) for p in zip(*parts))
+    score, state, zsum, ent, top1, top, lss = (None if p[0] is None else torch.stack(p) for p in zip(*parts))
+    lse_s = state[..., 0]
     lse = torch.logsumexp(lse_s, 0)
     # A label >= V (label checks off) is in no slab: NaN, as the unsplit kernel gives.
     logp = torch.where(labels < vocab, score.sum(0) - lse, float("nan"))
+    log_w = lse_s - lse
+    w = log_w.exp()
+    rest = (w * state[..., 1]).sum(0)
     if ent is not None:
-        log_w = lse_s - lse
-        w = log_w.exp()
         ent = (w * ent).sum(0) - (w * log_w).sum(0)
         top1 = top1.gather(0, top.argmax(0, keepdim=True)).squeeze(0)  # argmax: the first maximum
     if lss is not None:
-        lss = torch.logsumexp(lss + 2 * (lse_s - lse), 0)
-    return logp, lse, None if zsum is None else zsum.sum(0), ent, top1, lss
+        lss = torch.logsumexp(lss + 2 * log_w, 0)
+    return logp, torch.stack([lse, rest], 1), None if zsum is None else zsum.sum(0), ent, top1, lss
 
 
 def vocab_slabs(vocab: int, width: int) -> list[slice]:
@@ -335,20 +357,22 @@ def vocab_slabs(vocab: int, width: int) -> list[slice]:
 class ForwardResult:
     logps: torch.Tensor  # [B] row sums of the label log-probs (fp32, fp64 for fp64 inputs)
     zsum: torch.Tensor | None  # [B] row sums of sum_v s_tv, when asked
-    lse: torch.Tensor  # [N] per-token logsumexp (0 on masked tokens)
+    lse: torch.Tensor  # [N, 2] per-token backward state: logsumexp, 1 - p_label (0 on masked tokens)
     entropy: torch.Tensor | None  # [B] row sums of the token entropies, when asked
     top1: torch.Tensor | None  # [B] tokens whose label is the first argmax, when asked
     log_sum_sq: torch.Tensor | None = None  # [B] row sums of log sum_v p_tv^2 (WPO), when asked
 
 
 def _per_token(plan: Plan, like: torch.Tensor, sum_scores: bool, token_metrics: bool, log_sum_sq: bool = False):
-    """Zeroed [Nv] log-prob, logsumexp and (if asked) score-sum, entropy, top-1 and log sum p^2
+    """Zeroed [Nv] log-prob, [Nv, 2] backward state and (if asked) [Nv] score-sum, entropy, top-1
+    and log sum p^2
     vectors in the accumulation dtype: the order `token_forward` returns them in."""
 
-    def vector(wanted: bool) -> torch.Tensor | None:
-        return torch.zeros(plan.num_valid, dtype=acc_dtype(like.dtype), device=like.device) if wanted else None
+    def vector(wanted: bool, *shape: int) -> torch.Tensor | None:
+        size = (plan.num_valid, *shape)
+        return torch.zeros(size, dtype=acc_dtype(like.dtype), device=like.device) if wanted else None
 
-    return (vector(True), vector(True), vector(sum_scores), vector(token_metrics), vector(token_metrics),
+    return (vector(True), vector(True, 2), vector(sum_scores), vector(token_metrics), vector(token_metrics),
             vector(log_sum_sq))
 
 
@@ -360,7 +384,7 @@ def _store(per_token, pos, values) -> None:
 
 
 def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum, ent, top1, lss=None) -> ForwardResult:
-    lse_full = lse.new_zeros(n_tokens)
+    lse_full = lse.new_zeros(n_tokens, 2)
     lse_full[plan.order] = lse
 
     def rows(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -372,7 +396,7 @@ def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum, ent, top1, lss=N
 
 def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, token_metrics: bool,
             chunk_tokens: int, vocab_chunk: int = 0, log_sum_sq: bool = False) -> ForwardResult:
-    """Row log-probs (and score sums, token metrics), saving one logsumexp per token for `backward`;
+    """Row log-probs (and score sums, token metrics), saving each token's state for `backward`;
     with `vocab_chunk`, each chunk's logits are made slab by slab and the slabs' results merged."""
     chunks = token_chunks(plan, resolve_chunk_tokens(chunk_tokens, weight))
     slabs = vocab_slabs(weight.shape[0], vocab_chunk)

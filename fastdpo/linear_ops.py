@@ -3,7 +3,7 @@
 Two forward ops, both from hidden states [N, H] (flattened), lm_head weight [V, H], optional bias,
 flat labels [N] (-1 = masked) and row offsets [B + 1] to per-row log-prob sums [B]:
 
-- ``fastdpo::linear_logps``: forward only keeps one logsumexp per token; its backward
+- ``fastdpo::linear_logps``: forward only keeps two fp32 per token (logsumexp, 1 - p_label); its backward
   (``fastdpo::linear_logps_backward``) recomputes the logits chunk by chunk. Any loss. 8 Nv H V.
 - ``fastdpo::linear_logps_grad_in_forward``: also builds the gradients of hidden / weight / bias
   during the forward, with the loss gradient of each group of pairs as soon as that group is done
@@ -57,14 +57,14 @@ def _fake_grads(hidden, weight, want_h, want_w, want_b, has_bias):
 def _fake_forward(hidden, weight, offsets, sum_scores, token_metrics, log_sum_sq=False):
     acc = C.acc_dtype(hidden.dtype)
     B = offsets.shape[0] - 1
-    sizes = (B, B if sum_scores else 0, B if token_metrics else 0, B if token_metrics else 0, hidden.shape[0],
+    sizes = (B, B if sum_scores else 0, B if token_metrics else 0, B if token_metrics else 0, (hidden.shape[0], 2),
              B if log_sum_sq else 0)
     return tuple(hidden.new_empty(k, dtype=acc) for k in sizes)
 
 
 def _forward_outputs(out: C.ForwardResult) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Row log-probs, score sums, entropy sums, top-1 counts [B], logsumexp [N] and row sums of
-    log sum p^2 [B] as op outputs.
+    """Row log-probs, score sums, entropy sums, top-1 counts [B], the backward state [N, 2]
+    (logsumexp, 1 - p_label) and row sums of log sum p^2 [B] as op outputs.
 
     Each result not asked for is its own empty tensor: custom op outputs may not alias one another.
     """
@@ -81,8 +81,8 @@ def linear_logps(
     vocab_chunk: int, log_sum_sq: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> row log-probs [B], row score sums [B] (empty unless `sum_scores`), row entropy sums and
-    top-1 counts [B] (empty unless `token_metrics`), logsumexp [N], row sums of log sum_v p_v^2
-    [B] (WPO; empty unless `log_sum_sq`)."""
+    top-1 counts [B] (empty unless `token_metrics`), backward state [N, 2] (logsumexp, 1 - p_label),
+    row sums of log sum_v p_v^2 [B] (WPO; empty unless `log_sum_sq`)."""
     plan = C.make_plan(labels, offsets)
     out = C.forward(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores, token_metrics, chunk_tokens,
                     vocab_chunk, log_sum_sq)
@@ -207,9 +207,9 @@ def linear_logps_grad_in_forward(
     spec: str, inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, chunk_tokens: int,
     vocab_chunk: int, want_hidden: bool, want_weight: bool, want_bias: bool, log_sum_sq: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> row log-probs, row score sums, row entropy sums, row top-1 counts, logsumexp [N], row sums
-    of log sum p^2 (as `linear_logps`), the row gradients guessed [B], a 'used' flag [1], and the
-    gradients of hidden, weight, bias for that guess."""
+    """-> row log-probs, row score sums, row entropy sums, row top-1 counts, backward state [N, 2],
+    row sums of log sum p^2 (as `linear_logps`), the row gradients guessed [B], a 'used' flag [1],
+    and the gradients of hidden, weight, bias for that guess."""
     plan = C.make_plan(labels, offsets)
     grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
     acc = C.acc_dtype(hidden.dtype)

@@ -1,7 +1,7 @@
 """Per-sequence log-probs of the labels from logits: the autograd op over the fused kernels.
 
 Data flow: validate -> flat labels (-1 = masked) -> backend forward (per-token log-probs, one
-fp32 logsumexp per token saved) -> per-row sum in PyTorch over [B, T] floats (or segment sums
+(logsumexp, 1 - p_label) per token saved) -> per-row sum in PyTorch over [B, T] floats (or segment sums
 over a packed [1, total_tokens] batch, fastdpo.packed). Autograd turns the per-row gradient into
 a per-token one (an expand), and the backend backward writes the logits gradient in one pass.
 """
@@ -29,8 +29,8 @@ def token_logps_op(
     sum_scores: bool, save_lse: bool, inplace_backward: bool, token_metrics: bool = False,
     log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [B, T, V], flat labels [B*T] (-1 = masked) -> log-probs, logsumexp, score sums,
-    entropy, is-top-1, log sum_v p_v^2 [B*T].
+    """logits [B, T, V], flat labels [B*T] (-1 = masked) -> log-probs, backward state [B*T, 2]
+    (logsumexp, 1 - p_label), score sums, entropy, is-top-1, log sum_v p_v^2 [B*T].
 
     Optional results are empty unless asked for (`save_lse`, `sum_scores`, `token_metrics`,
     `log_sum_sq`). `inplace_backward` is only read by the backward.
@@ -49,8 +49,8 @@ def _(logits, labels, inv_temp, softcap, sum_scores, save_lse, inplace_backward,
       log_sum_sq=False):
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n = labels.shape[0]
-    sizes = (n, n if save_lse else 0, n if sum_scores else 0, n if token_metrics else 0, n if token_metrics else 0,
-             n if log_sum_sq else 0)
+    sizes = (n, (n, 2) if save_lse else 0, n if sum_scores else 0, n if token_metrics else 0,
+             n if token_metrics else 0, n if log_sum_sq else 0)
     return tuple(logits.new_empty(k, dtype=acc) for k in sizes)
 
 

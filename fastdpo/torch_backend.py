@@ -1,8 +1,10 @@
 """Exact pure-PyTorch twin of kernels/token_logps.py, for CPU and any device without Triton.
 
-Same math and signatures as the kernels. It works on chunks of the unmasked token rows, so its
-working memory is a few [chunk x V] fp32 tiles however long the batch, and masked rows are never
-read (forward) and only zero-filled (backward).
+Same math and signatures as the kernels, the exact 1 - p_label of confident tokens included
+(summed from the other tokens' probabilities, saved beside the logsumexp). It works on chunks of
+the unmasked token rows, so its working memory is a few [chunk x V] fp32 tiles however long the
+batch (reused in place where it can), and masked rows are never read (forward) and only
+zero-filled (backward).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ def token_logps_forward(
     num_warps: int | None = None,
     log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
-    (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None,
+    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked): (log-probs, backward state
+    [B*T, 2] = (logsumexp, 1 - p_label) or None, score sums or None, entropy or None, is-top-1 or None,
     log sum_v p_v^2 or None)."""
     out = _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics, log_sum_sq)
     return out[:5] + out[6:]
@@ -72,9 +74,9 @@ def token_slab_forward(
     log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows:
-    (label scores, 0 where the label is outside the slab; the slab's logsumexp; its score sums,
-    entropy, is-top-1, max score and log sum p^2 (relative to its own logsumexp), each None
-    unless asked)."""
+    (label scores, 0 where the label is outside the slab; the slab's state [B*T, 2]: its logsumexp
+    and the share of its mass that is not the label; its score sums, entropy, is-top-1, max score
+    and log sum p^2 (relative to its own logsumexp), each None unless asked)."""
     return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics, log_sum_sq)
 
 
@@ -87,35 +89,42 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
     def vector(wanted: bool) -> torch.Tensor | None:
         return torch.zeros_like(logp) if wanted else None
 
-    lse_all, zsum, ent, top1, lss = (vector(save_lse), vector(sum_scores), vector(token_metrics),
-                                     vector(token_metrics), vector(log_sum_sq))
+    lse_all = logp.new_zeros(B * T, 2) if save_lse else None  # the backward state (lse, 1 - p_label)
+    zsum, ent, top1, lss = vector(sum_scores), vector(token_metrics), vector(token_metrics), vector(log_sum_sq)
     top = torch.full_like(logp, float("-inf")) if slab and token_metrics else None
     for b, t, idx, y in _chunks(labels, T, V):
+        # Indexing with tensors copies: s is this loop's own tile, so it is reused in place below
+        # (on CPU the tiles are most of the memory this pass holds).
         s = _scores(logits[b, t].to(acc), inv_temp, softcap)
-        if log_sum_sq:  # WPO's statistic first, from the scores before anything reuses their tile
+        if log_sum_sq:  # WPO's statistic first, from the scores before the tile is reused in place
             lss[idx] = _log_sum_sq(s)
-        lse = torch.logsumexp(s, dim=-1)
         column = y - (label_offset or 0)
         inside = (column >= 0) & (column < V)
-        picked = s.gather(1, column.clamp(0, V - 1)[:, None]).squeeze(1)
+        at = column.clamp(0, V - 1)[:, None]
+        picked = s.gather(1, at).squeeze(1)
+        if sum_scores:
+            zsum[idx] = s.sum(-1)
+        best = s.max(-1, keepdim=True).values
+        shift = torch.where(best == float("-inf"), 0.0, best)  # an all -inf row: lse = -inf, as torch's
+        shifted = s.sub_(shift)
+        e = shifted.exp() if token_metrics else shifted.exp_()  # the entropy needs both tiles
+        total = e.sum(-1)
+        lse = shift.squeeze(1) + total.log()
         if slab:  # the label's score, or 0 when the label is in another slab
             logp[idx] = torch.where(inside, picked, 0.0)
         else:
             logp[idx] = torch.where(y < V, picked - lse, float("nan"))  # as the kernel: NaN for a label >= V
         if save_lse:
-            lse_all[idx] = lse
-        if sum_scores:
-            zsum[idx] = s.sum(-1)
+            lse_all[idx, 0] = lse
         if token_metrics:
             # log S - E_p[s - max] with S = sum exp(s - max): no cancellation at the logits' size.
-            best = s.max(-1, keepdim=True).values
-            shifted = s - best
-            e = shifted.exp()
-            total = e.sum(-1)
             ent[idx] = total.log() - (e * torch.where(e > 0, shifted, 0.0)).sum(-1) / total  # e = 0 where s = -inf
             top1[idx] = (s.argmax(-1) == column).to(acc)
             if slab:
                 top[idx] = best.squeeze(1)
+        if save_lse:  # exact 1 - p_label: the sum of the other tokens' mass (e is not needed after this)
+            e.scatter_(1, at, torch.where(inside[:, None], 0.0, e.gather(1, at)))
+            lse_all[idx, 1] = e.sum(-1) / total
     return logp, lse_all, zsum, ent, top1, top, lss
 
 
@@ -140,22 +149,30 @@ def token_logps_backward(
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
-    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose logsumexp
-    is `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
+    `lse` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row.
+    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose state is
+    `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
+    if lse.shape != (B * T, 2):
+        raise ValueError(f"lse must be the forward's [{B * T}, 2] state (logsumexp, 1 - p_label), "
+                         f"got {tuple(lse.shape)}")
     if out is None:
         out = torch.zeros((B, T, V), dtype=logits.dtype, device=logits.device)
     else:  # in place: every masked row must become exactly zero too
         masked = torch.nonzero(labels < 0).squeeze(1)
         out[masked // T, masked % T] = 0
     for b, t, idx, y in _chunks(labels, T, V):
-        z = logits[b, t].to(acc)
-        p = torch.exp(_scores(z, inv_temp, softcap) - lse[idx, None])
-        dz = -p
+        z = logits[b, t].to(acc)  # a copy (tensor indexing); the softcap's gradient needs it kept
+        state = lse[idx]
+        # The scores are a new tile, or z itself when there is neither softcap nor temperature (and
+        # then z is not needed after): dz is made in place over them.
+        dz = _scores(z, inv_temp, softcap).sub_(state[:, :1]).exp_().neg_()
         column = y - label_offset  # outside [0, V): the label is in another vocabulary slab
         inside = (column >= 0) & (column < V)
-        dz.scatter_add_(1, column.clamp(0, V - 1)[:, None], inside.to(acc)[:, None])
+        at = column.clamp(0, V - 1)[:, None]
+        # The label column: 1 - p_label from the forward's sum over the other tokens, not 1 - p (cancels).
+        dz.scatter_(1, at, torch.where(inside[:, None], state[:, 1:].to(acc), dz.gather(1, at)))
         dz *= grad_logp[idx, None].to(acc)
         dz *= _scores_grad(z, inv_temp, softcap)
         out[b, t] = dz.to(out.dtype)

@@ -11,10 +11,21 @@ optional soft-cap c and temperature tau, the scores are s = c * tanh(z / c) / ta
                lss_n  = log sum_v softmax(s_n)_v^2           optional (WPO's weights, TRL `use_weighting`)
     backward:  dz_nv  = g_n * (1[v == y_n] - exp(s_nv - lse_n)) * ds_nv/dz_nv   0 for masked rows
 
+Confident tokens (the backward's label column): 1 - p_{n, y_n} computed as 1 - exp(logp_n) cancels
+once p nears 1 (all fp32 digits lost at 1 - p ~ 1e-7). The forward therefore also sums the other
+tokens' mass, online beside the logsumexp's sum and with the same rescaling,
+
+               rest_n = sum_{v != y_n} exp(s_nv - lse_n)     (= 1 - p_{n, y_n}, a sum of positive terms)
+
+and saves it beside lse_n: the backward state of a token is the pair (lse_n, rest_n), stored as
+row n of an fp32 [N, 2] tensor (8 bytes a token), and the label column's gradient is g_n * rest_n,
+exact to fp32 rounding at any confidence.
+
 Vocabulary slabs (the fused linear pass may hand over the columns [o, o + V) of wider rows, with
 o = label_offset): the label falls at column y_n - o, or outside the slab. The slab forward
 returns the label's score s_{n, y_n - o} (0 when outside) in place of logp_n, and the slab's
-max score for merging top1_n; the backward takes lse_n of the whole row and adds a one-hot term
+max score for merging top1_n, and its rest_n is the slab's own share that is not the label (1
+when the label is outside); the backward takes the whole row's state and adds a one-hot term
 only inside the slab. Merging slabs: linear_chunks.merge_slabs.
 
 lss_n (LOG_SUM_SQ) is one more online sum beside the logsumexp's: with the same running shift m,
@@ -74,6 +85,7 @@ def token_logps_fwd_kernel(
     top1 = tl.zeros((), ACC_DTYPE)
     lss = tl.zeros((), ACC_DTYPE)
     m = tl.full((), float("-inf"), ACC_DTYPE)
+    rest = tl.zeros((), ACC_DTYPE)  # exact 1 - p_label: the other tokens' mass (module docstring)
     if label >= 0:  # masked rows are not read at all
         row = z_ptr + (n // T) * stride_zb + (n % T) * stride_zt
         neg_inf = float("-inf")
@@ -81,6 +93,7 @@ def token_logps_fwd_kernel(
         sz = tl.zeros((), ACC_DTYPE)  # sum_v exp(s_v - shift) * (s_v - shift), for the entropy
         s2 = tl.zeros((), ACC_DTYPE)  # LOG_SUM_SQ: sum_v exp(2 (s_v - shift))
         best = tl.zeros((), tl.int64)  # first index of the running max
+        column = label - label_offset  # outside [0, V): the label is in another vocabulary slab
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             valid = offs < V
@@ -104,12 +117,14 @@ def token_logps_fwd_kernel(
                 sz = alpha * (sz + (prev_shift - shift) * s) + tile_sz
                 # Strictly greater: an earlier tile keeps a tie, as torch.argmax keeps the first.
                 best = tl.where(tile_max > m, start + tl.argmax(z, axis=0).to(tl.int64), best)
+            if SAVE_LSE:
+                rest = rest * alpha + tl.sum(tl.where(offs == column, 0.0, e), axis=0)
             s = s * alpha + tl.sum(e, axis=0)
             if LOG_SUM_SQ:
                 s2 = s2 * (alpha * alpha) + tl.sum(e * e, axis=0)
             m = m_new
         lse = tl.where(m == neg_inf, 0.0, m) + tl.log(s)  # an all -inf row gives -inf, as torch does
-        column = label - label_offset
+        rest = rest / s
         if SLAB:  # the label's score, or 0 when the label is in another slab
             inside = (column >= 0) & (column < V)
             z_label = tl.load(row + column * stride_zv, mask=inside, other=0.0).to(ACC_DTYPE)
@@ -125,8 +140,9 @@ def token_logps_fwd_kernel(
         if LOG_SUM_SQ:
             lss = tl.log(s2) - 2.0 * tl.log(s)
     tl.store(logp_ptr + n, logp)
-    if SAVE_LSE:
-        tl.store(lse_ptr + n, lse)
+    if SAVE_LSE:  # the backward state: (lse_n, rest_n) at row n of an [N, 2] tensor
+        tl.store(lse_ptr + 2 * n, lse)
+        tl.store(lse_ptr + 2 * n + 1, rest)
     if SUM_SCORES:
         tl.store(zsum_ptr + n, zs)
     if TOKEN_METRICS:
@@ -162,14 +178,15 @@ def token_logps_bwd_kernel(
             offs = start + tl.arange(0, BLOCK_V)
             tl.store(drow + offs * stride_dv, zero.to(dz_ptr.dtype.element_ty), mask=offs < V)
     else:
-        lse = tl.load(lse_ptr + n).to(ACC_DTYPE)
+        lse = tl.load(lse_ptr + 2 * n).to(ACC_DTYPE)
+        rest = tl.load(lse_ptr + 2 * n + 1).to(ACC_DTYPE)  # 1 - p_label without cancellation
         column = label - label_offset  # outside [0, V) when the label is in another slab: no one-hot
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             valid = offs < V
             z = tl.load(row + offs * stride_zv, mask=valid, other=0.0).to(ACC_DTYPE)
             p = tl.exp(_scores(z, inv_temp, softcap, HAS_SOFTCAP) - lse)
-            dz = (g * inv_temp) * (tl.where(offs == column, 1.0, 0.0) - p)
+            dz = (g * inv_temp) * tl.where(offs == column, rest, -p)
             if HAS_SOFTCAP:
                 dz = dz * _softcap_grad(z, softcap)
             tl.store(drow + offs * stride_dv, dz.to(dz_ptr.dtype.element_ty), mask=valid)
@@ -224,8 +241,8 @@ def token_logps_forward(
     num_warps: int | None = None,
     log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked):
-    (log-probs, logsumexp or None, score sums or None, entropy or None, is-top-1 or None,
+    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked): (log-probs, backward state
+    [B*T, 2] = (logsumexp, 1 - p_label) or None, score sums or None, entropy or None, is-top-1 or None,
     log sum_v p_v^2 or None)."""
     out = _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics, block_v, num_warps,
                    log_sum_sq)
@@ -246,9 +263,9 @@ def token_slab_forward(
     log_sum_sq: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows:
-    (label scores, 0 where the label is outside the slab; the slab's logsumexp; its score sums,
-    entropy, is-top-1, max score and log sum p^2 (relative to its own logsumexp), each None
-    unless asked)."""
+    (label scores, 0 where the label is outside the slab; the slab's state [B*T, 2]: its logsumexp
+    and the share of its mass that is not the label; its score sums, entropy, is-top-1, max score
+    and log sum p^2 (relative to its own logsumexp), each None unless asked)."""
     return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics, block_v,
                     num_warps, log_sum_sq)
 
@@ -264,8 +281,8 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
         return torch.empty(N, dtype=acc, device=logits.device) if wanted else None
 
     logp = vector(True)
-    lse, zsum, ent, top1, lss = (vector(save_lse), vector(sum_scores), vector(token_metrics), vector(token_metrics),
-                                 vector(log_sum_sq))
+    lse = torch.empty((N, 2), dtype=acc, device=logits.device) if save_lse else None  # (lse, 1 - p_label)
+    zsum, ent, top1, lss = vector(sum_scores), vector(token_metrics), vector(token_metrics), vector(log_sum_sq)
     top = vector(slab and token_metrics)
     if N > 0:
         block_v, num_warps = _launch_config(V, block_v, num_warps, backward=False)
@@ -295,10 +312,12 @@ def token_logps_backward(
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
-    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose logsumexp
-    is `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
+    `lse` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row.
+    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose state is
+    `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
     B, T, V = logits.shape
     N = B * T
+    lse = _state(lse, N)
     if out is None:
         out = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     if N == 0:
@@ -313,3 +332,11 @@ def token_logps_backward(
         BLOCK_V=block_v, num_warps=num_warps,
     )
     return out
+
+
+def _state(state: torch.Tensor, n: int) -> torch.Tensor:
+    """The backward state as the kernel reads it: contiguous [n, 2]."""
+    if state.shape != (n, 2):
+        raise ValueError(f"lse must be the forward's [{n}, 2] state (logsumexp, 1 - p_label), "
+                         f"got {tuple(state.shape)}")
+    return state.contiguous()

@@ -2,9 +2,14 @@
 
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
+
+# A fresh inductor cache per test run: a cache kept from another checkout can hold kernels compiled
+# for an older schema of fastdpo's custom ops (their output shapes changed once), which then fail.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastdpo-inductor-"))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -50,3 +50,25 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, w
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     scale = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
     assert err <= rel * scale, f"{what}: max abs error {err:.3g} > {rel:.1g} x {scale:.3g}"
+
+
+# 1 - p_label of the confident tokens the gradient tests draw: down to 1e-7, where 1 - exp(logp)
+# in fp32 has no correct digit left.
+CONFIDENT_GAPS = (1e-1, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+
+
+def confident_logits(labels: torch.Tensor, V: int, gaps: torch.Tensor, scale: float = 2.0) -> torch.Tensor:
+    """Float64 logits [len(labels), V] where row n's label has probability 1 - gaps[n]: random
+    scores elsewhere, and z_label = log sum_{v != label} exp z_v + log((1 - gap) / gap)."""
+    rows = labels.shape[0]
+    z = scale * torch.randn(rows, V, dtype=torch.float64, device=labels.device)
+    others = torch.logsumexp(z.scatter(1, labels[:, None], float("-inf")), 1)
+    gaps = gaps.to(z)
+    z[torch.arange(rows, device=z.device), labels] = others + torch.log1p(-gaps) - torch.log(gaps)
+    return z
+
+
+def not_label_mass64(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum_{v != label} softmax(logits)_v in float64: 1 - p_label without cancellation."""
+    p = logits.double().softmax(-1)
+    return p.scatter(-1, labels.unsqueeze(-1), 0.0).sum(-1)

@@ -2,6 +2,7 @@
 results), so a lent GPU session does not find them broken."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -66,3 +67,61 @@ def test_bench_train_tiny(tmp_path, monkeypatch):
     # the same pairs, the same starting model: the same first loss everywhere (log 2 at a copied reference)
     assert len({round(r.first_loss, 5) for r in rows if r.error is None}) == 1
     assert "real tok/s" in (tmp_path / "bench_train.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bench_linear_peer_rows(tmp_path, monkeypatch):
+    """PyTorch's chunked linear_cross_entropy (default and least-memory options) and TRL's chunked
+    log-probs give the per-row log-probs and gradients every other row gives."""
+    monkeypatch.setenv("FASTDPO_BACKEND", "torch")
+    import bench_linear
+
+    bench_linear.main(FAST + ["--dtype", "float32", "--impls", "eager,torch-lce,torch-lce-lean,trl-chunked",
+                              "--out", str(tmp_path)])
+    got = rows(tmp_path, "bench_linear")
+    for impl in ("torch-lce", "torch-lce-lean", "trl-chunked"):
+        if got[(impl, "fwd")]["skipped"]:  # a torch or TRL without it: the row must say why
+            assert "linear_cross_entropy" in got[(impl, "fwd")]["skipped"] or impl == "trl-chunked"
+            continue
+        assert got[(impl, "fwd")]["error"] is None and got[(impl, "fwd")]["rel_err"] < 1e-5, got[(impl, "fwd")]
+        step = got[(impl, "fwd+bwd")]
+        assert step["error"] is None and step["extra"]["grad_err_hidden"] < 1e-4, step
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bench_linear_isolated_ratios(tmp_path):
+    """--isolate runs each implementation in its own process and adds the ratio table."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_linear.py"
+    env = dict(os.environ, FASTDPO_BACKEND="torch")
+    subprocess.run([sys.executable, str(script), *FAST, "--dtype", "float32", "--modes", "fwd+bwd", "--isolate",
+                    "--impls", "fastdpo,torch-lce", "--baseline", "fastdpo", "--out", str(tmp_path)],
+                   check=True, env=env, capture_output=True)
+    got = rows(tmp_path, "bench_linear")
+    assert set(got) == {("fastdpo", "fwd+bwd"), ("torch-lce", "fwd+bwd")}
+    for r in got.values():
+        assert r["error"] is None and r["ms"] > 0 and r["extra"]["peak_rss_gb"] > 0 and r["extra"]["cpu_ms"] > 0, r
+    assert "| CPU time / fastdpo |" in (tmp_path / "bench_linear.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_run_gpu_peers_stage(tmp_path):
+    """benchmarks/run_gpu.sh peers end to end on CPU with tiny shapes: its three parts run and write."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FASTDPO_BACKEND="torch", PYTHON=sys.executable, RESULTS=str(tmp_path), SKIP_INSTALL="1",
+               PEERS_TESTS="tests/test_logps.py::test_scalar_split_keeps_fp64_precision",
+               PEERS_LOSS_SHAPES="--shape 1,16,300", PEERS_LINEAR_SHAPES="--shape 1,16,32,300",
+               PEERS_LINEAR_IMPLS="torch-lce,torch-lce-lean,trl-chunked,fastdpo,fastdpo-lean", LEAN_TILES="8:100",
+               BENCH_ARGS="--device cpu --iters 1 --warmup 0 --dtype float32")
+    done = subprocess.run(["bash", "benchmarks/run_gpu.sh", "peers"], cwd=repo, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in (tmp_path / "peers" / "tests.log").read_text()
+    assert all(r["error"] is None for r in rows(tmp_path / "peers" / "loss_B", "bench_loss").values())
+    linear = rows(tmp_path / "peers" / "linear", "bench_linear")
+    impls = {impl for impl, _ in linear}
+    assert impls == {"torch-lce", "torch-lce-lean", "trl-chunked", "fastdpo", "fastdpo-lean-8x100"}, impls
+    assert all(r["error"] is None for r in linear.values()), linear

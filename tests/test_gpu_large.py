@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdpo
-from reference64 import assert_close_rel
+from reference64 import CONFIDENT_GAPS, assert_close_rel, confident_logits, not_label_mass64
 
 
 def logps64_chunked(logits, labels, mask, rows=256):
@@ -58,6 +58,31 @@ def test_large_shapes(P, T, V, inplace):
     got = torch.stack([grad[b, t].double() for b, t in picks])
     assert_close_rel(got, grad64_rows(logits, labels, mask, g, picks), 8e-3, "grad rows")
     assert (grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("V", [128256, 262144])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_confident_tokens_at_large_vocab(V, dtype):
+    """1 - p_label down to 1e-7 over long vocabularies (many tiles) on the compiled kernels: the
+    saved 1 - p_label to fp32 rounding, the label column's gradient to the logits' rounding."""
+    torch.manual_seed(0)
+    rows = 4 * len(CONFIDENT_GAPS)
+    gaps = torch.tensor(CONFIDENT_GAPS * 4, dtype=torch.float64)
+    labels = torch.randint(0, V, (rows,), device="cuda")
+    logits = confident_logits(labels, V, gaps).to(dtype).view(2, rows // 2, V)  # rounding moves the gaps a little
+    want = not_label_mass64(logits.view(rows, V), labels)
+    from fastdpo.backend import get_backend
+
+    state = get_backend(logits.device).token_logps_forward(logits, labels.to(torch.int32))[1]
+    rel = ((state[:, 1].double() - want) / want).abs().max().item()
+    assert rel < 1e-5, f"saved 1 - p_label: relative error {rel:.2g}"
+    x = logits.clone().requires_grad_()
+    g = torch.randn(2, device="cuda")
+    (grad,) = torch.autograd.grad(fastdpo.sequence_logps(x, labels.view(2, -1)), x, g)
+    label_grad = grad.view(rows, V).gather(1, labels[:, None]).squeeze(1).double()
+    expected = g.double().repeat_interleave(rows // 2) * want
+    err = ((label_grad - expected) / expected).abs().max().item()
+    assert err < (8e-3 if dtype == torch.bfloat16 else 1e-5), f"label column gradient: relative error {err:.2g}"
 
 
 def _syncs(fn) -> list[str]:

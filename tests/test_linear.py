@@ -7,7 +7,8 @@ import torch
 
 import fastdpo
 import fastdpo.linear_chunks
-from reference64 import assert_close_rel, dpo_sigmoid64, scores64, seq_logps64, valid_mask
+from reference64 import (CONFIDENT_GAPS, assert_close_rel, confident_logits, dpo_sigmoid64, scores64, seq_logps64,
+                         valid_mask)
 
 GRAD_MODES = {"grad_in_forward": True, "recompute": False}
 
@@ -580,8 +581,10 @@ def test_vocab_slabs_never_hold_full_vocabulary_rows(backend, device):
         lse = C.forward(plan, flat, weight, b, opts, True, True, 4, vocab_chunk=10).lse
         C.backward(plan, flat, weight, b, opts, lse, torch.randn(4, device=device), 4, grads, vocab_chunk=10)
     assert new.count((40,)) == 2, "expected one [chunk x vocab_chunk] logits buffer per pass"
-    # Nothing larger than a [chunk, H] tile (the slab products and the fp32 dH sum) or the logits tile.
-    assert max(int(torch.tensor(s).prod()) for s in new) == 4 * max(10, H), new
+    # Nothing larger than a [chunk, H] tile (the slab products and the fp32 dH sum), the logits tile
+    # or the slabs' per-token results before their merge ([slabs, chunk, 2] for the backward state).
+    slabs = -(-V // 10)
+    assert max(int(torch.tensor(s).prod()) for s in new) == max(4 * max(10, H), slabs * 4 * 2), new
 
 
 def test_vocab_slabs_unchecked_label_gives_nan(backend, device):
@@ -596,3 +599,34 @@ def test_vocab_slabs_unchecked_label_gives_nan(backend, device):
     assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2, 3]]).all()
     want = seq_logps64(logits64(hidden, weight, b), labels.clamp(max=22), mask)
     assert_close_rel(got[[0, 2, 3]], want[[0, 2, 3]], 1e-12, "unchecked rows")
+
+
+@pytest.mark.parametrize("opts", [dict(grad_in_forward=True), dict(grad_in_forward=False, chunk_size=5),
+                                  dict(grad_in_forward=False, chunk_size=5, vocab_chunk_size=29)],
+                         ids=["grad-in-forward", "recompute", "vocab-slabs"])
+def test_confident_tokens_exact_gradient(backend, device, opts):
+    """Tokens whose label has 1 - p from 1e-1 down to 1e-7, through the fused linear path: the
+    hidden gradient matches float64 element by element, each to its own size (1 - exp(logp) in
+    fp32 would lose every digit of the label's term at 1e-7). The head is 2 x a permutation, so
+    the fp32 logits are exact and any error is the pass's own; slabs of 29 split V = 96 unevenly
+    and merge the other tokens' mass across slabs."""
+    P, T, V = 2, 6, 96
+    labels = torch.randint(0, V, (2 * P, T), device=device)
+    mask = torch.ones(2 * P, T, dtype=torch.bool, device=device)
+    mask[:, 0] = False
+    gaps = torch.tensor(CONFIDENT_GAPS * 4, dtype=torch.float64)
+    z = confident_logits(labels.view(-1), V, gaps).view(2 * P, T, V)
+    perm = torch.randperm(V, device=device)
+    weight = 2 * torch.eye(V, device=device)[perm]  # z = h W^T: z[:, v] = 2 h[:, perm[v]], exact in fp32
+    hidden = torch.empty(2 * P, T, V, device=device)
+    hidden[..., perm] = (z / 2).float()
+    ref = -5 * torch.rand(2 * P, device=device)
+    h, w = leaves(hidden, weight)
+    fastdpo.fused_linear_dpo_loss(h, w, labels, ref, mask=mask, beta=0.5, **opts).backward()
+    h64, w64 = leaves(hidden, weight, dtype=torch.float64)
+    dpo_sigmoid64(seq_logps64(logits64(h64, w64, None), labels, mask), ref, 0.5).backward()
+    want = h64.grad
+    rel = ((h.grad.double() - want).abs() / want.abs()).nan_to_num(0.0)  # 0 / 0 on masked rows
+    assert rel.max() < 1e-4, f"hidden gradient: largest relative error of one element {rel.max():.2g}"
+    assert torch.all(h.grad[~mask] == 0)
+    check_grads((w,), (w64,), 1e-5, names=("weight",))

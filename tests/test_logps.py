@@ -5,7 +5,7 @@ import torch
 
 import fastdpo
 from fastdpo.kernels.token_logps import MAX_BLOCK_V as TILE  # the kernels' vocabulary tile width
-from reference64 import assert_close_rel, seq_logps64
+from reference64 import CONFIDENT_GAPS, assert_close_rel, confident_logits, not_label_mass64, seq_logps64
 
 # Forward error is relative to the float64 result on the same (upcast) inputs. Gradients are
 # rounded to the logits' dtype, so their tolerance is that dtype's resolution; in fp32 the
@@ -253,9 +253,11 @@ def test_backward_on_a_vocabulary_slab(backend, device, V, offset):
     labels[:3] = torch.tensor([offset + V + 3, offset + 2, max(offset - 1, offset + V)])  # above, inside, outside
     labels[3] = -1  # masked: zero
     lse = torch.logsumexp(full, -1).reshape(-1)
+    p_label = full.reshape(6, -1).softmax(-1).gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    state = torch.stack([lse, 1 - p_label], 1)  # the whole rows' (logsumexp, 1 - p_label)
     g = torch.randn(6, device=device, dtype=torch.float64)
     slab = full[..., offset : offset + V].contiguous()
-    dz = get_backend(torch.device(device)).token_logps_backward(slab, labels, lse, g, label_offset=offset)
+    dz = get_backend(torch.device(device)).token_logps_backward(slab, labels, state, g, label_offset=offset)
     one_hot = torch.nn.functional.one_hot(labels.clamp(min=0), full.shape[-1])[:, offset : offset + V]
     want = g[:, None] * (one_hot.double() - torch.exp(slab.reshape(6, V) - lse[:, None]))
     want[3] = 0
@@ -275,15 +277,50 @@ def test_forward_on_a_vocabulary_slab(backend, device, V, offset):
     column = labels[3] - offset
     slab.reshape(8, V)[3, column] = slab.reshape(8, V)[3].max() + 1  # row 3: the label is the maximum
     s = slab.reshape(8, V).double() / 0.7
-    score, lse, zsum, ent, top1, top, _lss = get_backend(torch.device(device)).token_slab_forward(
+    score, state, zsum, ent, top1, top, _lss = get_backend(torch.device(device)).token_slab_forward(
         slab, labels, offset, inv_temp=1 / 0.7, sum_scores=True, token_metrics=True)
+    lse, rest = state.unbind(1)
     valid = labels >= 0
     inside = valid & (labels >= offset) & (labels < offset + V)
     want_score = torch.where(inside, s.gather(1, (labels - offset).clamp(0, V - 1)[:, None]).squeeze(1), 0.0)
     logp = s.log_softmax(-1)
+    p_label = logp.exp().gather(1, (labels - offset).clamp(0, V - 1)[:, None]).squeeze(1)
+    not_label = 1 - torch.where(inside, p_label, 0.0)
     checks = {"label score": (score, want_score), "lse": (lse, torch.logsumexp(s, -1)), "zsum": (zsum, s.sum(-1)),
+              "slab mass not the label": (rest, not_label),
               "entropy": (ent, -(logp.exp() * logp).sum(-1)), "max": (top, s.max(-1).values)}
     for name, (got, want) in checks.items():
         assert_close_rel(got[valid], want[valid], 2e-6, name)
     assert torch.equal(top1[valid].cpu(), (s.argmax(-1) == labels - offset)[valid].double().cpu().to(top1.dtype))
     assert top1[3].item() == 1.0 and score[2].item() == 0.0
+
+
+def test_confident_tokens_exact_gradient(backend, device):
+    """1 - p_label from 1e-1 down to 1e-7: the label column's gradient g * (1 - p_label) and the
+    saved 1 - p_label stay exact to fp32 rounding (computed as 1 - exp(logp) they would lose every
+    digit at 1e-7), labels in the first and in the second vocabulary tile."""
+    from fastdpo.backend import get_backend
+
+    V, rows = TILE + 37, 2 * len(CONFIDENT_GAPS)
+    gaps = torch.tensor(CONFIDENT_GAPS * 2, dtype=torch.float64)
+    labels = torch.cat([torch.randint(0, TILE, (rows // 2,)), torch.randint(TILE, V, (rows // 2,))]).to(device)
+    logits = confident_logits(labels, V, gaps).float().view(2, rows // 2, V)  # the fp32 inputs
+    flat_labels = labels.view(2, rows // 2)
+
+    state = get_backend(torch.device(device)).token_logps_forward(logits, labels.to(torch.int32))[1]
+    want_rest = not_label_mass64(logits.view(rows, V), labels)
+    assert (want_rest / gaps - 1).abs().max() < 0.5  # the inputs are as confident as meant
+    rel = ((state[:, 1].double() - want_rest) / want_rest).abs().max().item()
+    assert rel < 1e-5, f"saved 1 - p_label: relative error {rel:.2g}"
+
+    x64 = logits.double().requires_grad_()
+    g = torch.randn(2, device=device, dtype=torch.float64)
+    (seq_logps64(x64, flat_labels) * g).sum().backward()
+    got = torch.autograd.grad((fastdpo.sequence_logps(logits.requires_grad_(), flat_labels) * g.float()).sum(),
+                              logits)[0]
+    at = labels.view(rows, 1)
+    label_got, label_want = got.view(rows, V).gather(1, at).double(), x64.grad.view(rows, V).gather(1, at)
+    rel = ((label_got - label_want) / label_want).abs().max().item()
+    assert rel < 1e-5, f"label column gradient: relative error {rel:.2g}"
+    elementwise = ((got.double() - x64.grad) / x64.grad).abs().max().item()  # every column, each to itself
+    assert elementwise < 5e-5, f"gradient: largest relative error of one element {elementwise:.2g}"
