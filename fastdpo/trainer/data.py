@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-import torch
-
 from fastdpo.layouts import LayoutBatch, PairTokens, build, layout_tokens
 
 from .config import EMBEDDED_DATASET, ConfigError, TrainConfig
