@@ -514,7 +514,7 @@ def check_ranks_agree(accelerator, model, step: int) -> None:
             accelerator.distributed_type != DistributedType.MULTI_CPU:
         return  # one process, or sharded parameters (FSDP / ZeRO-3: each rank holds other entries)
     params = [p for p in model.parameters() if p.requires_grad]
-    fingerprint = torch.stack([p.double().sum() for p in params]).sum().reshape(1)
+    fingerprint = torch.stack([p.sum(dtype=torch.float64) for p in params]).sum().reshape(1)  # no fp64 copies
     prints = accelerator.gather(fingerprint.to(accelerator.device))
     if not torch.equal(prints, prints[:1].expand_as(prints)):
         raise RuntimeError(f"after step {step} the {accelerator.num_processes} processes hold different parameters "
