@@ -43,8 +43,9 @@ import torch
 from transformers.utils import ModelOutput
 
 from .layouts import Scoring, scoring_from_labels, scoring_from_shifted
+from . import validation as V
 from .linear import linear_sequence_stats
-from .logps import sequence_stats
+from .logps import TokenLayout, layout_stats
 from .packed import segment_sums
 from .validation import value_checks_enabled
 
@@ -165,14 +166,15 @@ def row_stats(hidden: torch.Tensor, scoring: Scoring, lm_head: torch.nn.Module, 
         zeros = hidden.new_zeros(scoring.rows, dtype=torch.float32)
         return RowStats(logps=hidden.sum() * 0.0 + zeros, counts=scoring.counts, vocab=vocab)
     metrics = policy  # the reference pass needs the log-probs only
+    layout = token_layout(scoring, vocab)
     wanted = dict(sum_scores=metrics, token_metrics=metrics and options.token_metrics,
                   log_sum_sq=metrics and options.log_sum_sq)
     if options.mode == "linear":
-        stats = _from_linear(hidden, scoring, lm_head, scale, softcap, wanted, grad_spec)
+        stats = _from_linear(hidden, layout, lm_head, scale, softcap, wanted, grad_spec)
     elif options.mode == "eager":
-        stats = _eager(lm_head(hidden), scoring, scale, softcap, wanted)
+        stats = _eager(lm_head(hidden), layout, scale, softcap, wanted)
     else:
-        stats = _from_logits(lm_head(hidden), scoring, scale, softcap, wanted,
+        stats = _from_logits(lm_head(hidden), layout, scale, softcap, wanted,
                              options.inplace_backward and torch.is_grad_enabled())
     return RowStats(logps=stats.logps, counts=scoring.counts, score_sums=stats.score_sums,
                     entropy_sums=stats.entropy_sums, top1_counts=stats.top1_counts, vocab=vocab,
@@ -207,7 +209,17 @@ def _check_positions(scoring: Scoring, args: tuple, kwargs: dict) -> None:
                          f"got up to {last}")
 
 
-def _from_logits(logits, scoring: Scoring, scale, softcap, wanted: dict, inplace: bool):
+def token_layout(scoring: Scoring, vocab: int) -> TokenLayout:
+    """The kernels' view of a Scoring: its targets, range-checked once (one host read, skipped under
+    `fastdpo.value_checks(False)`), and its row offsets as they are: a Scoring's offsets are checked
+    where it is made (on the host), so the cu_seqlens checks of the public functions (host reads
+    that would wait for the backbone) are not repeated here."""
+    offsets = scoring.offsets
+    return TokenLayout(labels=V.token_labels(scoring.targets, None, -100, vocab), offsets=offsets,
+                       counts=scoring.counts, row_sums=lambda x: segment_sums(x, offsets))
+
+
+def _from_logits(logits, layout: TokenLayout, scale, softcap, wanted: dict, inplace: bool):
     temperature = 1.0
     if scale != 1.0:
         if softcap is None and scale > 0:
@@ -215,11 +227,11 @@ def _from_logits(logits, scoring: Scoring, scale, softcap, wanted: dict, inplace
         else:
             logits = logits * scale
     # Entropy and top-1 come from the same pass as the log-probs: no second read of the logits.
-    return sequence_stats(logits.unsqueeze(0), scoring.targets.unsqueeze(0), cu_seqlens=scoring.offsets,
-                          temperature=temperature, softcap=softcap, inplace_backward=inplace, **wanted)
+    return layout_stats(logits.unsqueeze(0), layout, temperature=temperature, softcap=softcap,
+                        inplace_backward=inplace, **wanted)
 
 
-def _from_linear(hidden, scoring: Scoring, lm_head, scale, softcap, wanted: dict, grad_spec=None):
+def _from_linear(hidden, layout: TokenLayout, lm_head, scale, softcap, wanted: dict, grad_spec=None):
     weight, bias = _full(lm_head.weight), _full(lm_head.bias)
     if torch.is_autocast_enabled(hidden.device.type):  # as lm_head(hidden) would run under autocast
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -229,8 +241,8 @@ def _from_linear(hidden, scoring: Scoring, lm_head, scale, softcap, wanted: dict
         hidden = hidden * scale
         bias = bias * scale if bias is not None else None
     # Entropy and top-1 come from the chunks of logits that give the log-probs: no second matmul.
-    return linear_sequence_stats(hidden.unsqueeze(0), weight, scoring.targets.unsqueeze(0), bias=bias,
-                                 cu_seqlens=scoring.offsets, softcap=softcap, grad_spec=grad_spec, **wanted)
+    return linear_sequence_stats(hidden.unsqueeze(0), weight, layout.labels.unsqueeze(0), bias=bias, layout=layout,
+                                 softcap=softcap, grad_spec=grad_spec, **wanted)
 
 
 @dataclass
@@ -242,21 +254,22 @@ class _EagerStats:
     log_sum_sq_sums: torch.Tensor | None = None
 
 
-def _eager(logits, scoring: Scoring, scale, softcap, wanted: dict) -> _EagerStats:
+def _eager(logits, layout: TokenLayout, scale, softcap, wanted: dict) -> _EagerStats:
     """The usual way: fp32 log-softmax of the [M, V] logits, gather, sum per row."""
     scores = logits.float() * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     logp_all = scores.log_softmax(-1)
-    logp = logp_all.gather(-1, scoring.targets.unsqueeze(-1)).squeeze(-1)
-    rows = functools.partial(segment_sums, offsets=scoring.offsets)
+    targets = layout.labels.long()
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    rows = layout.row_sums
     out = _EagerStats(rows(logp), None, None, None)
     with torch.no_grad():
         if wanted["sum_scores"]:
             out.score_sums = rows(scores.sum(-1))
         if wanted["token_metrics"]:
             out.entropy_sums = rows(-(logp_all.exp() * logp_all).sum(-1))
-            out.top1_counts = rows((scores.argmax(-1) == scoring.targets).float())
+            out.top1_counts = rows((scores.argmax(-1) == targets).float())
         if wanted["log_sum_sq"]:  # WPO: log sum_v p_v^2
             out.log_sum_sq_sums = rows(torch.logsumexp(2 * logp_all, -1))
     return out

@@ -54,6 +54,16 @@ class Scoring:
     targets: torch.Tensor
     offsets: torch.Tensor
 
+    def __post_init__(self) -> None:
+        # Checked where a Scoring is made on the host (free there); the model head trusts them.
+        if self.offsets.device.type != "cpu":
+            return
+        n = self.positions.numel()
+        if self.targets.numel() != n or self.offsets.numel() < 2 or int(self.offsets[0]) != 0 \
+                or int(self.offsets[-1]) != n or bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise ValueError(f"a Scoring needs as many targets as positions ({self.targets.numel()} vs {n}) and "
+                             f"offsets from 0 to {n} that never decrease, got {self.offsets.tolist()}")
+
     @property
     def rows(self) -> int:
         return self.offsets.numel() - 1

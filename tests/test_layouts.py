@@ -216,3 +216,19 @@ def test_the_head_refuses_bad_scoring_before_running_the_model():
         model(input_ids=batch.input_ids, fastdpo_head="policy", fastdpo_scoring=beyond)
     with pytest.raises(ValueError, match="needs exactly one of fastdpo_scoring=, labels="):
         model(input_ids=batch.input_ids, labels=batch.input_ids, fastdpo_head="policy", fastdpo_scoring=s)
+
+
+def test_a_scoring_is_checked_where_it_is_made_and_its_targets_in_the_head():
+    from fastdpo.layouts import Scoring
+
+    with pytest.raises(ValueError, match="offsets from 0 to 3 that never decrease"):
+        Scoring(torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7]), torch.tensor([0, 2, 1, 3]))
+    with pytest.raises(ValueError, match=r"as many targets as positions \(2 vs 3\)"):
+        Scoring(torch.tensor([0, 1, 2]), torch.tensor([5, 6]), torch.tensor([0, 3]))
+    model = tiny_model("llama", "sdpa")
+    attach_head(model, head_options(TrainConfig()))
+    batch = build("padded", random_pairs(torch.Generator().manual_seed(0)), range(4), pad_id=0)
+    s = batch.scoring
+    beyond = Scoring(s.positions, s.targets.clone().fill_(VOCAB), s.offsets)  # a token the vocabulary lacks
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {VOCAB}\)"):
+        model(input_ids=batch.input_ids, fastdpo_head="policy", fastdpo_scoring=beyond)
