@@ -14,65 +14,9 @@ from torch import nn
 
 from . import validation as V
 from .logps import _check_options, layout_stats, token_layout
-from .losses import LossConfig, PairLogps, preference_loss, wpo_weights
-from .metrics import preference_metrics, preference_rows
+from .losses import LossConfig
+from .objective import loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
-
-
-def resolve_reference(
-    cfg: LossConfig,
-    rows: int,
-    like: torch.Tensor,
-    ref_logps: torch.Tensor | None,
-    reference_free: bool,
-    ref_pass=None,
-) -> torch.Tensor:
-    """The reference's per-row log-probs [B]: given, computed by `ref_pass()`, or zeros."""
-    given = [name for name, x in (("ref_logps", ref_logps), ("the reference inputs", ref_pass)) if x is not None]
-    if len(given) > 1:
-        raise ValueError("pass either ref_logps or the reference inputs (ref_logits / ref_hidden), not both")
-    if reference_free and given:
-        raise ValueError(f"reference_free=True but {given[0]} was also given")
-    if ref_logps is not None:
-        V.check_row_vector(ref_logps, "ref_logps", rows)
-        V.check_same_device(like, ref_logps=ref_logps)
-        return ref_logps.detach()
-    if ref_pass is not None:
-        with torch.no_grad():
-            return ref_pass()
-    if cfg.needs_reference and not reference_free:
-        raise ValueError(
-            f"loss_type {cfg.loss_type!r} needs a reference: pass ref_logps or ref_logits "
-            "(or reference_free=True for an implicit uniform reference)"
-        )
-    return torch.zeros(rows, dtype=torch.float32, device=like.device)
-
-
-def loss_from_rows(
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    counts: torch.Tensor,
-    cfg: LossConfig,
-    *,
-    score_sums: torch.Tensor | None = None,
-    vocab: int = 0,
-    return_metrics: bool = False,
-    return_rows: bool = False,
-    pair_weights: torch.Tensor | None = None,
-) -> torch.Tensor | tuple:
-    """The loss from per-row log-prob sums laid out as [chosen; rejected], then the metrics dict if
-    `return_metrics` and the `PreferenceRows` if `return_rows` (a bare loss when neither).
-    `pair_weights` [P] are WPO's (read when cfg.use_weighting)."""
-    pairs = PairLogps.from_rows(logps, ref_logps, counts, cfg.logps_reduction, pair_weights)
-    loss = preference_loss(pairs, cfg)
-    if not (return_metrics or return_rows):
-        return loss
-    out: tuple = (loss,)
-    if return_metrics:
-        out += (preference_metrics(pairs, cfg, score_sums, vocab),)
-    if return_rows:
-        out += (preference_rows(pairs, cfg, counts),)
-    return out
 
 
 def fused_dpo_loss(
@@ -164,13 +108,6 @@ def fused_dpo_loss(
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
                           vocab=policy_logits.shape[-1], return_metrics=return_metrics,
                           return_rows=return_rows, pair_weights=policy_weights(policy, cfg))
-
-
-def policy_weights(policy, cfg: LossConfig) -> torch.Tensor | None:
-    """WPO's per-pair weights from a policy pass run with `log_sum_sq=cfg.use_weighting`, else None."""
-    if not cfg.use_weighting:
-        return None
-    return wpo_weights(policy.logps, policy.log_sum_sq_sums, policy.counts)
 
 
 class FusedDPOLoss(nn.Module):

@@ -41,17 +41,16 @@ Keeping logits would only pay for losses that couple pairs (aot), which are rare
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import validation as V
-from .dpo import loss_from_rows, policy_weights, resolve_reference
-from .linear_ops import linear_logps, linear_logps_grad_in_forward, loss_spec
+from .linear_ops import linear_logps, linear_logps_grad_in_forward
 from .logps import SequenceStats, TokenLayout, _check_options, build_layout
-from .losses import COUPLED_LOSSES, LossConfig
+from .losses import LossConfig
+from .objective import grad_in_forward_spec, loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
 
 
@@ -170,24 +169,6 @@ def linear_sequence_logps(
     ).logps
 
 
-def _spec_for(cfg: LossConfig, options: dict[str, Any], grad_in_forward: bool | None) -> str | None:
-    """The loss as a string for the grad-in-forward op, or None to take the recompute path."""
-    if grad_in_forward is None:
-        grad_in_forward = not any(name in COUPLED_LOSSES for name in cfg.types)
-    if not grad_in_forward or not all(_literal(v) for v in options.values()):
-        return None
-    return loss_spec(options)
-
-
-def _literal(value: Any) -> bool:
-    """Values that survive repr -> ast.literal_eval (finite numbers, strings, lists of them)."""
-    if isinstance(value, (list, tuple)):
-        return all(_literal(v) for v in value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return value is None or isinstance(value, (bool, int, str))
-
-
 def _reference_linear(ref_hidden, ref_weight, ref_bias, weight, bias, hidden):
     """(ref_hidden, ref_weight, ref_bias) with the defaults: the policy's lm_head when no ref_weight."""
     if ref_hidden is None:
@@ -300,7 +281,7 @@ def fused_linear_dpo_loss(
             r_hidden, r_weight, labels, bias=r_bias, prefix="ref_", **common
         ).logps
     ref = resolve_reference(cfg, rows, hidden, ref_logps, reference_free, ref_pass)
-    spec = _spec_for(cfg, options, grad_in_forward)
+    spec = grad_in_forward_spec(cfg, grad_in_forward)
     policy = linear_sequence_stats(hidden, weight, labels, bias=bias, sum_scores=return_metrics,
                                    grad_spec=None if spec is None else (spec, ref), log_sum_sq=cfg.use_weighting,
                                    **common)

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from . import validation as V
-from .dpo import loss_from_rows, resolve_reference
 from .losses import LossConfig, wpo_weights
+from .objective import loss_from_rows, resolve_reference
 
 
 def _scores(logits: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fastdpo
 from fastdpo import FusedDPOLoss, FusedLinearDPOLoss, fused_dpo_loss, fused_linear_dpo_loss, sequence_logps
-from fastdpo.dpo import loss_from_rows
+from fastdpo.objective import loss_from_rows
 from fastdpo.losses import LOSSES, SELF_NORMALIZED, LossConfig
 from reference64 import assert_close_rel
 from test_losses import CASES, IDS, F64, case_config, close, random_rows, ref_loss, ref_metrics, split_rows

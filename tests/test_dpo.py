@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo.dpo import loss_from_rows
+from fastdpo.objective import loss_from_rows
 from fastdpo.losses import LossConfig
 from fastdpo.reference import reference_dpo_loss
 from reference64 import assert_close_rel, dpo_sigmoid64, scores64, seq_logps64, valid_mask

@@ -208,7 +208,7 @@ def test_refusals(options, match):
 
 
 def test_wpo_needs_weights():
-    from fastdpo.dpo import loss_from_rows
+    from fastdpo.objective import loss_from_rows
 
     with pytest.raises(ValueError, match="use_weighting"):
         loss_from_rows(torch.zeros(4), torch.zeros(4), torch.ones(4), LossConfig(use_weighting=True))

@@ -192,6 +192,25 @@ def test_no_loss_gradient_in_forward_falls_back(device, monkeypatch):
     assert_rel_to_max(grads[1][1], grads[0][1], 1e-12, "grad weight")
 
 
+def test_unencodable_option_warns_and_recomputes(device, monkeypatch):
+    """A loss option that cannot reach the grad-in-forward op (a tensor bco_delta) takes the
+    recomputing path with a warning, and the gradients are those of a plain float delta."""
+    hidden, weight, b, labels, mask = make_batch(2, 6, 8, 29, torch.float64, device)
+    ref = -10 * torch.rand(4, device=device, dtype=torch.float64)
+    grads = []
+    for delta in (0.3, torch.tensor(0.3, dtype=torch.float64)):
+        h, w = leaves(hidden, weight)
+        tensor = isinstance(delta, torch.Tensor)
+        with pytest.warns(RuntimeWarning, match="cannot reach the grad-in-forward op") if tensor \
+                else contextlib.nullcontext():
+            loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, mask=mask, chunk_size=4, loss_type="bco_pair",
+                                                 bco_delta=delta)
+        loss.backward()
+        grads.append((h.grad, w.grad))
+    assert_rel_to_max(grads[1][0], grads[0][0], 1e-12, "grad hidden")
+    assert_rel_to_max(grads[1][1], grads[0][1], 1e-12, "grad weight")
+
+
 def test_grad_in_forward_single_backward(device):
     hidden, weight, b, labels, mask = make_batch(1, 4, 8, 17, torch.float32, device)
     h, w = leaves(hidden, weight)
@@ -384,11 +403,11 @@ def labels_on_ties(first, last, V):
 def stats_and_grads(mode, hidden, weight, bias, labels, **opts):
     """linear_sequence_stats with token metrics through the chosen op, then a backward of a weighted row sum."""
     from fastdpo.linear import linear_sequence_stats
-    from fastdpo.linear_ops import loss_spec
+    from fastdpo.losses import LossConfig
 
     h, w, bb = leaves(hidden, weight, bias)
     rows = opts["cu_seqlens"].numel() - 1 if opts.get("cu_seqlens") is not None else hidden.shape[0]
-    spec = loss_spec(dict(loss_type="sigmoid", loss_weights=None, beta=0.1, label_smoothing=0.0))
+    spec = LossConfig(loss_type="sigmoid", beta=0.1).encode()
     grad_spec = (spec, torch.zeros(rows, device=hidden.device)) if GRAD_MODES[mode] else None
     stats = linear_sequence_stats(h, w, labels, bias=bb, token_metrics=True, grad_spec=grad_spec, **opts)
     up = torch.randn(rows, device=hidden.device, dtype=stats.logps.dtype)

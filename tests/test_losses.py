@@ -1,6 +1,6 @@
 """Every preference loss and metric against float64 references written here from the papers' formulas.
 
-Three levels: per-row log-probs straight into the loss registry (fastdpo.dpo.loss_from_rows), the full
+Three levels: per-row log-probs straight into the loss registry (fastdpo.objective.loss_from_rows), the full
 kernel path (fused_dpo_loss on random logits, PyTorch and Triton backends, values, metrics and logits
 gradients), and the error paths. The references below share no code with fastdpo.losses: log-sigmoid,
 EXO's KL, ORPO's odds and the batch sorting of AOT are each written out again from the paper.
@@ -16,7 +16,7 @@ import torch
 
 import fastdpo.dpo
 from fastdpo import FusedDPOLoss, fused_dpo_loss
-from fastdpo.dpo import loss_from_rows
+from fastdpo.objective import loss_from_rows
 from fastdpo.losses import COUPLED_LOSSES, LOSSES, REFERENCE_FREE, LossConfig, log1mexp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -480,3 +480,21 @@ def test_orpo_matches_trl(trl_trainers):
     close(metrics["rewards/rejected"], rejected_rewards.mean(), 1e-6, 1e-6, "rewards/rejected")
     close(metrics["log_odds_ratio"], log_odds_ratio, 1e-5, 1e-6, "log_odds_ratio")
     close(metrics["log_odds_chosen"], log_odds_chosen, 1e-5, 1e-6, "log_odds_chosen")
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_config_encoding_round_trips(loss_type):
+    """LossConfig.encode / decode (the grad-in-forward op's argument) give back every option,
+    its type included; values that cannot cross the op boundary give None."""
+    options = dict(loss_type=[loss_type, "sft"], loss_weights=[0.5, 2], beta=0.3, label_smoothing=0.2,
+                   discopop_tau=0.7, simpo_gamma=-1.25, cpo_alpha=3, bco_delta=1e-3, f_alpha_divergence_coef=0.25)
+    try:
+        cfg = LossConfig(**options)
+    except ValueError:  # a combination this loss refuses: the single type then
+        options.update(loss_type=loss_type, loss_weights=None)
+        cfg = LossConfig(**options)
+    back = LossConfig.decode(cfg.encode())
+    assert back.op_values() == cfg.op_values()
+    assert [type(v) for v in back.op_values().values()] == [type(v) for v in cfg.op_values().values()]
+    assert back.types == cfg.types and back.weights == cfg.weights
+    assert LossConfig(bco_delta=torch.tensor(0.5)).encode() is None

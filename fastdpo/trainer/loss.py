@@ -20,10 +20,9 @@ import torch
 from typing import TYPE_CHECKING
 
 from fastdpo.attention import activation_dtype, model_inputs
-from fastdpo.dpo import loss_from_rows, policy_weights
 from fastdpo.layouts import LayoutBatch
-from fastdpo.linear import _spec_for
 from fastdpo.losses import LossConfig
+from fastdpo.objective import grad_in_forward_spec, loss_from_rows, policy_weights
 
 from .config import ConfigError, TrainConfig
 
@@ -79,11 +78,9 @@ class LossFn:
         self.loss = loss_config(cfg)
         self.autocast = autocast
         self.linear = cfg.loss_impl == "fused_linear"
-        options = dict(loss_type=self.loss.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                       logps_reduction=cfg.logps_reduction, **cfg.loss_options)
         # fused_linear: the loss's gradient is known per pair group, so the op can build the
         # gradients while each chunk of logits is still in memory (6 N H V FLOPs instead of 8).
-        self.spec = _spec_for(self.loss, options, None) if self.linear else None
+        self.spec = grad_in_forward_spec(self.loss, None) if self.linear else None
 
     def __call__(self, model, batch: LayoutBatch, ref_logps: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         if ref_logps is None:  # reference-free losses: an implicit zero reference
