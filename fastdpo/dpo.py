@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import validation as V
-from .logps import _check_options, layout_stats, token_layout
+from .logps import layout_stats, token_layout
 from .losses import LossConfig
 from .objective import loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
@@ -87,7 +87,7 @@ def fused_dpo_loss(
     if cu_seqlens is not None:
         rows = check_cu_seqlens(cu_seqlens, policy_logits.shape, policy_logits)
     V.check_pairs(rows, "cu_seqlens" if cu_seqlens is not None else "policy_logits")
-    _check_options(temperature, softcap)
+    V.check_scores(temperature, softcap)
     if ref_logits is not None:
         V.check_logits(ref_logits, "ref_logits")
         if ref_logits.shape != policy_logits.shape:

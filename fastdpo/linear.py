@@ -48,7 +48,7 @@ from torch import nn
 
 from . import validation as V
 from .linear_ops import linear_logps, linear_logps_grad_in_forward
-from .logps import SequenceStats, TokenLayout, _check_options, build_layout
+from .logps import SequenceStats, TokenLayout, build_layout
 from .losses import LossConfig
 from .objective import grad_in_forward_spec, loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
@@ -85,8 +85,6 @@ def linear_sequence_stats(
     vocab_chunk_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
     grad_spec: tuple[str, torch.Tensor] | None = None,
-    prefix: str = "",
-    layout: TokenLayout | None = None,
     log_sum_sq: bool = False,
 ) -> SequenceStats:
     """Validate, then run the fused linear pass: per-row log-probs, counts and, on request, score
@@ -94,23 +92,47 @@ def linear_sequence_stats(
     (`token_metrics`) and the sums of log sum_v p_v^2 that WPO's weights need (`log_sum_sq`), all
     from the same chunks of logits.
 
-    `grad_spec` = (loss spec, reference rows) selects the grad-in-forward op for that loss.
-    `layout` is the labels' prepared TokenLayout when the caller shares it between two passes.
+    `grad_spec` = (`LossConfig.encode()`, reference rows) selects the grad-in-forward op for that loss.
     """
-    hidden, weight, bias = V.check_linear(hidden, weight, bias, prefix)
+    hidden, weight, bias = V.check_linear(hidden, weight, bias)
     V.check_labels(labels, hidden.shape[:2], mask)
     V.check_same_device(hidden, labels=labels, mask=mask)
-    _check_options(temperature, softcap)
+    V.check_scores(temperature, softcap)
+    pass_options = _pass_options(temperature, softcap, chunk_size, vocab_chunk_size)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, hidden.shape, hidden)
+    layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    return _linear_pass(hidden, weight, bias, layout, pass_options, sum_scores=sum_scores,
+                        token_metrics=token_metrics, grad_spec=grad_spec, log_sum_sq=log_sum_sq)
+
+
+def _pass_options(temperature: float, softcap: float | None, chunk_size: int | None,
+                  vocab_chunk_size: int | None) -> tuple[float, float | None, int, int]:
+    """(1 / temperature, softcap, chunk tokens, vocabulary slab) as the ops take them (0 = default)."""
     chunk = _size_or_default(chunk_size, "chunk_size", "tokens")
     vocab_chunk = _size_or_default(vocab_chunk_size, "vocab_chunk_size", "vocabulary rows")
-    if layout is None:
-        layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index,
-                              cu_seqlens=cu_seqlens)
-    flat, offsets, counts = layout.labels, layout.offsets, layout.counts
+    return 1.0 / temperature, softcap, chunk, vocab_chunk
+
+
+def _linear_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    layout: TokenLayout,
+    pass_options: tuple[float, float | None, int, int],
+    *,
+    sum_scores: bool = False,
+    token_metrics: bool = False,
+    grad_spec: tuple[str, torch.Tensor] | None = None,
+    log_sum_sq: bool = False,
+) -> SequenceStats:
+    """The fused linear pass on inputs the caller checked, for a prepared layout."""
     B, T, H = hidden.shape
     flat_hidden = hidden.reshape(B * T, H)
     want = _wants_grad(hidden, weight, bias)
-    args = (1.0 / temperature, softcap, sum_scores, token_metrics, chunk, vocab_chunk)
+    inv_temp, softcap, chunk, vocab_chunk = pass_options
+    args = (inv_temp, softcap, sum_scores, token_metrics, chunk, vocab_chunk)
+    flat, offsets = layout.labels, layout.offsets
     if grad_spec is not None and any(want):
         spec, ref_rows = grad_spec
         logps, zsum, ent, top1, _lse, lss, *_ = linear_logps_grad_in_forward(
@@ -121,7 +143,7 @@ def linear_sequence_stats(
     def detached(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
         return x.detach() if wanted else None
 
-    return SequenceStats(logps=logps, counts=counts, score_sums=detached(zsum, sum_scores),
+    return SequenceStats(logps=logps, counts=layout.counts, score_sums=detached(zsum, sum_scores),
                          entropy_sums=detached(ent, token_metrics), top1_counts=detached(top1, token_metrics),
                          log_sum_sq_sums=detached(lss, log_sum_sq))
 
@@ -269,22 +291,18 @@ def fused_linear_dpo_loss(
     V.check_pairs(rows, "hidden" if cu_seqlens is None else "cu_seqlens")
     V.check_labels(labels, hidden.shape[:2], mask)  # policy inputs first, before the reference pass
     V.check_same_device(hidden, labels=labels, mask=mask)
-    # Labels, mask and rows are checked and prepared once, for the policy and reference passes.
-    layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    common = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                  chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, cu_seqlens=cu_seqlens, layout=layout)
+    V.check_scores(temperature, softcap)
+    pass_options = _pass_options(temperature, softcap, chunk_size, vocab_chunk_size)
     reference = _reference_linear(ref_hidden, ref_weight, ref_bias, weight, bias, hidden)
+    # Every input is checked above, once; labels, mask and rows are prepared once, for both passes.
+    layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     ref_pass = None
     if reference is not None:
-        r_hidden, r_weight, r_bias = reference
-        ref_pass = lambda: linear_sequence_stats(  # noqa: E731
-            r_hidden, r_weight, labels, bias=r_bias, prefix="ref_", **common
-        ).logps
+        ref_pass = lambda: _linear_pass(*reference, layout, pass_options).logps  # noqa: E731
     ref = resolve_reference(cfg, rows, hidden, ref_logps, reference_free, ref_pass)
     spec = grad_in_forward_spec(cfg, grad_in_forward)
-    policy = linear_sequence_stats(hidden, weight, labels, bias=bias, sum_scores=return_metrics,
-                                   grad_spec=None if spec is None else (spec, ref), log_sum_sq=cfg.use_weighting,
-                                   **common)
+    policy = _linear_pass(hidden, weight, bias, layout, pass_options, sum_scores=return_metrics,
+                          grad_spec=None if spec is None else (spec, ref), log_sum_sq=cfg.use_weighting)
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
                           vocab=weight.shape[0], return_metrics=return_metrics,
                           return_rows=return_rows, pair_weights=policy_weights(policy, cfg))

@@ -73,6 +73,7 @@ def reference_dpo_loss(
     V.check_labels(labels, policy_logits.shape[:2], mask)
     rows = policy_logits.shape[0]
     V.check_pairs(rows, "policy_logits")
+    V.check_scores(temperature, softcap)
     V.token_labels(labels, mask, ignore_index, policy_logits.shape[-1])  # same range errors as the fused path
     opts = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap)
     ref_pass = None if ref_logits is None else (lambda: reference_sequence_logps(ref_logits, labels, **opts))
