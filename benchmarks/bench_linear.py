@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import fastdpo  # noqa: E402
-from fastdpo.reference import reference_sequence_logps  # noqa: E402
+from fastdpo.eager import eager_sequence_logps  # noqa: E402
 
 BETA = 0.1
 
@@ -76,7 +76,7 @@ def dpo_from_logps(logps: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def eager_logps(h, w, y, m):
     """The method fastdpo replaces: the full logits, then fp32 log_softmax, gather, masked sum."""
-    return reference_sequence_logps(h @ w.t(), y, mask=m)
+    return eager_sequence_logps(h @ w.t(), y, mask=m)
 
 
 def liger_impl() -> dict | None:

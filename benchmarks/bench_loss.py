@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import fastdpo  # noqa: E402
-from fastdpo.reference import reference_sequence_logps  # noqa: E402
+from fastdpo.eager import eager_sequence_logps  # noqa: E402
 
 BETA = 0.1
 
@@ -68,10 +68,10 @@ def implementations(only: set[str] | None) -> dict[str, dict[str, Callable]]:
         return lambda x, y, m, r: torch.autograd.grad(loss_fn(x, y, m, r), x)[0]
 
     def eager_loss(x, y, m, r):  # the method fastdpo replaces, without input checks (they break graphs)
-        return dpo_from_logps(reference_sequence_logps(x, y, mask=m), r)
+        return dpo_from_logps(eager_sequence_logps(x, y, mask=m), r)
 
     def eager_logps(x, y, m):
-        return reference_sequence_logps(x, y, mask=m)
+        return eager_sequence_logps(x, y, mask=m)
 
     impls = {
         "eager": {"step": grad_of(eager_loss), "ref": eager_logps},

@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import validation as V
 from .logps import layout_stats, token_layout
 from .losses import LossConfig
-from .objective import loss_from_rows, policy_weights, resolve_reference
+from .objective import LossModule, loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
 
 
@@ -110,26 +109,43 @@ def fused_dpo_loss(
                           return_rows=return_rows, pair_weights=policy_weights(policy, cfg))
 
 
-class FusedDPOLoss(nn.Module):
-    """Module form of :func:`fused_dpo_loss`; keyword options are fixed at construction."""
+class FusedDPOLoss(LossModule):
+    """Module form of :func:`fused_dpo_loss`: the keyword options are fixed at construction,
+    the tensors go to ``forward`` (with any option overridden for that call).
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        LossConfig(**{k: v for k, v in options.items() if k not in _CALL_KEYS})  # fail early on bad options
-        self.options = options
+        loss_fn = FusedDPOLoss(beta=0.1, loss_type="sigmoid")
+        loss = loss_fn(policy_logits, labels, ref_logps, mask=mask)
+    """
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        logps_reduction: str = "sum",
+        ignore_index: int = -100,
+        reference_free: bool = False,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        inplace_backward: bool = False,
+        return_metrics: bool = False,
+        return_rows: bool = False,
+        **loss_options: Any,
+    ) -> None:
+        super().__init__(locals())
 
     def forward(
         self,
         policy_logits: torch.Tensor,
         labels: torch.Tensor,
         ref_logps: torch.Tensor | None = None,
+        *,
+        ref_logits: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **overrides: Any,
     ) -> torch.Tensor | tuple:
-        return fused_dpo_loss(policy_logits, labels, ref_logps, **{**self.options, **overrides})
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-_CALL_KEYS = {"ref_logits", "mask", "ignore_index", "reference_free", "temperature", "softcap",
-              "inplace_backward", "return_metrics", "return_rows", "cu_seqlens"}
+        return fused_dpo_loss(policy_logits, labels, ref_logps, ref_logits=ref_logits, mask=mask, cu_seqlens=cu_seqlens,
+                              **{**self.options, **overrides})

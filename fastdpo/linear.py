@@ -44,13 +44,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import validation as V
 from .linear_ops import linear_logps, linear_logps_grad_in_forward
 from .logps import SequenceStats, TokenLayout, build_layout
 from .losses import LossConfig
-from .objective import grad_in_forward_spec, loss_from_rows, policy_weights, resolve_reference
+from .objective import LossModule, grad_in_forward_spec, loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
 
 
@@ -308,17 +307,34 @@ def fused_linear_dpo_loss(
                           return_rows=return_rows, pair_weights=policy_weights(policy, cfg))
 
 
-class FusedLinearDPOLoss(nn.Module):
-    """Module form of :func:`fused_linear_dpo_loss`; keyword options are fixed at construction.
+class FusedLinearDPOLoss(LossModule):
+    """Module form of :func:`fused_linear_dpo_loss`: the keyword options are fixed at construction,
+    the tensors go to ``forward`` (with any option overridden for that call).
 
         loss_fn = FusedLinearDPOLoss(beta=0.1)
         loss = loss_fn(hidden, model.lm_head.weight, labels, ref_logps)
     """
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        LossConfig(**{k: v for k, v in options.items() if k not in _CALL_KEYS})  # fail early on bad options
-        self.options = options
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        logps_reduction: str = "sum",
+        ignore_index: int = -100,
+        reference_free: bool = False,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        return_metrics: bool = False,
+        return_rows: bool = False,
+        chunk_size: int | None = None,
+        vocab_chunk_size: int | None = None,
+        grad_in_forward: bool | None = None,
+        **loss_options: Any,
+    ) -> None:
+        super().__init__(locals())
 
     def forward(
         self,
@@ -326,14 +342,15 @@ class FusedLinearDPOLoss(nn.Module):
         weight: torch.Tensor,
         labels: torch.Tensor,
         ref_logps: torch.Tensor | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **overrides: Any,
     ) -> torch.Tensor | tuple:
-        return fused_linear_dpo_loss(hidden, weight, labels, ref_logps, **{**self.options, **overrides})
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-_CALL_KEYS = {"bias", "ref_hidden", "ref_weight", "ref_bias", "mask", "ignore_index", "reference_free",
-              "temperature", "softcap", "return_metrics", "return_rows", "chunk_size", "vocab_chunk_size",
-              "cu_seqlens", "grad_in_forward"}
+        return fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=bias, ref_hidden=ref_hidden,
+                                     ref_weight=ref_weight, ref_bias=ref_bias, mask=mask, cu_seqlens=cu_seqlens,
+                                     **{**self.options, **overrides})

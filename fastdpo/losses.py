@@ -99,8 +99,8 @@ class PairLogps:
         return self.rejected_logp - self.ref_rejected_logp
 
     @property
-    def logits(self) -> torch.Tensor:
-        """d = (c - c0) - (r - r0), the DPO margin before beta."""
+    def margin(self) -> torch.Tensor:
+        """d = (c - c0) - (r - r0), the DPO margin before beta (what TRL's DPO loss calls `logits`)."""
         return self.chosen_logratios - self.rejected_logratios
 
     # Length-normalized quantities divide by the completion-token count, clamped to 1 so that a row
@@ -174,7 +174,7 @@ def f_scores(logratios: torch.Tensor, cfg: "LossConfig") -> torch.Tensor:
 def score_margin(p: "PairLogps", cfg: "LossConfig") -> torch.Tensor:
     """f'(c) - f'(r): the margin d for the default reverse KL, its f-divergence form otherwise."""
     if cfg.f_divergence_type == "reverse_kl":
-        return p.logits
+        return p.margin
     return f_scores(p.chosen_logratios, cfg) - f_scores(p.rejected_logratios, cfg)
 
 
@@ -565,7 +565,7 @@ def apo_down_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
 
     sigmoid(beta dc) + 1 - sigmoid(beta d).
     """
-    return torch.sigmoid(cfg.beta * p.chosen_logratios) + 1 - torch.sigmoid(cfg.beta * p.logits)
+    return torch.sigmoid(cfg.beta * p.chosen_logratios) + 1 - torch.sigmoid(cfg.beta * p.margin)
 
 
 @register("discopop", check=_check_discopop, f_divergence=True)

@@ -11,10 +11,13 @@ kernel: it imports only the loss registry and the metrics, never an op module.
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import Callable, Protocol
+from dataclasses import fields
+from typing import Any, Callable, Protocol
 
 import torch
+from torch import nn
 
 from . import validation as V
 from .losses import COUPLED_LOSSES, LossConfig, PairLogps, preference_loss, wpo_weights
@@ -129,3 +132,27 @@ def loss_gradient(spec: str, ref_rows: torch.Tensor, counts: torch.Tensor):
         return g if g is not None else torch.zeros_like(rows)
 
     return grad
+
+
+class LossModule(nn.Module):
+    """A loss function as a torch Module: its keyword options fixed at construction, the tensors (and
+    any per-call override of an option) given to forward. Subclasses declare the options in their
+    ``__init__`` signature, so that help() and editors show them, and pass ``locals()`` here."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        super().__init__()
+        options = {k: v for k, v in options.items() if k not in ("self", "__class__")}
+        options.update(options.pop("loss_options", {}))
+        LossConfig(**{k: v for k, v in options.items() if k in _LOSS_FIELDS or k not in _declared(type(self))})
+        self.options = options  # checked above: a bad option fails here, not at the first call
+
+    def extra_repr(self) -> str:
+        defaults = {name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()}
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k not in defaults or defaults[k] != v)
+
+
+_LOSS_FIELDS = frozenset(f.name for f in fields(LossConfig) if f.init)
+
+
+def _declared(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters)

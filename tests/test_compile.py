@@ -11,7 +11,7 @@ from torch._dynamo.backends.registry import lookup_backend
 
 import fastdpo
 import fastdpo.linear_chunks
-from reference64 import assert_close_rel
+from oracle64 import assert_close_rel
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from fastdpo import fused_dpo_loss, fused_linear_dpo_loss
 from fastdpo.linear import linear_sequence_stats
 from fastdpo.logps import sequence_stats
 from fastdpo.losses import LossConfig
-from reference64 import scores64, seq_logps64
+from oracle64 import scores64, seq_logps64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdpo
-from reference64 import CONFIDENT_GAPS, assert_close_rel, confident_logits, not_label_mass64
+from oracle64 import CONFIDENT_GAPS, assert_close_rel, confident_logits, not_label_mass64
 
 
 def logps64_chunked(logits, labels, mask, rows=256):

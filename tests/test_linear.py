@@ -7,7 +7,7 @@ import torch
 
 import fastdpo
 import fastdpo.linear_chunks
-from reference64 import (CONFIDENT_GAPS, assert_close_rel, confident_logits, dpo_sigmoid64, scores64, seq_logps64,
+from oracle64 import (CONFIDENT_GAPS, assert_close_rel, confident_logits, dpo_sigmoid64, scores64, seq_logps64,
                          valid_mask)
 
 GRAD_MODES = {"grad_in_forward": True, "recompute": False}

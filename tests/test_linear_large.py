@@ -11,7 +11,7 @@ import torch
 
 import fastdpo
 import fastdpo.linear_chunks
-from reference64 import assert_close_rel
+from oracle64 import assert_close_rel
 from test_linear import assert_rel_to_max
 
 HAS_CUDA = torch.cuda.is_available()
