@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import fastdpo  # noqa: E402
-from fastdpo.eager import eager_sequence_logps  # noqa: E402
+from fastdpo.eager import chunked_logps64, eager_sequence_logps  # noqa: E402
 
 BETA = 0.1
 
@@ -253,19 +253,6 @@ def implementations(only: list[str] | None, lean: list[tuple[int, int]], chunk: 
     return {k: impls[k] for k in picked}
 
 
-def exact_logps64(hidden, weight, labels, mask, rows=512):
-    """Float64 per-row log-probs of the (already rounded) inputs, a few hundred tokens at a time."""
-    B, T, _ = hidden.shape
-    w = weight.double()
-    out = torch.zeros(B, dtype=torch.float64, device=hidden.device)
-    for b in range(B):
-        for t0 in range(0, T, rows):
-            s = hidden[b, t0 : t0 + rows].double() @ w.t()
-            lp = s.gather(1, labels[b, t0 : t0 + rows, None]).squeeze(1) - torch.logsumexp(s, 1)
-            out[b] += (lp * mask[b, t0 : t0 + rows]).sum()
-    return out
-
-
 def fp32_grads(hidden, weight, labels, mask, ref):
     """Gradients of the eager loss on fp32 copies of the inputs: the yardstick for gradient error."""
     h, w = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
@@ -294,7 +281,7 @@ def bench_shape(name, P, T, H, V, impls, args, device, rate, on_result=None) -> 
     def yardstick(key: str):
         if key not in yardsticks:
             if key == "exact":
-                yardsticks[key] = exact_logps64(hidden.detach(), weight.detach(), labels, mask)
+                yardsticks[key] = chunked_logps64(hidden.detach(), labels, mask, weight.detach(), rows=512)
             else:  # Liger takes no precomputed reference log-probs (use_ref_model=False: a zero reference)
                 r = torch.zeros_like(ref) if key == "grads_zero_ref" else ref
                 yardsticks[key] = fp32_grads(hidden, weight, labels, mask, r)

@@ -113,3 +113,27 @@ def eager_dpo_loss(
     return loss_from_rows(logps, ref, counts, cfg, score_sums=score_sums,
                           vocab=policy_logits.shape[-1], return_metrics=return_metrics,
                           return_rows=return_rows, pair_weights=weights)
+
+
+@torch.no_grad()
+def chunked_logps64(
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    rows: int = 256,
+) -> torch.Tensor:
+    """Float64 per-row log-prob sums [B] of logits [B, T, V] (or of ``inputs @ weight.T`` for hidden
+    states [B, T, H]), `rows` positions at a time so that it fits beside large inputs: the yardstick
+    of the large-shape tests and of the benchmarks' error columns. No temperature, softcap or bias."""
+    B, T = labels.shape
+    w = weight.double() if weight is not None else None
+    out = torch.zeros(B, dtype=torch.float64, device=inputs.device)
+    for b in range(B):
+        for t0 in range(0, T, rows):
+            s = inputs[b, t0 : t0 + rows].double()
+            if w is not None:
+                s = s @ w.t()
+            lp = s.gather(1, labels[b, t0 : t0 + rows, None].long()).squeeze(1) - torch.logsumexp(s, 1)
+            out[b] += (lp * mask[b, t0 : t0 + rows]).sum()
+    return out
