@@ -227,6 +227,26 @@ def test_grad_in_forward_single_backward(device):
     assert_rel_to_max(h2.grad, 2 * h.grad, 1e-6, "twice the gradient")
 
 
+def test_grad_in_forward_guard_is_fastdpo_own(device):
+    """The op's own guard: a second finish of the same gradients (what a second backward through a
+    compiled graph reaches, past autograd's version check) raises fastdpo's error, not a wrong gradient."""
+    import fastdpo.linear_ops as ops
+    from fastdpo.logps import build_layout
+
+    hidden, weight, b, labels, mask = make_batch(1, 4, 8, 17, torch.float32, device)
+    layout = build_layout(hidden, labels, 17, mask=mask, ignore_index=-100, cu_seqlens=None)
+    flat = hidden.reshape(-1, 8)
+    spec = fastdpo.LossConfig().encode()
+    out = ops.linear_logps_grad_in_forward(flat, weight, None, layout.labels, layout.offsets, torch.zeros(2), spec,
+                                           1.0, None, False, False, 0, 0, True, True, False)
+    lse, guess, used, dh, dw, db = out[4], out[6], out[7], out[8], out[9], out[10]
+    finish = (guess, used, dh, dw, db, flat, weight, None, layout.labels, layout.offsets, lse, 1.0, None, 0, 0)
+    ops.linear_logps_finish_(torch.ones_like(guess), *finish)
+    assert used.item() == 1
+    with pytest.raises(RuntimeError, match="supports one backward per call"):
+        ops.linear_logps_finish_(torch.ones_like(guess), *finish)
+
+
 def test_frozen_lm_head(backend, device):
     """LoRA-style: only hidden requires grad; weight and bias get none."""
     hidden, weight, b, labels, mask = make_batch(2, 5, 8, 23, torch.float32, device)
