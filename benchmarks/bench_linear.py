@@ -1,7 +1,7 @@
 """Benchmark fused linear DPO (hidden states + lm_head in): fastdpo vs eager, torch.compile, Liger, CCE,
 PyTorch's chunked linear_cross_entropy and TRL's chunked log-probs.
 
-    python benchmarks/bench_linear.py                   # shapes A, B, C of ANCHORS.md on the GPU
+    python benchmarks/bench_linear.py                   # shapes A, B, C of common.SHAPES on the GPU
     python benchmarks/bench_linear.py --no-mask         # every token is a completion token
     python benchmarks/bench_linear.py --shape 4,2048,3584,151936 --impls fastdpo,compile
     python benchmarks/bench_linear.py --device cpu      # smoke test on a tiny shape
@@ -24,7 +24,7 @@ time and memory as ratios to `--baseline` (torch-lce).
 For each shape: the policy step (DPO loss forward + gradients of hidden and weight) and the
 reference pass (per-row log-probs, no grad). Reports median time, extra peak memory (gradients
 included, inputs not), the FLOP floor 6·N·H·V over all tokens at the bf16 matmul rate measured in
-this run (as ANCHORS.md), the FLOPs each implementation actually does (6 or 8 per valid or per
+this run (as the anchor measurements do), the FLOPs each implementation actually does (6 or 8 per valid or per
 token, see `FLOPS`) as a fraction of that rate, the per-row log-prob error against float64 and the
 gradient error against fp32. Writes JSON, a Markdown table and a PNG plot to --out.
 """
@@ -287,7 +287,7 @@ def bench_shape(name, P, T, H, V, impls, args, device, rate, on_result=None) -> 
                 yardsticks[key] = fp32_grads(hidden, weight, labels, mask, r)
         return yardsticks[key]
 
-    floor = 6 * N * H * V / rate * 1e3  # ANCHORS.md's floor: every token, 6NHV
+    floor = 6 * N * H * V / rate * 1e3  # the anchor floor: every token, 6NHV
     results = []
     for impl, fns in impls.items():
         for mode, key in (("fwd+bwd", "step"), ("fwd", "ref")):

@@ -33,8 +33,8 @@ adds into dH and dW from every tile; measured beside this path (README) they are
 slower exact, which is why the matmuls here are cuBLAS chunks.
 
 Why no mode that keeps chunk logits from the forward to the backward: it saves the recomputation
-only for the chunks it keeps, so 6 N H V needs all valid logits kept (1.3 GB more at ANCHORS.md's
-shape A, 2.4 GB with the gradients), while grad_in_forward reaches 6 N H V holding one chunk.
+only for the chunks it keeps, so 6 N H V needs all valid logits kept (1.3 GB more at shape A of
+benchmarks/common.py, 2.4 GB with the gradients), while grad_in_forward reaches 6 N H V holding one chunk.
 Keeping logits would only pay for losses that couple pairs (aot), which are rare.
 (N counts valid tokens throughout: masked ones never reach a matmul.)
 """

@@ -1,6 +1,6 @@
 """Large shapes on a GPU (collected only when CUDA is present; see conftest.py).
 
-ANCHORS.md's shapes A and C, N * V > 2^31, long rows and a 262144 vocabulary, against a float64
+The shapes A and C of benchmarks/common.py (Llama-3-8B and Qwen2.5-7B heads), N * V > 2^31, long rows and a 262144 vocabulary, against a float64
 reference computed chunk by chunk so that it fits next to the inputs.
 """
 

@@ -211,12 +211,6 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("--share-prompt runs pairs padding-free; it conflicts with --no-padding-free")
     if cfg.inplace_backward and cfg.loss_impl != "fused":
         raise ConfigError("--inplace-backward applies to --loss-impl fused only")
-    if cfg.loss_impl == "fused_linear":
-        import fastdpo
-
-        if not hasattr(fastdpo, "fused_linear_dpo_loss"):
-            raise ConfigError("--loss-impl fused_linear needs fastdpo.fused_linear_dpo_loss, which this "
-                              "fastdpo build does not have; use --loss-impl fused")
 
 
 def _choice(cfg: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
