@@ -352,7 +352,7 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
         fastdpo_mode: "logits" (from-logits kernel on the completion positions) or "linear"
             (fused linear: hidden states and lm_head weight, the logits are never built).
         fastdpo_token_metrics: also log TRL's `entropy` and `mean_token_accuracy` (and, in "linear"
-            mode, `logits/*`), at the cost of one extra no-grad pass over the scores.
+            mode, `logits/*`), from the same kernel pass as the log-probs (no extra pass over the scores).
         fastdpo_inplace_backward: in "logits" mode, write the logits gradient over the logits.
         share_prompt: run each pair as one sequence [prompt, chosen, rejected] (the prompt computed
             once; needs sdpa, eager or flex attention). Implies padding-free batches.
