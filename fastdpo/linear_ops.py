@@ -127,14 +127,18 @@ def _backward_recompute(ctx, grad_rows, *_grads_of_detached):
     hidden, weight, bias, labels, offsets, lse = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
     if grad_rows is None or not any(want):
-        return (None,) * 12
+        return _input_grads(ctx)
     dh, dw, db = linear_logps_backward(grad_rows, hidden, weight, bias, labels, offsets, lse, *ctx.opts,
                                        want[0], want[1], want[2] and bias is not None)
-    return _pick(want, dh, dw, db) + (None,) * 9
+    return _input_grads(ctx, dh, dw, db)
 
 
-def _pick(want, dh, dw, db):
-    return (dh if want[0] else None, dw if want[1] else None, db if want[2] else None)
+def _input_grads(ctx, dh=None, dw=None, db=None) -> tuple:
+    """One gradient per op input, as autograd wants: hidden, weight and bias where asked for, None
+    for every other input (their number read from the op's inputs, not counted by hand)."""
+    want = ctx.needs_input_grad
+    grads = (dh if want[0] else None, dw if want[1] else None, db if want[2] else None)
+    return grads + (None,) * (len(want) - len(grads))
 
 
 linear_logps.register_autograd(_backward_recompute, setup_context=_setup_recompute)
@@ -297,13 +301,12 @@ def _setup_grad_in_forward(ctx, inputs, output):
 
 def _backward_grad_in_forward(ctx, grad_rows, *_unused):
     hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db = ctx.saved_tensors
-    want = ctx.needs_input_grad[:3]
-    if not any(want):
-        return (None,) * 17
+    if not any(ctx.needs_input_grad[:3]):
+        return _input_grads(ctx)
     if grad_rows is None:
         grad_rows = torch.zeros_like(guess)
     linear_logps_finish_(grad_rows, guess, used, dh, dw, db, hidden, weight, bias, labels, offsets, lse, *ctx.opts)
-    return _pick(want, dh, dw, db) + (None,) * 14
+    return _input_grads(ctx, dh, dw, db)
 
 
 linear_logps_grad_in_forward.register_autograd(_backward_grad_in_forward, setup_context=_setup_grad_in_forward)

@@ -95,13 +95,11 @@ def _setup_token_logps(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 
-_NO_GRADS = (None,) * 8  # labels and the seven options
-
-
 def _backward_token_logps(ctx, grad_logp, *_grads_of_metrics):
     logits, labels, lse = ctx.saved_tensors
+    no_grads = (None,) * (len(ctx.needs_input_grad) - 1)  # labels and the options
     if grad_logp is None:
-        return (None, *_NO_GRADS)
+        return (None, *no_grads)
     grad_logp = grad_logp.contiguous()
     if ctx.inplace:
         # Reuses the logits' storage for their gradient. The op declares the mutation, so autograd
@@ -110,7 +108,7 @@ def _backward_token_logps(ctx, grad_logp, *_grads_of_metrics):
         grad = logits
     else:
         grad = token_logps_backward_op(logits, labels, lse, grad_logp, ctx.inv_temp, ctx.softcap)
-    return (grad, *_NO_GRADS)
+    return (grad, *no_grads)
 
 
 token_logps_op.register_autograd(_backward_token_logps, setup_context=_setup_token_logps)
