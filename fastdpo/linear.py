@@ -85,6 +85,7 @@ def linear_sequence_stats(
     cu_seqlens: torch.Tensor | None = None,
     grad_spec: tuple[str, torch.Tensor] | None = None,
     log_sum_sq: bool = False,
+    layout: TokenLayout | None = None,
 ) -> SequenceStats:
     """Validate, then run the fused linear pass: per-row log-probs, counts and, on request, score
     sums (`sum_scores`), the entropy sums and top-1 counts of TRL's token metrics
@@ -92,15 +93,19 @@ def linear_sequence_stats(
     from the same chunks of logits.
 
     `grad_spec` = (`LossConfig.encode()`, reference rows) selects the grad-in-forward op for that loss.
+    `layout` is the labels' TokenLayout when the caller has prepared it (fastdpo.head); then
+    `mask`, `ignore_index` and `cu_seqlens` are not read.
     """
     hidden, weight, bias = V.check_linear(hidden, weight, bias)
     V.check_labels(labels, hidden.shape[:2], mask)
     V.check_same_device(hidden, labels=labels, mask=mask)
     V.check_scores(temperature, softcap)
     pass_options = _pass_options(temperature, softcap, chunk_size, vocab_chunk_size)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, hidden.shape, hidden)
-    layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    if layout is None:
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, hidden.shape, hidden)
+        layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index,
+                              cu_seqlens=cu_seqlens)
     return _linear_pass(hidden, weight, bias, layout, pass_options, sum_scores=sum_scores,
                         token_metrics=token_metrics, grad_spec=grad_spec, log_sum_sq=log_sum_sq)
 
