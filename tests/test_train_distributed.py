@@ -65,7 +65,13 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, case):
     one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for step in one:
-        for name in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm"):
+        names = ["loss", "rewards/margins", "logps/chosen", "grad_norm"]
+        # Accuracy counts the signs of per-pair margins; at the first step (policy = reference) the
+        # margins are rounding noise (a precomputed reference met other batch shapes), so their
+        # signs are only compared once the margins are clearly above it.
+        if abs(one[step]["rewards/margins"]) > 1e-3:
+            names.append("rewards/accuracies")
+        for name in names:
             assert two[step][name] == pytest.approx(one[step][name], rel=1e-4, abs=1e-6), (step, name)
     evals = [[r for r in read_metrics(d) if "eval_loss" in r] for d in (tmp_path / "one", tmp_path / "two")]
     assert [r["step"] for r in evals[1]] == [2, 4]  # 13 eval pairs: uneven shards, each pair counted once
