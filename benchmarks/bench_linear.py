@@ -1,7 +1,7 @@
 """Benchmark fused linear DPO (hidden states + lm_head in): fastdpo vs eager, torch.compile, Liger, CCE,
 PyTorch's chunked linear_cross_entropy and TRL's chunked log-probs.
 
-    python benchmarks/bench_linear.py                   # shapes A, B, C of ANCHORS.md on the GPU
+    python benchmarks/bench_linear.py                   # shapes A, B, C of common.SHAPES on the GPU
     python benchmarks/bench_linear.py --no-mask         # every token is a completion token
     python benchmarks/bench_linear.py --shape 4,2048,3584,151936 --impls fastdpo,compile
     python benchmarks/bench_linear.py --device cpu      # smoke test on a tiny shape
@@ -24,7 +24,7 @@ time and memory as ratios to `--baseline` (torch-lce).
 For each shape: the policy step (DPO loss forward + gradients of hidden and weight) and the
 reference pass (per-row log-probs, no grad). Reports median time, extra peak memory (gradients
 included, inputs not), the FLOP floor 6·N·H·V over all tokens at the bf16 matmul rate measured in
-this run (as ANCHORS.md), the FLOPs each implementation actually does (6 or 8 per valid or per
+this run (as the anchor measurements do), the FLOPs each implementation actually does (6 or 8 per valid or per
 token, see `FLOPS`) as a fraction of that rate, the per-row log-prob error against float64 and the
 gradient error against fp32. Writes JSON, a Markdown table and a PNG plot to --out.
 """
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import fastdpo  # noqa: E402
-from fastdpo.reference import reference_sequence_logps  # noqa: E402
+from fastdpo.eager import chunked_logps64, eager_sequence_logps  # noqa: E402
 
 BETA = 0.1
 
@@ -76,7 +76,7 @@ def dpo_from_logps(logps: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def eager_logps(h, w, y, m):
     """The method fastdpo replaces: the full logits, then fp32 log_softmax, gather, masked sum."""
-    return reference_sequence_logps(h @ w.t(), y, mask=m)
+    return eager_sequence_logps(h @ w.t(), y, mask=m)
 
 
 def liger_impl() -> dict | None:
@@ -253,19 +253,6 @@ def implementations(only: list[str] | None, lean: list[tuple[int, int]], chunk: 
     return {k: impls[k] for k in picked}
 
 
-def exact_logps64(hidden, weight, labels, mask, rows=512):
-    """Float64 per-row log-probs of the (already rounded) inputs, a few hundred tokens at a time."""
-    B, T, _ = hidden.shape
-    w = weight.double()
-    out = torch.zeros(B, dtype=torch.float64, device=hidden.device)
-    for b in range(B):
-        for t0 in range(0, T, rows):
-            s = hidden[b, t0 : t0 + rows].double() @ w.t()
-            lp = s.gather(1, labels[b, t0 : t0 + rows, None]).squeeze(1) - torch.logsumexp(s, 1)
-            out[b] += (lp * mask[b, t0 : t0 + rows]).sum()
-    return out
-
-
 def fp32_grads(hidden, weight, labels, mask, ref):
     """Gradients of the eager loss on fp32 copies of the inputs: the yardstick for gradient error."""
     h, w = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
@@ -294,13 +281,13 @@ def bench_shape(name, P, T, H, V, impls, args, device, rate, on_result=None) -> 
     def yardstick(key: str):
         if key not in yardsticks:
             if key == "exact":
-                yardsticks[key] = exact_logps64(hidden.detach(), weight.detach(), labels, mask)
+                yardsticks[key] = chunked_logps64(hidden.detach(), labels, mask, weight.detach(), rows=512)
             else:  # Liger takes no precomputed reference log-probs (use_ref_model=False: a zero reference)
                 r = torch.zeros_like(ref) if key == "grads_zero_ref" else ref
                 yardsticks[key] = fp32_grads(hidden, weight, labels, mask, r)
         return yardsticks[key]
 
-    floor = 6 * N * H * V / rate * 1e3  # ANCHORS.md's floor: every token, 6NHV
+    floor = 6 * N * H * V / rate * 1e3  # the anchor floor: every token, 6NHV
     results = []
     for impl, fns in impls.items():
         for mode, key in (("fwd+bwd", "step"), ("fwd", "ref")):

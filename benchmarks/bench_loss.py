@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import fastdpo  # noqa: E402
-from fastdpo.reference import reference_sequence_logps  # noqa: E402
+from fastdpo.eager import chunked_logps64, eager_sequence_logps  # noqa: E402
 
 BETA = 0.1
 
@@ -68,10 +68,10 @@ def implementations(only: set[str] | None) -> dict[str, dict[str, Callable]]:
         return lambda x, y, m, r: torch.autograd.grad(loss_fn(x, y, m, r), x)[0]
 
     def eager_loss(x, y, m, r):  # the method fastdpo replaces, without input checks (they break graphs)
-        return dpo_from_logps(reference_sequence_logps(x, y, mask=m), r)
+        return dpo_from_logps(eager_sequence_logps(x, y, mask=m), r)
 
     def eager_logps(x, y, m):
-        return reference_sequence_logps(x, y, mask=m)
+        return eager_sequence_logps(x, y, mask=m)
 
     impls = {
         "eager": {"step": grad_of(eager_loss), "ref": eager_logps},
@@ -100,25 +100,13 @@ def implementations(only: set[str] | None) -> dict[str, dict[str, Callable]]:
     return {k: v for k, v in impls.items() if only is None or k in only}
 
 
-def logps64(logits, labels, mask, rows=256):
-    """Float64 per-row log-probs, a few rows at a time so it fits beside the inputs."""
-    B, T, _ = logits.shape
-    out = torch.zeros(B, dtype=torch.float64, device=logits.device)
-    for b in range(B):
-        for t0 in range(0, T, rows):
-            s = logits[b, t0 : t0 + rows].double()
-            lp = s.gather(1, labels[b, t0 : t0 + rows, None]).squeeze(1) - torch.logsumexp(s, 1)
-            out[b] += (lp * mask[b, t0 : t0 + rows]).sum()
-    return out
-
-
 def bench_shape(name, P, T, V, impls, args, device, bandwidth) -> list[common.Result]:
     dtype = getattr(torch, args.dtype)
     logits = (4 * torch.randn(2 * P, T, V, device=device)).to(dtype).requires_grad_()
     labels = torch.randint(0, V, (2 * P, T), device=device)
     mask = common.anchor_masks(P, T, device, masked=not args.no_mask)
     ref = -200 * torch.rand(2 * P, device=device)
-    exact = logps64(logits.detach(), labels, mask)
+    exact = chunked_logps64(logits.detach(), labels, mask)
     pass_ms = logits.numel() * logits.element_size() / bandwidth * 1e3
     results = []
     for impl, fns in impls.items():

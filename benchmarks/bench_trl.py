@@ -136,11 +136,6 @@ def available(impl: str) -> str | None:
             import liger_kernel  # noqa: F401
         except ImportError:
             return "liger-kernel not installed"
-    if impl.startswith("fastdpo-linear"):
-        import fastdpo
-
-        if not hasattr(fastdpo, "linear_sequence_logps"):
-            return "this fastdpo has no linear_sequence_logps"
     return None
 
 

@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-SHAPES = {  # ANCHORS.md: name -> (hidden H, vocab V, pairs P, tokens per row T)
+SHAPES = {  # the anchor shapes: name -> (hidden H, vocab V, pairs P, tokens per row T)
+    # A: Llama-3-8B's head, B: a 32k vocabulary, C: Qwen2.5-7B's head
     "A": (4096, 128256, 4, 1024),
     "B": (4096, 32000, 8, 1024),
     "C": (3584, 151936, 4, 2048),
@@ -149,7 +150,7 @@ def matmul_rate(device: torch.device, n: int = 8192) -> float:
 
 
 def anchor_masks(P: int, T: int, device: torch.device, masked: bool = True) -> torch.Tensor:
-    """ANCHORS.md's masks: first T/4 tokens are prompt, plus random right padding up to T/4."""
+    """The anchor masks: first T/4 tokens are prompt, plus random right padding up to T/4."""
     mask = torch.ones(2 * P, T, dtype=torch.bool, device=device)
     if not masked:
         return mask
@@ -163,7 +164,7 @@ def anchor_masks(P: int, T: int, device: torch.device, masked: bool = True) -> t
 
 def add_common_args(p: argparse.ArgumentParser, shape_fields: str) -> None:
     """Flags every benchmark shares; `shape_fields` names the numbers of --shape, e.g. "P,T,V"."""
-    p.add_argument("--shapes", default=None, help="comma list of ANCHORS.md shapes (default A,B,C; tiny on CPU)")
+    p.add_argument("--shapes", default=None, help="comma list of SHAPES names (default A,B,C; tiny on CPU)")
     p.add_argument("--shape", action="append", default=[], help=f"custom {shape_fields} (repeatable)")
     p.add_argument("--impls", default=None, help="comma list (default: all available)")
     p.add_argument("--modes", default="fwd+bwd,fwd")
@@ -176,7 +177,7 @@ def add_common_args(p: argparse.ArgumentParser, shape_fields: str) -> None:
 
 
 def select_shapes(args: argparse.Namespace, device: torch.device, fields: str, tiny: tuple[int, ...]) -> dict:
-    """name -> shape tuple in `fields` order ("P,T,V" or "P,T,H,V"): ANCHORS.md shapes by name
+    """name -> shape tuple in `fields` order ("P,T,V" or "P,T,H,V"): SHAPES by name
     (A, B, C by default on a GPU), custom ones from --shape, or `tiny` on a CPU smoke test."""
     names = fields.split(",")
     shapes = {}

@@ -10,69 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import validation as V
-from .logps import _check_options, layout_stats, token_layout
-from .losses import LossConfig, PairLogps, preference_loss, wpo_weights
-from .metrics import preference_metrics, preference_rows
+from .logps import layout_stats, token_layout
+from .losses import LossConfig
+from .objective import LossModule, loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
-
-
-def resolve_reference(
-    cfg: LossConfig,
-    rows: int,
-    like: torch.Tensor,
-    ref_logps: torch.Tensor | None,
-    reference_free: bool,
-    ref_pass=None,
-) -> torch.Tensor:
-    """The reference's per-row log-probs [B]: given, computed by `ref_pass()`, or zeros."""
-    given = [name for name, x in (("ref_logps", ref_logps), ("the reference inputs", ref_pass)) if x is not None]
-    if len(given) > 1:
-        raise ValueError("pass either ref_logps or the reference inputs (ref_logits / ref_hidden), not both")
-    if reference_free and given:
-        raise ValueError(f"reference_free=True but {given[0]} was also given")
-    if ref_logps is not None:
-        V.check_row_vector(ref_logps, "ref_logps", rows)
-        V.check_same_device(like, ref_logps=ref_logps)
-        return ref_logps.detach()
-    if ref_pass is not None:
-        with torch.no_grad():
-            return ref_pass()
-    if cfg.needs_reference and not reference_free:
-        raise ValueError(
-            f"loss_type {cfg.loss_type!r} needs a reference: pass ref_logps or ref_logits "
-            "(or reference_free=True for an implicit uniform reference)"
-        )
-    return torch.zeros(rows, dtype=torch.float32, device=like.device)
-
-
-def loss_from_rows(
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    counts: torch.Tensor,
-    cfg: LossConfig,
-    *,
-    score_sums: torch.Tensor | None = None,
-    vocab: int = 0,
-    return_metrics: bool = False,
-    return_rows: bool = False,
-    pair_weights: torch.Tensor | None = None,
-) -> torch.Tensor | tuple:
-    """The loss from per-row log-prob sums laid out as [chosen; rejected], then the metrics dict if
-    `return_metrics` and the `PreferenceRows` if `return_rows` (a bare loss when neither).
-    `pair_weights` [P] are WPO's (read when cfg.use_weighting)."""
-    pairs = PairLogps.from_rows(logps, ref_logps, counts, cfg.logps_reduction, pair_weights)
-    loss = preference_loss(pairs, cfg)
-    if not (return_metrics or return_rows):
-        return loss
-    out: tuple = (loss,)
-    if return_metrics:
-        out += (preference_metrics(pairs, cfg, score_sums, vocab),)
-    if return_rows:
-        out += (preference_rows(pairs, cfg, counts),)
-    return out
 
 
 def fused_dpo_loss(
@@ -143,7 +86,7 @@ def fused_dpo_loss(
     if cu_seqlens is not None:
         rows = check_cu_seqlens(cu_seqlens, policy_logits.shape, policy_logits)
     V.check_pairs(rows, "cu_seqlens" if cu_seqlens is not None else "policy_logits")
-    _check_options(temperature, softcap)
+    V.check_scores(temperature, softcap)
     if ref_logits is not None:
         V.check_logits(ref_logits, "ref_logits")
         if ref_logits.shape != policy_logits.shape:
@@ -166,33 +109,43 @@ def fused_dpo_loss(
                           return_rows=return_rows, pair_weights=policy_weights(policy, cfg))
 
 
-def policy_weights(policy, cfg: LossConfig) -> torch.Tensor | None:
-    """WPO's per-pair weights from a policy pass run with `log_sum_sq=cfg.use_weighting`, else None."""
-    if not cfg.use_weighting:
-        return None
-    return wpo_weights(policy.logps, policy.log_sum_sq_sums, policy.counts)
+class FusedDPOLoss(LossModule):
+    """Module form of :func:`fused_dpo_loss`: the keyword options are fixed at construction,
+    the tensors go to ``forward`` (with any option overridden for that call).
 
+        loss_fn = FusedDPOLoss(beta=0.1, loss_type="sigmoid")
+        loss = loss_fn(policy_logits, labels, ref_logps, mask=mask)
+    """
 
-class FusedDPOLoss(nn.Module):
-    """Module form of :func:`fused_dpo_loss`; keyword options are fixed at construction."""
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        LossConfig(**{k: v for k, v in options.items() if k not in _CALL_KEYS})  # fail early on bad options
-        self.options = options
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        logps_reduction: str = "sum",
+        ignore_index: int = -100,
+        reference_free: bool = False,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        inplace_backward: bool = False,
+        return_metrics: bool = False,
+        return_rows: bool = False,
+        **loss_options: Any,
+    ) -> None:
+        super().__init__(locals())
 
     def forward(
         self,
         policy_logits: torch.Tensor,
         labels: torch.Tensor,
         ref_logps: torch.Tensor | None = None,
+        *,
+        ref_logits: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **overrides: Any,
     ) -> torch.Tensor | tuple:
-        return fused_dpo_loss(policy_logits, labels, ref_logps, **{**self.options, **overrides})
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-_CALL_KEYS = {"ref_logits", "mask", "ignore_index", "reference_free", "temperature", "softcap",
-              "inplace_backward", "return_metrics", "return_rows", "cu_seqlens"}
+        return fused_dpo_loss(policy_logits, labels, ref_logps, ref_logits=ref_logits, mask=mask, cu_seqlens=cu_seqlens,
+                              **{**self.options, **overrides})

@@ -33,25 +33,23 @@ adds into dH and dW from every tile; measured beside this path (README) they are
 slower exact, which is why the matmuls here are cuBLAS chunks.
 
 Why no mode that keeps chunk logits from the forward to the backward: it saves the recomputation
-only for the chunks it keeps, so 6 N H V needs all valid logits kept (1.3 GB more at ANCHORS.md's
-shape A, 2.4 GB with the gradients), while grad_in_forward reaches 6 N H V holding one chunk.
+only for the chunks it keeps, so 6 N H V needs all valid logits kept (1.3 GB more at shape A of
+benchmarks/common.py, 2.4 GB with the gradients), while grad_in_forward reaches 6 N H V holding one chunk.
 Keeping logits would only pay for losses that couple pairs (aot), which are rare.
 (N counts valid tokens throughout: masked ones never reach a matmul.)
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from . import validation as V
-from .dpo import loss_from_rows, policy_weights, resolve_reference
-from .linear_ops import linear_logps, linear_logps_grad_in_forward, loss_spec
-from .logps import SequenceStats, TokenLayout, _check_options, build_layout
-from .losses import COUPLED_LOSSES, LossConfig
+from .linear_ops import linear_logps, linear_logps_grad_in_forward
+from .logps import SequenceStats, TokenLayout, build_layout
+from .losses import LossConfig
+from .objective import LossModule, grad_in_forward_spec, loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
 
 
@@ -86,32 +84,59 @@ def linear_sequence_stats(
     vocab_chunk_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
     grad_spec: tuple[str, torch.Tensor] | None = None,
-    prefix: str = "",
-    layout: TokenLayout | None = None,
     log_sum_sq: bool = False,
+    layout: TokenLayout | None = None,
 ) -> SequenceStats:
     """Validate, then run the fused linear pass: per-row log-probs, counts and, on request, score
     sums (`sum_scores`), the entropy sums and top-1 counts of TRL's token metrics
     (`token_metrics`) and the sums of log sum_v p_v^2 that WPO's weights need (`log_sum_sq`), all
     from the same chunks of logits.
 
-    `grad_spec` = (loss spec, reference rows) selects the grad-in-forward op for that loss.
-    `layout` is the labels' prepared TokenLayout when the caller shares it between two passes.
+    `grad_spec` = (`LossConfig.encode()`, reference rows) selects the grad-in-forward op for that loss.
+    `layout` is the labels' TokenLayout when the caller has prepared it (fastdpo.head); then
+    `mask`, `ignore_index` and `cu_seqlens` are not read.
     """
-    hidden, weight, bias = V.check_linear(hidden, weight, bias, prefix)
+    hidden, weight, bias = V.check_linear(hidden, weight, bias)
     V.check_labels(labels, hidden.shape[:2], mask)
     V.check_same_device(hidden, labels=labels, mask=mask)
-    _check_options(temperature, softcap)
-    chunk = _size_or_default(chunk_size, "chunk_size", "tokens")
-    vocab_chunk = _size_or_default(vocab_chunk_size, "vocab_chunk_size", "vocabulary rows")
+    V.check_scores(temperature, softcap)
+    pass_options = _pass_options(temperature, softcap, chunk_size, vocab_chunk_size)
     if layout is None:
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, hidden.shape, hidden)
         layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index,
                               cu_seqlens=cu_seqlens)
-    flat, offsets, counts = layout.labels, layout.offsets, layout.counts
+    return _linear_pass(hidden, weight, bias, layout, pass_options, sum_scores=sum_scores,
+                        token_metrics=token_metrics, grad_spec=grad_spec, log_sum_sq=log_sum_sq)
+
+
+def _pass_options(temperature: float, softcap: float | None, chunk_size: int | None,
+                  vocab_chunk_size: int | None) -> tuple[float, float | None, int, int]:
+    """(1 / temperature, softcap, chunk tokens, vocabulary slab) as the ops take them (0 = default)."""
+    chunk = _size_or_default(chunk_size, "chunk_size", "tokens")
+    vocab_chunk = _size_or_default(vocab_chunk_size, "vocab_chunk_size", "vocabulary rows")
+    return 1.0 / temperature, softcap, chunk, vocab_chunk
+
+
+def _linear_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    layout: TokenLayout,
+    pass_options: tuple[float, float | None, int, int],
+    *,
+    sum_scores: bool = False,
+    token_metrics: bool = False,
+    grad_spec: tuple[str, torch.Tensor] | None = None,
+    log_sum_sq: bool = False,
+) -> SequenceStats:
+    """The fused linear pass on inputs the caller checked, for a prepared layout."""
     B, T, H = hidden.shape
     flat_hidden = hidden.reshape(B * T, H)
     want = _wants_grad(hidden, weight, bias)
-    args = (1.0 / temperature, softcap, sum_scores, token_metrics, chunk, vocab_chunk)
+    inv_temp, softcap, chunk, vocab_chunk = pass_options
+    args = (inv_temp, softcap, sum_scores, token_metrics, chunk, vocab_chunk)
+    flat, offsets = layout.labels, layout.offsets
     if grad_spec is not None and any(want):
         spec, ref_rows = grad_spec
         logps, zsum, ent, top1, _lse, lss, *_ = linear_logps_grad_in_forward(
@@ -122,7 +147,7 @@ def linear_sequence_stats(
     def detached(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
         return x.detach() if wanted else None
 
-    return SequenceStats(logps=logps, counts=counts, score_sums=detached(zsum, sum_scores),
+    return SequenceStats(logps=logps, counts=layout.counts, score_sums=detached(zsum, sum_scores),
                          entropy_sums=detached(ent, token_metrics), top1_counts=detached(top1, token_metrics),
                          log_sum_sq_sums=detached(lss, log_sum_sq))
 
@@ -168,24 +193,6 @@ def linear_sequence_logps(
         hidden, weight, labels, bias=bias, mask=mask, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, cu_seqlens=cu_seqlens,
     ).logps
-
-
-def _spec_for(cfg: LossConfig, options: dict[str, Any], grad_in_forward: bool | None) -> str | None:
-    """The loss as a string for the grad-in-forward op, or None to take the recompute path."""
-    if grad_in_forward is None:
-        grad_in_forward = not any(name in COUPLED_LOSSES for name in cfg.types)
-    if not grad_in_forward or not all(_literal(v) for v in options.values()):
-        return None
-    return loss_spec(options)
-
-
-def _literal(value: Any) -> bool:
-    """Values that survive repr -> ast.literal_eval (finite numbers, strings, lists of them)."""
-    if isinstance(value, (list, tuple)):
-        return all(_literal(v) for v in value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return value is None or isinstance(value, (bool, int, str))
 
 
 def _reference_linear(ref_hidden, ref_weight, ref_bias, weight, bias, hidden):
@@ -288,38 +295,51 @@ def fused_linear_dpo_loss(
     V.check_pairs(rows, "hidden" if cu_seqlens is None else "cu_seqlens")
     V.check_labels(labels, hidden.shape[:2], mask)  # policy inputs first, before the reference pass
     V.check_same_device(hidden, labels=labels, mask=mask)
-    # Labels, mask and rows are checked and prepared once, for the policy and reference passes.
-    layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    common = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                  chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, cu_seqlens=cu_seqlens, layout=layout)
+    V.check_scores(temperature, softcap)
+    pass_options = _pass_options(temperature, softcap, chunk_size, vocab_chunk_size)
     reference = _reference_linear(ref_hidden, ref_weight, ref_bias, weight, bias, hidden)
+    # Every input is checked above, once; labels, mask and rows are prepared once, for both passes.
+    layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     ref_pass = None
     if reference is not None:
-        r_hidden, r_weight, r_bias = reference
-        ref_pass = lambda: linear_sequence_stats(  # noqa: E731
-            r_hidden, r_weight, labels, bias=r_bias, prefix="ref_", **common
-        ).logps
+        ref_pass = lambda: _linear_pass(*reference, layout, pass_options).logps  # noqa: E731
     ref = resolve_reference(cfg, rows, hidden, ref_logps, reference_free, ref_pass)
-    spec = _spec_for(cfg, options, grad_in_forward)
-    policy = linear_sequence_stats(hidden, weight, labels, bias=bias, sum_scores=return_metrics,
-                                   grad_spec=None if spec is None else (spec, ref), log_sum_sq=cfg.use_weighting,
-                                   **common)
+    spec = grad_in_forward_spec(cfg, grad_in_forward)
+    policy = _linear_pass(hidden, weight, bias, layout, pass_options, sum_scores=return_metrics,
+                          grad_spec=None if spec is None else (spec, ref), log_sum_sq=cfg.use_weighting)
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
                           vocab=weight.shape[0], return_metrics=return_metrics,
                           return_rows=return_rows, pair_weights=policy_weights(policy, cfg))
 
 
-class FusedLinearDPOLoss(nn.Module):
-    """Module form of :func:`fused_linear_dpo_loss`; keyword options are fixed at construction.
+class FusedLinearDPOLoss(LossModule):
+    """Module form of :func:`fused_linear_dpo_loss`: the keyword options are fixed at construction,
+    the tensors go to ``forward`` (with any option overridden for that call).
 
         loss_fn = FusedLinearDPOLoss(beta=0.1)
         loss = loss_fn(hidden, model.lm_head.weight, labels, ref_logps)
     """
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__()
-        LossConfig(**{k: v for k, v in options.items() if k not in _CALL_KEYS})  # fail early on bad options
-        self.options = options
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        logps_reduction: str = "sum",
+        ignore_index: int = -100,
+        reference_free: bool = False,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        return_metrics: bool = False,
+        return_rows: bool = False,
+        chunk_size: int | None = None,
+        vocab_chunk_size: int | None = None,
+        grad_in_forward: bool | None = None,
+        **loss_options: Any,
+    ) -> None:
+        super().__init__(locals())
 
     def forward(
         self,
@@ -327,14 +347,15 @@ class FusedLinearDPOLoss(nn.Module):
         weight: torch.Tensor,
         labels: torch.Tensor,
         ref_logps: torch.Tensor | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **overrides: Any,
     ) -> torch.Tensor | tuple:
-        return fused_linear_dpo_loss(hidden, weight, labels, ref_logps, **{**self.options, **overrides})
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
-
-
-_CALL_KEYS = {"bias", "ref_hidden", "ref_weight", "ref_bias", "mask", "ignore_index", "reference_free",
-              "temperature", "softcap", "return_metrics", "return_rows", "chunk_size", "vocab_chunk_size",
-              "cu_seqlens", "grad_in_forward"}
+        return fused_linear_dpo_loss(hidden, weight, labels, ref_logps, bias=bias, ref_hidden=ref_hidden,
+                                     ref_weight=ref_weight, ref_bias=ref_bias, mask=mask, cu_seqlens=cu_seqlens,
+                                     **{**self.options, **overrides})

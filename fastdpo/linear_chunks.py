@@ -45,7 +45,7 @@ from .backend import get_backend
 from .packed import segment_sums
 
 # One chunk of logits (input dtype) stays near this many bytes unless a chunk size is given.
-# 512 MiB holds a whole pair of ANCHORS.md's shape A (2 x 1024 tokens x 128256, bf16), which the
+# 512 MiB holds a whole pair of shape A in benchmarks/common.py (2 x 1024 tokens x 128256, bf16), which the
 # grad-in-forward path needs for 6 N H V; a tuning knob, to be set by measurement.
 CHUNK_BYTES = 512 * 2**20
 
@@ -214,7 +214,7 @@ class Grads:
 
     hidden: torch.Tensor | None  # [N, H], zero on masked rows
     weight: torch.Tensor | None  # [V, H]
-    bias: torch.Tensor | None  # [V], accumulated in fp32 and cast by `finish`
+    bias: torch.Tensor | None  # [V] in the accumulation dtype; the op casts it to the bias dtype (linear_ops)
     weight_started: bool = False  # dW holds a first chunk of tokens (over the whole vocabulary)
 
     def add(self, dz: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,

@@ -7,8 +7,8 @@ flat labels [N] (-1 = masked) and row offsets [B + 1] to per-row log-prob sums [
   (``fastdpo::linear_logps_backward``) recomputes the logits chunk by chunk. Any loss. 8 Nv H V.
 - ``fastdpo::linear_logps_grad_in_forward``: also builds the gradients of hidden / weight / bias
   during the forward, with the loss gradient of each group of pairs as soon as that group is done
-  (the loss configuration travels as a string). Its backward (``..._finish_``) checks that the true
-  row gradient is that guess times a scalar (the upstream gradient of the loss) and scales the
+  (the loss configuration travels as `LossConfig.encode`'s string). Its backward (``..._finish_``)
+  checks that the true row gradient is that guess times a scalar (the upstream gradient of the loss) and scales the
   buffers in place; if not (a loss that couples pairs, a loss changed after the call), it
   recomputes them exactly as the first op would. 6 Nv H V.
 
@@ -18,7 +18,6 @@ launches run inside opaque calls whose output shapes the fake implementations gi
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import functools
 import warnings
@@ -27,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import linear_chunks as C
-from .losses import LossConfig, wpo_weights
+from .objective import loss_gradient
 
 Tensor = torch.Tensor
 
@@ -128,14 +127,18 @@ def _backward_recompute(ctx, grad_rows, *_grads_of_detached):
     hidden, weight, bias, labels, offsets, lse = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
     if grad_rows is None or not any(want):
-        return (None,) * 12
+        return _input_grads(ctx)
     dh, dw, db = linear_logps_backward(grad_rows, hidden, weight, bias, labels, offsets, lse, *ctx.opts,
                                        want[0], want[1], want[2] and bias is not None)
-    return _pick(want, dh, dw, db) + (None,) * 9
+    return _input_grads(ctx, dh, dw, db)
 
 
-def _pick(want, dh, dw, db):
-    return (dh if want[0] else None, dw if want[1] else None, db if want[2] else None)
+def _input_grads(ctx, dh=None, dw=None, db=None) -> tuple:
+    """One gradient per op input, as autograd wants: hidden, weight and bias where asked for, None
+    for every other input (their number read from the op's inputs, not counted by hand)."""
+    want = ctx.needs_input_grad
+    grads = (dh if want[0] else None, dw if want[1] else None, db if want[2] else None)
+    return grads + (None,) * (len(want) - len(grads))
 
 
 linear_logps.register_autograd(_backward_recompute, setup_context=_setup_recompute)
@@ -143,32 +146,21 @@ linear_logps.register_autograd(_backward_recompute, setup_context=_setup_recompu
 
 # ---- gradients in the forward, for losses whose pair gradients do not depend on other pairs ----
 
-def loss_spec(options: dict) -> str:
-    """The loss configuration as one string (a custom op argument); `loss_grad_fn` reads it back."""
-    return repr(sorted(options.items()))
-
-
 def loss_grad_fn(spec: str, ref_rows: Tensor, counts: Tensor):
-    """dLoss/dlogps [B] at given row log-probs (and, for WPO, the rows' sums of log sum_v p_v^2,
-    from which its detached weights follow), for the loss that `spec` describes."""
-    from .dpo import loss_from_rows  # dpo imports this package's logps; import late, no cycle
+    """`objective.loss_gradient` for the loss `spec` encodes, run with plain autograd inside the op;
+    None from a call means no gradient in the forward (the backward then recomputes)."""
+    grad = loss_gradient(spec, ref_rows, counts)
 
-    cfg = LossConfig(**dict(ast.literal_eval(spec)))
-
-    def grad(rows: Tensor, log_sum_sq_rows: Tensor | None = None) -> Tensor | None:
+    def guarded(rows: Tensor, log_sum_sq_rows: Tensor | None = None) -> Tensor | None:
         try:
             with _plain_autograd():
-                x = rows.detach().requires_grad_(True)
-                weights = wpo_weights(x, log_sum_sq_rows, counts) if cfg.use_weighting else None
-                loss = loss_from_rows(x, ref_rows, counts, cfg, pair_weights=weights)
-                (g,) = torch.autograd.grad(loss, x, allow_unused=True)
+                return grad(rows, log_sum_sq_rows)
         except Exception as exc:  # a torch without the private APIs below: the backward recomputes
             warnings.warn(f"fastdpo: no loss gradient inside the forward ({exc!r}); the backward recomputes "
                           "the logits (8NHV instead of 6NHV)", RuntimeWarning, stacklevel=2)
             return None
-        return g if g is not None else torch.zeros_like(rows)
 
-    return grad
+    return guarded
 
 
 @contextlib.contextmanager
@@ -309,13 +301,12 @@ def _setup_grad_in_forward(ctx, inputs, output):
 
 def _backward_grad_in_forward(ctx, grad_rows, *_unused):
     hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db = ctx.saved_tensors
-    want = ctx.needs_input_grad[:3]
-    if not any(want):
-        return (None,) * 17
+    if not any(ctx.needs_input_grad[:3]):
+        return _input_grads(ctx)
     if grad_rows is None:
         grad_rows = torch.zeros_like(guess)
     linear_logps_finish_(grad_rows, guess, used, dh, dw, db, hidden, weight, bias, labels, offsets, lse, *ctx.opts)
-    return _pick(want, dh, dw, db) + (None,) * 14
+    return _input_grads(ctx, dh, dw, db)
 
 
 linear_logps_grad_in_forward.register_autograd(_backward_grad_in_forward, setup_context=_setup_grad_in_forward)

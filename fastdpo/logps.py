@@ -95,13 +95,11 @@ def _setup_token_logps(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 
-_NO_GRADS = (None,) * 8  # labels and the seven options
-
-
 def _backward_token_logps(ctx, grad_logp, *_grads_of_metrics):
     logits, labels, lse = ctx.saved_tensors
+    no_grads = (None,) * (len(ctx.needs_input_grad) - 1)  # labels and the options
     if grad_logp is None:
-        return (None, *_NO_GRADS)
+        return (None, *no_grads)
     grad_logp = grad_logp.contiguous()
     if ctx.inplace:
         # Reuses the logits' storage for their gradient. The op declares the mutation, so autograd
@@ -110,7 +108,7 @@ def _backward_token_logps(ctx, grad_logp, *_grads_of_metrics):
         grad = logits
     else:
         grad = token_logps_backward_op(logits, labels, lse, grad_logp, ctx.inv_temp, ctx.softcap)
-    return (grad, *_NO_GRADS)
+    return (grad, *no_grads)
 
 
 token_logps_op.register_autograd(_backward_token_logps, setup_context=_setup_token_logps)
@@ -126,13 +124,6 @@ class SequenceStats:
     entropy_sums: torch.Tensor | None = None  # sum over completion tokens of the next-token entropy
     top1_counts: torch.Tensor | None = None  # completion tokens whose label is the (first) argmax
     log_sum_sq_sums: torch.Tensor | None = None  # sum over completion tokens of log sum_v p_v^2 (WPO)
-
-
-def _check_options(temperature: float, softcap: float | None) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
 
 
 @dataclass
@@ -155,11 +146,9 @@ def build_layout(
     ignore_index: int,
     cu_seqlens: torch.Tensor | None,
 ) -> TokenLayout:
-    """The layout of labels already checked against `like` ([B, T, ...], logits or hidden states):
-    the label range check (one host sync) and the row offsets."""
+    """The layout of labels (and cu_seqlens, `packed.check_cu_seqlens`) already checked against `like`
+    ([B, T, ...], logits or hidden states): the label range check (one host sync) and the row offsets."""
     B, T = like.shape[:2]
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, like.shape, like)
     flat = V.token_labels(labels, mask, ignore_index, vocab)
     offsets = row_offsets(cu_seqlens, B, T, like.device)
     if cu_seqlens is None:  # padded rows: a plain row sum is cheaper than a segment sum
@@ -178,8 +167,8 @@ def token_layout(
     cu_seqlens: torch.Tensor | None = None,
     name: str = "logits",
 ) -> TokenLayout:
-    """Validate labels, mask and cu_seqlens against `logits` and fold them into a TokenLayout."""
-    V.check_logits(logits, name)
+    """Validate labels and mask against `logits` (logits and cu_seqlens are checked by the caller) and
+    fold them into a TokenLayout."""
     V.check_labels(labels, logits.shape[:2], mask)
     V.check_same_device(logits, labels=labels, mask=mask)
     return build_layout(logits, labels, logits.shape[-1], mask=mask, ignore_index=ignore_index,
@@ -198,13 +187,12 @@ def layout_stats(
     name: str = "logits",
     log_sum_sq: bool = False,
 ) -> SequenceStats:
-    """One fused pass over `logits` for a prepared layout. Differentiable only when `logits`
-    requires grad (otherwise nothing is saved for a backward). `log_sum_sq` also sums WPO's
-    per-token log sum_v p_v^2 (detached) from the same pass."""
-    V.check_logits(logits, name)
+    """One fused pass over `logits` for a prepared layout; the logits, temperature and softcap are
+    checked by the caller (the public entry point). Differentiable only when `logits` requires grad
+    (otherwise nothing is saved for a backward). `log_sum_sq` also sums WPO's per-token
+    log sum_v p_v^2 (detached) from the same pass."""
     if logits.shape[0] * logits.shape[1] != layout.labels.numel():
         raise ValueError(f"{name} has {logits.shape[0] * logits.shape[1]} positions, the labels {layout.labels.numel()}")
-    _check_options(temperature, softcap)
     grad = logits.requires_grad and torch.is_grad_enabled()
     # Under torch.compile the in-place backward would be functionalized into a copy anyway, so
     # the compiled path always takes the out-of-place backward (same numbers, one [B, T, V] more).
@@ -242,7 +230,10 @@ def sequence_stats(
     With `cu_seqlens` the batch is packed ([1, total_tokens, V], see fastdpo.packed) and the
     results are per packed row.
     """
-    _check_options(temperature, softcap)
+    V.check_logits(logits, name)
+    V.check_scores(temperature, softcap)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, logits.shape, logits)
     layout = token_layout(logits, labels, mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens, name=name)
     return layout_stats(logits, layout, temperature=temperature, softcap=softcap, sum_scores=sum_scores,
                         token_metrics=token_metrics, inplace_backward=inplace_backward, name=name,

@@ -29,8 +29,9 @@ Two options act on every loss that admits them, as in TRL's DPOTrainer:
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -98,8 +99,8 @@ class PairLogps:
         return self.rejected_logp - self.ref_rejected_logp
 
     @property
-    def logits(self) -> torch.Tensor:
-        """d = (c - c0) - (r - r0), the DPO margin before beta."""
+    def margin(self) -> torch.Tensor:
+        """d = (c - c0) - (r - r0), the DPO margin before beta (what TRL's DPO loss calls `logits`)."""
         return self.chosen_logratios - self.rejected_logratios
 
     # Length-normalized quantities divide by the completion-token count, clamped to 1 so that a row
@@ -173,7 +174,7 @@ def f_scores(logratios: torch.Tensor, cfg: "LossConfig") -> torch.Tensor:
 def score_margin(p: "PairLogps", cfg: "LossConfig") -> torch.Tensor:
     """f'(c) - f'(r): the margin d for the default reverse KL, its f-divergence form otherwise."""
     if cfg.f_divergence_type == "reverse_kl":
-        return p.logits
+        return p.margin
     return f_scores(p.chosen_logratios, cfg) - f_scores(p.rejected_logratios, cfg)
 
 
@@ -285,6 +286,29 @@ class LossConfig:
                     "logps_reduction='mean' would divide twice (use logps_reduction='sum')"
                 )
 
+    def op_values(self) -> dict:
+        """The constructor's arguments (``types`` and ``weights`` follow from them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def encode(self) -> str | None:
+        """This configuration as one JSON object string, a custom op argument that `LossConfig.decode`
+        reads back; None when a value is not None, a bool, an int, a finite float, a name (str) or a
+        list of them (a tensor, say): such a configuration cannot cross the op boundary.
+
+        Written by hand rather than with json.dumps so that torch.compile traces it (a constant)."""
+        parts = []
+        for name, value in sorted(self.op_values().items()):
+            text = _json_value(value)
+            if text is None:
+                return None
+            parts.append(f'"{name}":{text}')
+        return "{" + ",".join(parts) + "}"
+
+    @classmethod
+    def decode(cls, spec: str) -> "LossConfig":
+        """The configuration that `encode` wrote."""
+        return cls(**json.loads(spec))
+
     @property
     def needs_reference(self) -> bool:
         return any(name not in REFERENCE_FREE for name in self.types)
@@ -292,6 +316,25 @@ class LossConfig:
     @property
     def has_nll(self) -> bool:
         return any(name in NLL_TERMS for name in self.types)
+
+
+def _json_value(value: object) -> str | None:
+    """`value` as JSON text if it is None, a bool, an int, a finite float, a str of letters, digits and
+    '_', or a list / tuple of those; else None."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(float(value)) if math.isfinite(value) else None
+    if isinstance(value, str):
+        return f'"{value}"' if value.replace("_", "a").isalnum() and value.isascii() else None
+    if isinstance(value, (list, tuple)):
+        items = [_json_value(v) for v in value]
+        return None if any(t is None for t in items) else "[" + ",".join(items) + "]"
+    return None
 
 
 LossFn = Callable[[PairLogps, LossConfig], torch.Tensor]
@@ -522,7 +565,7 @@ def apo_down_loss(p: PairLogps, cfg: LossConfig) -> torch.Tensor:
 
     sigmoid(beta dc) + 1 - sigmoid(beta d).
     """
-    return torch.sigmoid(cfg.beta * p.chosen_logratios) + 1 - torch.sigmoid(cfg.beta * p.logits)
+    return torch.sigmoid(cfg.beta * p.chosen_logratios) + 1 - torch.sigmoid(cfg.beta * p.margin)
 
 
 @register("discopop", check=_check_discopop, f_divergence=True)

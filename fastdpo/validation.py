@@ -52,6 +52,14 @@ def check_labels(labels: object, shape: torch.Size, mask: object | None) -> None
         raise ValueError(f"mask must be [B, T] = {tuple(shape)} to match the labels, got {tuple(mask.shape)}")
 
 
+def check_scores(temperature: float, softcap: float | None) -> None:
+    """The score transform softcap * tanh(z / softcap) / temperature needs both > 0."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+
+
 def check_pairs(rows: int, name: str) -> int:
     """Rows are [chosen; rejected]: an odd count cannot be split into pairs."""
     if rows % 2:

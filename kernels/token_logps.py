@@ -284,15 +284,18 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
     lse = torch.empty((N, 2), dtype=acc, device=logits.device) if save_lse else None  # (lse, 1 - p_label)
     zsum, ent, top1, lss = vector(sum_scores), vector(token_metrics), vector(token_metrics), vector(log_sum_sq)
     top = vector(slab and token_metrics)
+    # Outputs not asked for point at this empty buffer, never at a result: the constexpr flags skip
+    # every store to it, and a store that a wrong flag let through could not overwrite a result.
+    unused = torch.empty(0, dtype=acc, device=logits.device)
     if N > 0:
         block_v, num_warps = _launch_config(V, block_v, num_warps, backward=False)
         token_logps_fwd_kernel[(N,)](
             logits, *logits.stride(),
-            labels, logp, *(x if x is not None else logp for x in (lse, zsum, ent, top1, top)),
+            labels, logp, *(x if x is not None else unused for x in (lse, zsum, ent, top1, top)),
             T, V, label_offset or 0, *_split(inv_temp), *_split(softcap or 1.0),
             HAS_SOFTCAP=softcap is not None, SAVE_LSE=save_lse, SUM_SCORES=sum_scores,
             TOKEN_METRICS=token_metrics, SLAB=slab, ACC_DTYPE=_TL_ACC.get(acc, tl.float32), BLOCK_V=block_v,
-            lss_ptr=lss if lss is not None else logp, LOG_SUM_SQ=log_sum_sq,
+            lss_ptr=lss if lss is not None else unused, LOG_SUM_SQ=log_sum_sq,
             num_warps=num_warps,
         )
     return logp, lse, zsum, ent, top1, top, lss

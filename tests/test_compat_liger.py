@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fastdpo
 from fastdpo.compat.liger import LigerFusedLinearDPOFunction, LigerFusedLinearDPOLoss, liger_fused_linear_dpo
-from reference64 import assert_close_rel
+from oracle64 import assert_close_rel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64

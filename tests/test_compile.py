@@ -11,7 +11,7 @@ from torch._dynamo.backends.registry import lookup_backend
 
 import fastdpo
 import fastdpo.linear_chunks
-from reference64 import assert_close_rel
+from oracle64 import assert_close_rel
 
 
 @pytest.fixture(autouse=True)
@@ -141,11 +141,11 @@ def test_linear_token_metrics_compile(grad_in_forward):
     """linear_sequence_stats(token_metrics=True) under fullgraph compile: the fake outputs of both
     fused-linear ops carry the entropy sums and top-1 counts, and the numbers are eager's."""
     from fastdpo.linear import linear_sequence_stats
-    from fastdpo.linear_ops import loss_spec
+    from fastdpo.losses import LossConfig
 
     model = Step()
     args = batch()
-    spec = loss_spec(dict(loss_type="sigmoid", loss_weights=None, beta=0.1, label_smoothing=0.0))
+    spec = LossConfig(loss_type="sigmoid", beta=0.1).encode()
 
     def step(m, x, labels, mask, ref):
         stats = linear_sequence_stats(torch.tanh(m.body(x)), m.head.weight, labels, bias=m.head.bias, mask=mask,

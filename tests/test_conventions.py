@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 import fastdpo
 from fastdpo import FusedDPOLoss, FusedLinearDPOLoss, fused_dpo_loss, fused_linear_dpo_loss, sequence_logps
-from fastdpo.dpo import loss_from_rows
+from fastdpo.objective import loss_from_rows
 from fastdpo.losses import LOSSES, SELF_NORMALIZED, LossConfig
-from reference64 import assert_close_rel
-from test_losses import CASES, IDS, F64, case_config, close, random_rows, ref_loss, ref_metrics, split_rows
+from oracle64 import assert_close_rel
+from test_losses import CASES, IDS, F64, case_config, close, random_rows, oracle_loss, oracle_metrics, split_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SELF_NORM = {"ipo", "sigmoid_norm", "simpo", "orpo"}
@@ -48,9 +48,9 @@ def mean_reference(types, weights, x, hp):
         if name == "sft":
             term = nll
         elif name == "cpo":
-            term = ref_loss(["cpo"], [1.0], m, {**hp, "cpo_alpha": 0.0}) + hp["cpo_alpha"] * nll
+            term = oracle_loss(["cpo"], [1.0], m, {**hp, "cpo_alpha": 0.0}) + hp["cpo_alpha"] * nll
         else:
-            term = ref_loss([name], [1.0], m, hp)
+            term = oracle_loss([name], [1.0], m, hp)
         total = total + w * term
     return total
 
@@ -74,7 +74,7 @@ def test_mean_reduction_every_loss_float64(loss_type, options):
     close(grad, expected_grad, 1e-9, 1e-12, "d loss / d logps")
     # Metrics as Liger reports them: logps and rewards from the per-token means; nll_loss from sums.
     x = split_rows(logps, ref, counts)
-    want = ref_metrics(types, per_token_means(x), hp)
+    want = oracle_metrics(types, per_token_means(x), hp)
     if "nll_loss" in want:
         want["nll_loss"] = -x.c.sum() / x.nc.sum()
     assert set(metrics) == set(want)
@@ -234,12 +234,12 @@ def test_modules_take_reduction_and_rows():
 
 
 def test_reference_impl_takes_reduction_and_rows():
-    from fastdpo.reference import reference_dpo_loss
+    from fastdpo.eager import eager_dpo_loss
 
     logits, labels = _batch(3, 4, 9)
     ref = torch.randn(6, device=DEVICE)
     ours, rows = fused_dpo_loss(logits, labels, ref, loss_type="hinge", logps_reduction="mean", return_rows=True)
-    eager, eager_rows = reference_dpo_loss(logits, labels, ref, loss_type="hinge", logps_reduction="mean",
+    eager, eager_rows = eager_dpo_loss(logits, labels, ref, loss_type="hinge", logps_reduction="mean",
                                            return_rows=True)
     assert_close_rel(ours, eager, 1e-5, "loss")
     assert_close_rel(rows.chosen_rewards, eager_rows.chosen_rewards, 1e-5, "rewards")

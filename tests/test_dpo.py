@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo.dpo import loss_from_rows
+from fastdpo.objective import loss_from_rows
 from fastdpo.losses import LossConfig
-from fastdpo.reference import reference_dpo_loss
-from reference64 import assert_close_rel, dpo_sigmoid64, scores64, seq_logps64, valid_mask
+from fastdpo.eager import eager_dpo_loss
+from oracle64 import assert_close_rel, dpo_sigmoid64, scores64, seq_logps64, valid_mask
 
 
 def make_batch(P, T, V, dtype, device, scale=3.0):
@@ -134,7 +134,7 @@ def test_eager_reference_matches(backend, device):
     logits, labels, mask = make_batch(2, 6, 41, torch.float32, device)
     ref = -5 * torch.rand(4, device=device)
     a, ma = fastdpo.fused_dpo_loss(logits, labels, ref, mask=mask, return_metrics=True)
-    b, mb = reference_dpo_loss(logits, labels, ref, mask=mask, return_metrics=True)
+    b, mb = eager_dpo_loss(logits, labels, ref, mask=mask, return_metrics=True)
     assert_close_rel(a, b, 2e-6, "loss")
     for k in ma:
         assert_close_rel(ma[k], mb[k], 2e-6, k)

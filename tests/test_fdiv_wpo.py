@@ -22,7 +22,7 @@ from fastdpo import fused_dpo_loss, fused_linear_dpo_loss
 from fastdpo.linear import linear_sequence_stats
 from fastdpo.logps import sequence_stats
 from fastdpo.losses import LossConfig
-from reference64 import scores64, seq_logps64
+from oracle64 import scores64, seq_logps64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -208,7 +208,7 @@ def test_refusals(options, match):
 
 
 def test_wpo_needs_weights():
-    from fastdpo.dpo import loss_from_rows
+    from fastdpo.objective import loss_from_rows
 
     with pytest.raises(ValueError, match="use_weighting"):
         loss_from_rows(torch.zeros(4), torch.zeros(4), torch.ones(4), LossConfig(use_weighting=True))

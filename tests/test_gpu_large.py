@@ -1,6 +1,6 @@
 """Large shapes on a GPU (collected only when CUDA is present; see conftest.py).
 
-ANCHORS.md's shapes A and C, N * V > 2^31, long rows and a 262144 vocabulary, against a float64
+The shapes A and C of benchmarks/common.py (Llama-3-8B and Qwen2.5-7B heads), N * V > 2^31, long rows and a 262144 vocabulary, against a float64
 reference computed chunk by chunk so that it fits next to the inputs.
 """
 
@@ -8,21 +8,8 @@ import pytest
 import torch
 
 import fastdpo
-from reference64 import CONFIDENT_GAPS, assert_close_rel, confident_logits, not_label_mass64
-
-
-def logps64_chunked(logits, labels, mask, rows=256):
-    """Float64 per-row sums and the float64 logits gradient for upstream g, a few rows at a time."""
-    B, T, V = logits.shape
-    out = torch.zeros(B, dtype=torch.float64, device=logits.device)
-    for b in range(B):
-        for t0 in range(0, T, rows):
-            s = logits[b, t0 : t0 + rows].double()
-            y = labels[b, t0 : t0 + rows]
-            m = mask[b, t0 : t0 + rows]
-            lp = s.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(s, 1)
-            out[b] += (lp * m).sum()
-    return out
+from fastdpo.eager import chunked_logps64
+from oracle64 import CONFIDENT_GAPS, assert_close_rel, confident_logits, not_label_mass64
 
 
 def grad64_rows(logits, labels, mask, g, rows):
@@ -48,7 +35,7 @@ def test_large_shapes(P, T, V, inplace):
     logits = (4 * torch.randn(2 * P, T, V, device="cuda")).to(torch.bfloat16)
     labels = torch.randint(0, V, (2 * P, T), device="cuda")
     mask = torch.rand(2 * P, T, device="cuda") > 0.35
-    expected = logps64_chunked(logits, labels, mask)
+    expected = chunked_logps64(logits, labels, mask)
     y = logits.clone().requires_grad_() * 1  # a non-leaf, whose storage the in-place backward reuses
     out = fastdpo.sequence_logps(y, labels, mask=mask, inplace_backward=inplace)
     assert_close_rel(out, expected, 1e-6, "logps")

@@ -131,11 +131,6 @@ def test_two_steps_match_trl(case, models_, tokenizer, dataset, tmp_path):
 
 
 def test_fused_linear_mode_matches_trl(models_, tokenizer, dataset, tmp_path, monkeypatch):
-    if not hasattr(fastdpo, "linear_sequence_logps"):
-        # Until the fused-linear op lands, asking for it must fail clearly, not fall back silently.
-        with pytest.raises(NotImplementedError, match="linear_sequence_logps"):
-            build("fast", models_, tokenizer, dataset, dpo_args(tmp_path), mode="linear")
-        return
     from fastdpo import linear_chunks
 
     recomputed = []
@@ -235,7 +230,7 @@ def test_triton_kernels_match_trl(models_, tokenizer, dataset, tmp_path, monkeyp
     assert_same_step(loss_grads_metrics(trl_trainer, batch), loss_grads_metrics(fast_trainer, batch))
 
 
-MODES = ["logits", "linear"] if hasattr(fastdpo, "linear_sequence_logps") else ["logits"]
+MODES = ["logits", "linear"]
 
 
 class VocabWideOps(TorchDispatchMode):

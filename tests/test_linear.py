@@ -7,7 +7,7 @@ import torch
 
 import fastdpo
 import fastdpo.linear_chunks
-from reference64 import (CONFIDENT_GAPS, assert_close_rel, confident_logits, dpo_sigmoid64, scores64, seq_logps64,
+from oracle64 import (CONFIDENT_GAPS, assert_close_rel, confident_logits, dpo_sigmoid64, scores64, seq_logps64,
                          valid_mask)
 
 GRAD_MODES = {"grad_in_forward": True, "recompute": False}
@@ -192,6 +192,25 @@ def test_no_loss_gradient_in_forward_falls_back(device, monkeypatch):
     assert_rel_to_max(grads[1][1], grads[0][1], 1e-12, "grad weight")
 
 
+def test_unencodable_option_warns_and_recomputes(device, monkeypatch):
+    """A loss option that cannot reach the grad-in-forward op (a tensor bco_delta) takes the
+    recomputing path with a warning, and the gradients are those of a plain float delta."""
+    hidden, weight, b, labels, mask = make_batch(2, 6, 8, 29, torch.float64, device)
+    ref = -10 * torch.rand(4, device=device, dtype=torch.float64)
+    grads = []
+    for delta in (0.3, torch.tensor(0.3, dtype=torch.float64)):
+        h, w = leaves(hidden, weight)
+        tensor = isinstance(delta, torch.Tensor)
+        with pytest.warns(RuntimeWarning, match="cannot reach the grad-in-forward op") if tensor \
+                else contextlib.nullcontext():
+            loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, mask=mask, chunk_size=4, loss_type="bco_pair",
+                                                 bco_delta=delta)
+        loss.backward()
+        grads.append((h.grad, w.grad))
+    assert_rel_to_max(grads[1][0], grads[0][0], 1e-12, "grad hidden")
+    assert_rel_to_max(grads[1][1], grads[0][1], 1e-12, "grad weight")
+
+
 def test_grad_in_forward_single_backward(device):
     hidden, weight, b, labels, mask = make_batch(1, 4, 8, 17, torch.float32, device)
     h, w = leaves(hidden, weight)
@@ -206,6 +225,26 @@ def test_grad_in_forward_single_backward(device):
     loss2.backward(retain_graph=True)
     loss2.backward()  # the recompute path supports it
     assert_rel_to_max(h2.grad, 2 * h.grad, 1e-6, "twice the gradient")
+
+
+def test_grad_in_forward_guard_is_fastdpo_own(device):
+    """The op's own guard: a second finish of the same gradients (what a second backward through a
+    compiled graph reaches, past autograd's version check) raises fastdpo's error, not a wrong gradient."""
+    import fastdpo.linear_ops as ops
+    from fastdpo.logps import build_layout
+
+    hidden, weight, b, labels, mask = make_batch(1, 4, 8, 17, torch.float32, device)
+    layout = build_layout(hidden, labels, 17, mask=mask, ignore_index=-100, cu_seqlens=None)
+    flat = hidden.reshape(-1, 8)
+    spec = fastdpo.LossConfig().encode()
+    out = ops.linear_logps_grad_in_forward(flat, weight, None, layout.labels, layout.offsets, torch.zeros(2), spec,
+                                           1.0, None, False, False, 0, 0, True, True, False)
+    lse, guess, used, dh, dw, db = out[4], out[6], out[7], out[8], out[9], out[10]
+    finish = (guess, used, dh, dw, db, flat, weight, None, layout.labels, layout.offsets, lse, 1.0, None, 0, 0)
+    ops.linear_logps_finish_(torch.ones_like(guess), *finish)
+    assert used.item() == 1
+    with pytest.raises(RuntimeError, match="supports one backward per call"):
+        ops.linear_logps_finish_(torch.ones_like(guess), *finish)
 
 
 def test_frozen_lm_head(backend, device):
@@ -384,11 +423,11 @@ def labels_on_ties(first, last, V):
 def stats_and_grads(mode, hidden, weight, bias, labels, **opts):
     """linear_sequence_stats with token metrics through the chosen op, then a backward of a weighted row sum."""
     from fastdpo.linear import linear_sequence_stats
-    from fastdpo.linear_ops import loss_spec
+    from fastdpo.losses import LossConfig
 
     h, w, bb = leaves(hidden, weight, bias)
     rows = opts["cu_seqlens"].numel() - 1 if opts.get("cu_seqlens") is not None else hidden.shape[0]
-    spec = loss_spec(dict(loss_type="sigmoid", loss_weights=None, beta=0.1, label_smoothing=0.0))
+    spec = LossConfig(loss_type="sigmoid", beta=0.1).encode()
     grad_spec = (spec, torch.zeros(rows, device=hidden.device)) if GRAD_MODES[mode] else None
     stats = linear_sequence_stats(h, w, labels, bias=bb, token_metrics=True, grad_spec=grad_spec, **opts)
     up = torch.randn(rows, device=hidden.device, dtype=stats.logps.dtype)

@@ -5,7 +5,7 @@ import torch
 
 import fastdpo
 from fastdpo.kernels.token_logps import MAX_BLOCK_V as TILE  # the kernels' vocabulary tile width
-from reference64 import CONFIDENT_GAPS, assert_close_rel, confident_logits, not_label_mass64, seq_logps64
+from oracle64 import CONFIDENT_GAPS, assert_close_rel, confident_logits, not_label_mass64, seq_logps64
 
 # Forward error is relative to the float64 result on the same (upcast) inputs. Gradients are
 # rounded to the logits' dtype, so their tolerance is that dtype's resolution; in fp32 the

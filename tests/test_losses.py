@@ -1,6 +1,6 @@
 """Every preference loss and metric against float64 references written here from the papers' formulas.
 
-Three levels: per-row log-probs straight into the loss registry (fastdpo.dpo.loss_from_rows), the full
+Three levels: per-row log-probs straight into the loss registry (fastdpo.objective.loss_from_rows), the full
 kernel path (fused_dpo_loss on random logits, PyTorch and Triton backends, values, metrics and logits
 gradients), and the error paths. The references below share no code with fastdpo.losses: log-sigmoid,
 EXO's KL, ORPO's odds and the batch sorting of AOT are each written out again from the paper.
@@ -16,7 +16,7 @@ import torch
 
 import fastdpo.dpo
 from fastdpo import FusedDPOLoss, fused_dpo_loss
-from fastdpo.dpo import loss_from_rows
+from fastdpo.objective import loss_from_rows
 from fastdpo.losses import COUPLED_LOSSES, LOSSES, REFERENCE_FREE, LossConfig, log1mexp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,7 +80,7 @@ def smoothed(z: torch.Tensor, eps: float) -> torch.Tensor:
     return -(1 - eps) * lsig(z) - eps * lsig(-z)
 
 
-def ref_term(name: str, x: SimpleNamespace, hp: dict) -> torch.Tensor:
+def oracle_term(name: str, x: SimpleNamespace, hp: dict) -> torch.Tensor:
     """One loss term from the paper's formula: per-pair [P], or a batch scalar."""
     b, eps = hp["beta"], hp["label_smoothing"]
     dc, dr = x.c - x.c0, x.r - x.r0
@@ -127,21 +127,21 @@ def ref_term(name: str, x: SimpleNamespace, hp: dict) -> torch.Tensor:
     if name == "cpo":
         return smoothed(b * (x.c - x.r), eps) + hp["cpo_alpha"] * nll
     if name == "orpo":
-        return nll - b * lsig(ref_log_odds(x))
+        return nll - b * lsig(oracle_log_odds(x))
     raise KeyError(name)
 
 
-def ref_log_odds(x: SimpleNamespace) -> torch.Tensor:
+def oracle_log_odds(x: SimpleNamespace) -> torch.Tensor:
     """log(odds(chosen) / odds(rejected)) with p = exp(mean token log-prob), odds = p / (1 - p)."""
     pc, pr = torch.exp(x.c / x.nc), torch.exp(x.r / x.nr)
     return torch.log(pc / (1 - pc)) - torch.log(pr / (1 - pr))
 
 
-def ref_loss(types, weights, x, hp) -> torch.Tensor:
-    return sum(w * ref_term(t, x, hp).mean() for t, w in zip(types, weights))
+def oracle_loss(types, weights, x, hp) -> torch.Tensor:
+    return sum(w * oracle_term(t, x, hp).mean() for t, w in zip(types, weights))
 
 
-def ref_metrics(types, x, hp, logits=None, mask=None) -> dict:
+def oracle_metrics(types, x, hp, logits=None, mask=None) -> dict:
     """TRL's metrics: DPOTrainer's, or CPOTrainer's / ORPOTrainer's for their reference-free losses."""
     b, P = hp["beta"], x.c.shape[0]
     own = [POLICY_ONLY_REWARDS[t] for t in types if t in POLICY_ONLY_REWARDS]
@@ -162,8 +162,8 @@ def ref_metrics(types, x, hp, logits=None, mask=None) -> dict:
     if any(t in ("sft", "cpo", "orpo") for t in types):
         m["nll_loss"] = -x.c.sum() / x.nc.sum()
     if "orpo" in types:
-        m["log_odds_ratio"] = lsig(ref_log_odds(x)).mean()
-        m["log_odds_chosen"] = ref_log_odds(x).mean()
+        m["log_odds_ratio"] = lsig(oracle_log_odds(x)).mean()
+        m["log_odds_chosen"] = oracle_log_odds(x).mean()
     return m
 
 
@@ -215,7 +215,7 @@ def test_loss_and_grad_on_rows_float64(loss_type, options):
     ours_in = logps.clone().requires_grad_(True)
     ref_in = logps.clone().requires_grad_(True)
     loss = loss_from_rows(ours_in, ref, counts, cfg)
-    expected = ref_loss(types, weights, split_rows(ref_in, ref, counts), hp)
+    expected = oracle_loss(types, weights, split_rows(ref_in, ref, counts), hp)
     close(loss, expected, 1e-10, 1e-12, "loss")
     (grad,) = torch.autograd.grad(loss, ours_in)
     (expected_grad,) = torch.autograd.grad(expected, ref_in)
@@ -231,8 +231,8 @@ def test_loss_and_metrics_on_rows_float32(loss_type, options):
     loss, metrics = loss_from_rows(logps32, ref32, counts.long(), LossConfig(loss_type=loss_type, **options),
                                    return_metrics=True)
     assert loss.dtype == torch.float32
-    close(loss, ref_loss(types, weights, x, hp), 2e-5, 1e-5, "loss")
-    expected = ref_metrics(types, x, hp)
+    close(loss, oracle_loss(types, weights, x, hp), 2e-5, 1e-5, "loss")
+    expected = oracle_metrics(types, x, hp)
     assert set(metrics) == set(expected)
     for key, value in expected.items():
         assert not metrics[key].requires_grad, key
@@ -292,7 +292,7 @@ def random_batch(P: int, T: int, V: int):
     return logits, labels, labels != -100
 
 
-def ref_rows(logits, labels, mask):
+def oracle_rows(logits, labels, mask):
     """float64 per-row log-prob sums and completion-token counts: log_softmax + gather + masked sum."""
     logp = torch.log_softmax(logits.to(F64), -1)
     picked = torch.gather(logp, -1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -315,16 +315,16 @@ def test_kernel_path_loss_grad_metrics(loss_type, options, backend, monkeypatch)
     loss.backward()
 
     z64 = logits.to(F64).requires_grad_(True)
-    logps, counts = ref_rows(z64, labels, mask)
+    logps, counts = oracle_rows(z64, labels, mask)
     ref = ref_logps.to(F64) if needs_ref else torch.zeros_like(logps)
     x = split_rows(logps, ref, counts)
-    expected = ref_loss(types, weights, x, hp)
+    expected = oracle_loss(types, weights, x, hp)
     (expected_grad,) = torch.autograd.grad(expected, z64)
 
     close(loss, expected, 2e-5, 1e-5, "loss")
     close(z.grad, expected_grad, 2e-4, 2e-6, "d loss / d logits")
     assert torch.all(z.grad[~mask] == 0), "ignored positions must get exactly zero gradient"
-    expected_metrics = ref_metrics(types, split_rows(logps.detach(), ref, counts), hp, logits.to(F64), mask)
+    expected_metrics = oracle_metrics(types, split_rows(logps.detach(), ref, counts), hp, logits.to(F64), mask)
     assert set(metrics) == set(expected_metrics)
     for key, value in expected_metrics.items():
         close(metrics[key], value, 2e-5, 1e-5, key)
@@ -480,3 +480,21 @@ def test_orpo_matches_trl(trl_trainers):
     close(metrics["rewards/rejected"], rejected_rewards.mean(), 1e-6, 1e-6, "rewards/rejected")
     close(metrics["log_odds_ratio"], log_odds_ratio, 1e-5, 1e-6, "log_odds_ratio")
     close(metrics["log_odds_chosen"], log_odds_chosen, 1e-5, 1e-6, "log_odds_chosen")
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_config_encoding_round_trips(loss_type):
+    """LossConfig.encode / decode (the grad-in-forward op's argument) give back every option,
+    its type included; values that cannot cross the op boundary give None."""
+    options = dict(loss_type=[loss_type, "sft"], loss_weights=[0.5, 2], beta=0.3, label_smoothing=0.2,
+                   discopop_tau=0.7, simpo_gamma=-1.25, cpo_alpha=3, bco_delta=1e-3, f_alpha_divergence_coef=0.25)
+    try:
+        cfg = LossConfig(**options)
+    except ValueError:  # a combination this loss refuses: the single type then
+        options.update(loss_type=loss_type, loss_weights=None)
+        cfg = LossConfig(**options)
+    back = LossConfig.decode(cfg.encode())
+    assert back.op_values() == cfg.op_values()
+    assert [type(v) for v in back.op_values().values()] == [type(v) for v in cfg.op_values().values()]
+    assert back.types == cfg.types and back.weights == cfg.weights
+    assert LossConfig(bco_delta=torch.tensor(0.5)).encode() is None

@@ -9,9 +9,8 @@ import pytest
 import torch
 from train_helpers import final_weights, tiny_config, train_losses, write_jsonl
 
-import fastdpo
 from fastdpo import cli
-from fastdpo.trainer import ConfigError, DPOTrainer, embedded
+from fastdpo.trainer import DPOTrainer, embedded
 from fastdpo.trainer.logs import read_metrics
 from fastdpo.trainer.plot import plot_run
 
@@ -91,15 +90,11 @@ def test_loss_implementations_agree(tmp_path):
     # cancels) and fastdpo from the other tokens' mass; AdamW's normalized step magnifies
     # differences in near-zero gradients (measured 1.1e-5 here, 5e-6 before the exact 1 - p).
     assert all(torch.allclose(a[k], b[k], atol=2e-5) for k in a)
-    if hasattr(fastdpo, "fused_linear_dpo_loss"):
-        for ref in ("copy", "precompute"):  # the reference is scored from hidden states as well
-            run(tmp_path / f"linear-{ref}", loss_impl="fused_linear", ref=ref, max_steps=3)
-            assert train_losses(tmp_path / f"linear-{ref}") == pytest.approx(train_losses(tmp_path / "fused"), rel=1e-5)
-            c = final_weights(tmp_path / f"linear-{ref}")
-            assert all(torch.allclose(a[k], c[k], atol=1e-5) for k in a)
-    else:
-        with pytest.raises(ConfigError, match="needs fastdpo.fused_linear_dpo_loss"):
-            run(tmp_path / "linear", loss_impl="fused_linear")
+    for ref in ("copy", "precompute"):  # the reference is scored from hidden states as well
+        run(tmp_path / f"linear-{ref}", loss_impl="fused_linear", ref=ref, max_steps=3)
+        assert train_losses(tmp_path / f"linear-{ref}") == pytest.approx(train_losses(tmp_path / "fused"), rel=1e-5)
+        c = final_weights(tmp_path / f"linear-{ref}")
+        assert all(torch.allclose(a[k], c[k], atol=1e-5) for k in a)
 
 
 def test_every_loss_type_trains(tmp_path):
@@ -171,8 +166,6 @@ def test_lora_final_model_is_merged_for_transformers(tmp_path):
 def test_the_kernels_serve_the_trainer(tmp_path, backend, impl):
     """The trainer's shifted (non-contiguous) batches through both backends (conftest's `backend`:
     the PyTorch twin, and the Triton kernels, interpreted on CPU) match the pure-PyTorch loss."""
-    if impl == "fused_linear" and not hasattr(fastdpo, "fused_linear_dpo_loss"):
-        pytest.skip("this fastdpo build has no fused_linear_dpo_loss")
     run(tmp_path / impl, loss_impl=impl, max_steps=2, max_eval_pairs=4)
     run(tmp_path / "reference", loss_impl="reference", max_steps=2, max_eval_pairs=4)
     # The Triton variant trains on the GPU where there is one (conftest), under bf16 autocast:

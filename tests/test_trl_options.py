@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-import fastdpo
 from test_integration_trl import (  # noqa: F401  (fixtures)
     ATOL, BETA, RTOL, WORDS, VocabWideOps, assert_same_step, build, dataset, dpo_args, loss_grads_metrics, models_,
     assert_same_training, one_batch_pair, tokenizer, train_two_steps,
 )
 
-MODES = ["logits", "linear"] if hasattr(fastdpo, "linear_sequence_logps") else ["logits"]
+MODES = ["logits", "linear"]
 
 OPTIONS = {
     "forward_kl": dict(f_divergence_type="forward_kl"),

@@ -76,11 +76,11 @@ from trl import DPOTrainer  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 from trl.trainer.utils import use_adapter  # noqa: E402
 
-from ..dpo import loss_from_rows  # noqa: E402
 from ..attention import activation_dtype, layout_support, model_inputs  # noqa: E402
 from ..head import HeadOptions, RowStats, install_head  # noqa: E402
 from ..layouts import LayoutBatch, build, pairs_from_padded  # noqa: E402
-from ..losses import F_DIVERGENCES, LOSSES, LossConfig, wpo_weights  # noqa: E402
+from ..losses import COUPLED_LOSSES, F_DIVERGENCES, LOSSES, LossConfig, wpo_weights  # noqa: E402
+from ..objective import loss_from_rows  # noqa: E402
 
 # The loss types of DPOTrainer in the supported TRL versions.
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -285,11 +285,6 @@ class FastDPOMixin:
         A spec that is off for a batch (IPO's count of an unscored first completion token) only costs
         speed: the op's backward sees the mismatch and recomputes exactly.
         """
-        try:
-            from fastdpo.losses import COUPLED_LOSSES
-            from fastdpo.linear_ops import loss_spec
-        except ImportError:
-            return None
         names = [fastdpo_loss_name(t) for t in self.loss_types]
         smoothed = {t in SMOOTHED for t in self.loss_types if t in SMOOTHED or t == "sigmoid"}
         if any(n in COUPLED_LOSSES for n in names) or (self.label_smoothing and len(smoothed) > 1):
@@ -302,7 +297,7 @@ class FastDPOMixin:
                        use_weighting=bool(self.args.use_weighting),
                        **{f.name: getattr(cfg, f.name) for f in fields(LossConfig)
                           if f.init and f.name not in _CORE_FIELDS})
-        return loss_spec(options)
+        return LossConfig(**options).encode()
 
     def _fastdpo_config(self, loss_type: str) -> LossConfig:
         name = fastdpo_loss_name(loss_type)
@@ -357,7 +352,7 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
         fastdpo_mode: "logits" (from-logits kernel on the completion positions) or "linear"
             (fused linear: hidden states and lm_head weight, the logits are never built).
         fastdpo_token_metrics: also log TRL's `entropy` and `mean_token_accuracy` (and, in "linear"
-            mode, `logits/*`), at the cost of one extra no-grad pass over the scores.
+            mode, `logits/*`), from the same kernel pass as the log-probs (no extra pass over the scores).
         fastdpo_inplace_backward: in "logits" mode, write the logits gradient over the logits.
         share_prompt: run each pair as one sequence [prompt, chosen, rejected] (the prompt computed
             once; needs sdpa, eager or flex attention). Implies padding-free batches.

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fastdpo.losses import LossConfig
+
 EMBEDDED_MODEL = "fastdpo:tiny"
 EMBEDDED_DATASET = "fastdpo:sort"
 
@@ -161,8 +163,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 def check(cfg: TrainConfig) -> None:
     """Reject bad values and conflicting options (one line each); touches no file or model."""
-    from .loss import loss_config  # the loss registry lives in the core package
-
     _choice(cfg, "ref", REF_MODES)
     _choice(cfg, "loss_impl", LOSS_IMPLS)
     _choice(cfg, "lr_scheduler", SCHEDULERS)
@@ -211,12 +211,21 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("--share-prompt runs pairs padding-free; it conflicts with --no-padding-free")
     if cfg.inplace_backward and cfg.loss_impl != "fused":
         raise ConfigError("--inplace-backward applies to --loss-impl fused only")
-    if cfg.loss_impl == "fused_linear":
-        import fastdpo
 
-        if not hasattr(fastdpo, "fused_linear_dpo_loss"):
-            raise ConfigError("--loss-impl fused_linear needs fastdpo.fused_linear_dpo_loss, which this "
-                              "fastdpo build does not have; use --loss-impl fused")
+
+def loss_config(cfg: TrainConfig) -> LossConfig:
+    """fastdpo's LossConfig for these options; unknown names and bad values become ConfigErrors."""
+    known = {f.name for f in dataclasses.fields(LossConfig) if f.init}
+    unknown = sorted(set(cfg.loss_options) - known)
+    if unknown:
+        raise ConfigError(f"--loss-options: unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    types = cfg.loss_types
+    try:
+        return LossConfig(loss_type=types[0] if len(types) == 1 else types, beta=cfg.beta,
+                          label_smoothing=cfg.label_smoothing, logps_reduction=cfg.logps_reduction,
+                          **cfg.loss_options)
+    except (ValueError, TypeError, IndexError) as e:
+        raise ConfigError(f"--loss-type {cfg.loss_type}: {e}") from None
 
 
 def _choice(cfg: TrainConfig, name: str, choices: tuple[str, ...]) -> None:

@@ -29,10 +29,10 @@ from .checkpoint import (
     save_final_model,
     write_json_atomic,
 )
-from .config import SAVED_CONFIG, ConfigError, TrainConfig, check, merge_saved, read_saved_config, resolve
+from .config import SAVED_CONFIG, ConfigError, TrainConfig, check, loss_config, merge_saved, read_saved_config, resolve
 from .data import PairLoader, check_budget, prepare_data, sharded_batches
 from .logs import METRICS, TASK_SUCCESS, RunLog, peak_memory_gb
-from .loss import LossFn, attach_head, head_options, loss_config, sft_nll
+from .loss import LossFn, attach_head, head_options, sft_nll
 from .model import (
     check_layout,
     check_model_source,
@@ -83,9 +83,10 @@ class DPOTrainer:
         if self.resume_from is not None and read_state(self.resume_from)["step"] > self.total_steps:
             raise ConfigError(f"--resume: {self.resume_from} has trained {read_state(self.resume_from)['step']} "
                               f"steps, more than the {self.total_steps} asked for; raise --max-steps")
-        self.loss_fn = LossFn(cfg, self.autocast)
+        self.losses = loss_config(cfg)  # built once: the loss, the head's options and the reference mode read it
+        self.loss_fn = LossFn(cfg, self.autocast, self.losses)
         # A reference-free loss never reads the reference: do not spend a model copy or a pass on one.
-        self.ref_mode = cfg.ref if loss_config(cfg).needs_reference else "none"
+        self.ref_mode = cfg.ref if self.losses.needs_reference else "none"
         self.model = None  # built by setup()
         self.step = 0
         self.accelerator.wait_for_everyone()  # every rank has checked the run dir before any writes to it
@@ -111,7 +112,7 @@ class DPOTrainer:
         frozen = frozen_copy(model).to(self.device) if self.ref_mode == "copy" else None
         for m in (model, frozen):
             if m is not None:
-                attach_head(m, head_options(cfg))
+                attach_head(m, head_options(cfg, self.losses))
         key = cache_key(model, self._splits(), self._ref_settings(start)) if self.ref_mode == "precompute" else None
         self.model = acc.prepare(model)
         self.optimizer, self.scheduler = acc.prepare(*make_optimizer(self.model, cfg.learning_rate, cfg,
@@ -164,7 +165,7 @@ class DPOTrainer:
         if (snapshot / "config.json").is_file():
             return str(snapshot)
         model = self._load(cfg.model)
-        attach_head(model, head_options(cfg))
+        attach_head(model, head_options(cfg, self.losses))
         model = acc.prepare(model)
         optimizer, scheduler = acc.prepare(*make_optimizer(model, cfg.sft_learning_rate, cfg, cfg.sft_steps))
         self.log.start_bar(cfg.sft_steps, 0, "warm-up")

@@ -12,7 +12,6 @@ numbers (up to rounding).
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
 
 import torch
@@ -20,12 +19,11 @@ import torch
 from typing import TYPE_CHECKING
 
 from fastdpo.attention import activation_dtype, model_inputs
-from fastdpo.dpo import loss_from_rows, policy_weights
 from fastdpo.layouts import LayoutBatch
-from fastdpo.linear import _spec_for
 from fastdpo.losses import LossConfig
+from fastdpo.objective import grad_in_forward_spec, loss_from_rows, policy_weights
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig, loss_config  # noqa: F401  (loss_config stays importable from here)
 
 if TYPE_CHECKING:  # fastdpo.head needs transformers, which `fastdpo train` checks for before importing it
     from fastdpo.head import HeadOptions, RowStats
@@ -33,27 +31,14 @@ if TYPE_CHECKING:  # fastdpo.head needs transformers, which `fastdpo train` chec
 HEAD_MODES = {"fused": "logits", "fused_linear": "linear", "reference": "eager"}
 
 
-def loss_config(cfg: TrainConfig) -> LossConfig:
-    """fastdpo's LossConfig for these options; unknown names and bad values become ConfigErrors."""
-    known = {f.name for f in dataclasses.fields(LossConfig) if f.init}
-    unknown = sorted(set(cfg.loss_options) - known)
-    if unknown:
-        raise ConfigError(f"--loss-options: unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    types = cfg.loss_types
-    try:
-        return LossConfig(loss_type=types[0] if len(types) == 1 else types, beta=cfg.beta,
-                          label_smoothing=cfg.label_smoothing, logps_reduction=cfg.logps_reduction,
-                          **cfg.loss_options)
-    except (ValueError, TypeError, IndexError) as e:
-        raise ConfigError(f"--loss-type {cfg.loss_type}: {e}") from None
-
-
-def head_options(cfg: TrainConfig) -> HeadOptions:
-    """The head's mode for --loss-impl; token metrics (TRL's entropy, top-1) are not logged here."""
+def head_options(cfg: TrainConfig, losses: LossConfig | None = None) -> HeadOptions:
+    """The head's mode for --loss-impl; token metrics (TRL's entropy, top-1) are not logged here.
+    `losses` is `loss_config(cfg)` when the caller has it."""
     from fastdpo.head import HeadOptions
 
+    losses = losses if losses is not None else loss_config(cfg)
     return HeadOptions(mode=HEAD_MODES[cfg.loss_impl], token_metrics=False, inplace_backward=cfg.inplace_backward,
-                       log_sum_sq=loss_config(cfg).use_weighting)
+                       log_sum_sq=losses.use_weighting)
 
 
 def attach_head(model, options: HeadOptions) -> None:
@@ -75,15 +60,13 @@ def rows(model, batch: LayoutBatch, call: str, autocast: bool, **extra) -> RowSt
 class LossFn:
     """Computes DPO-family losses (and TRL metrics) for one configuration and implementation."""
 
-    def __init__(self, cfg: TrainConfig, autocast: bool) -> None:
-        self.loss = loss_config(cfg)
+    def __init__(self, cfg: TrainConfig, autocast: bool, losses: LossConfig | None = None) -> None:
+        self.loss = losses if losses is not None else loss_config(cfg)
         self.autocast = autocast
         self.linear = cfg.loss_impl == "fused_linear"
-        options = dict(loss_type=self.loss.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                       logps_reduction=cfg.logps_reduction, **cfg.loss_options)
         # fused_linear: the loss's gradient is known per pair group, so the op can build the
         # gradients while each chunk of logits is still in memory (6 N H V FLOPs instead of 8).
-        self.spec = _spec_for(self.loss, options, None) if self.linear else None
+        self.spec = grad_in_forward_spec(self.loss, None) if self.linear else None
 
     def __call__(self, model, batch: LayoutBatch, ref_logps: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         if ref_logps is None:  # reference-free losses: an implicit zero reference
