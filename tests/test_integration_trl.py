@@ -24,7 +24,6 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import DPOConfig, DPOTrainer
 
-import fastdpo
 from fastdpo.integrations import trl as fast_trl
 from fastdpo.integrations.trl import FastDPOTrainer, patch_trainer
 

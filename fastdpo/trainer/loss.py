@@ -94,8 +94,7 @@ def sft_nll(model, batch: LayoutBatch, autocast: bool) -> tuple[torch.Tensor, to
 
 def causal_lm(model):
     """The causal LM inside DDP / FSDP wrappers (kept as .module) and PEFT (its base model)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
+    model = unwrap(model)
     if hasattr(model, "get_base_model") and hasattr(model, "disable_adapter"):
         model = model.get_base_model()
     return model
