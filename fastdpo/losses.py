@@ -59,17 +59,21 @@ class PairLogps:
     rejected_counts: torch.Tensor
     reduction: str = "sum"
     weights: torch.Tensor | None = None  # detached per-pair weights (WPO), read when cfg.use_weighting
+    nll_tokens: float | None = None  # what the NLL terms divide by; None: this batch's chosen tokens
 
     @classmethod
     def from_rows(cls, logps: torch.Tensor, ref_logps: torch.Tensor, counts: torch.Tensor,
-                  reduction: str = "sum", weights: torch.Tensor | None = None) -> "PairLogps":
+                  reduction: str = "sum", weights: torch.Tensor | None = None,
+                  nll_tokens: float | None = None) -> "PairLogps":
         """Split [2P] rows of log-prob sums laid out as [chosen; rejected]; `weights` [P] are per pair."""
         P = logps.shape[0] // 2
         ref_logps = ref_logps.to(logps.dtype)
         counts = counts.to(logps.dtype)
         if weights is not None:
             weights = weights.detach().to(logps.dtype)
-        return cls(logps[:P], logps[P:], ref_logps[:P], ref_logps[P:], counts[:P], counts[P:], reduction, weights)
+        return cls(logps[:P], logps[P:], ref_logps[:P], ref_logps[P:], counts[:P], counts[P:], reduction, weights,
+                   nll_tokens)
+
     def _reduced(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return sums if self.reduction == "sum" else sums / counts.clamp(min=1)
 
@@ -397,7 +401,12 @@ def register(name: str, *, reference_free: bool = False, nll: bool = False, chec
 
 def chosen_nll(p: PairLogps) -> torch.Tensor:
     """Token-mean negative log-likelihood of the chosen completions (a scalar), from the sums
-    whatever the reduction: sum of the chosen tokens' NLL over their number, as TRL and Liger."""
+    whatever the reduction: sum of the chosen tokens' NLL over their number, as TRL and Liger.
+    With `p.nll_tokens` the sum is divided by that count instead: a trainer that splits a step
+    over micro-batches and processes passes its share of the step's chosen tokens, so that the
+    whole step is one token mean (as on one process with the whole batch)."""
+    if p.nll_tokens is not None:
+        return -p.chosen.sum() / p.nll_tokens
     return -p.chosen.sum() / p.chosen_counts.sum().clamp(min=1)
 
 

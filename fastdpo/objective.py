@@ -64,11 +64,13 @@ def loss_from_rows(
     return_metrics: bool = False,
     return_rows: bool = False,
     pair_weights: torch.Tensor | None = None,
+    nll_tokens: float | None = None,
 ) -> torch.Tensor | tuple:
     """The loss from per-row log-prob sums laid out as [chosen; rejected], then the metrics dict if
     `return_metrics` and the `PreferenceRows` if `return_rows` (a bare loss when neither).
-    `pair_weights` [P] are WPO's (read when cfg.use_weighting)."""
-    pairs = PairLogps.from_rows(logps, ref_logps, counts, cfg.logps_reduction, pair_weights)
+    `pair_weights` [P] are WPO's (read when cfg.use_weighting). `nll_tokens`: the count the NLL
+    terms divide the chosen NLL sum by (default: this batch's chosen tokens; see `chosen_nll`)."""
+    pairs = PairLogps.from_rows(logps, ref_logps, counts, cfg.logps_reduction, pair_weights, nll_tokens)
     loss = preference_loss(pairs, cfg)
     if not (return_metrics or return_rows):
         return loss

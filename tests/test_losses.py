@@ -498,3 +498,29 @@ def test_config_encoding_round_trips(loss_type):
     assert [type(v) for v in back.op_values().values()] == [type(v) for v in cfg.op_values().values()]
     assert back.types == cfg.types and back.weights == cfg.weights
     assert LossConfig(bco_delta=torch.tensor(0.5)).encode() is None
+
+
+@pytest.mark.parametrize("loss_type", ["sft", ["sigmoid", "sft"], "cpo", "orpo"])
+def test_nll_tokens_make_split_batches_one_token_mean(loss_type):
+    """A batch split into micro-batches (or processes), each passing its share of the whole
+    batch's chosen tokens as `nll_tokens` and weighted by its share of the pairs, gives the loss of
+    the whole batch: the NLL stays one token mean however the batch is cut."""
+    P, cut = 6, 2
+    logps = -torch.rand(2 * P, dtype=torch.float64) * 30
+    ref = -torch.rand(2 * P, dtype=torch.float64) * 30
+    counts = torch.randint(1, 40, (2 * P,))
+    cfg = LossConfig(loss_type=loss_type, beta=0.2)
+    whole = loss_from_rows(logps, ref, counts, cfg)
+    tokens = counts[:P].sum().item()
+
+    def part(lo, hi):
+        idx = torch.cat([torch.arange(lo, hi), torch.arange(P + lo, P + hi)])
+        share = tokens * (hi - lo) / P
+        return loss_from_rows(logps[idx], ref[idx], counts[idx], cfg, nll_tokens=share) * (hi - lo) / P
+
+    torch.testing.assert_close(part(0, cut) + part(cut, P), whole, rtol=1e-12, atol=1e-12)
+    # without nll_tokens each part is its own token mean: a different number (the test can fail)
+    plain = sum(loss_from_rows(logps[i], ref[i], counts[i], cfg) * len(i) / (2 * P)
+                for i in (torch.cat([torch.arange(0, cut), torch.arange(P, P + cut)]),
+                          torch.cat([torch.arange(cut, P), torch.arange(P + cut, 2 * P)])))
+    assert not torch.isclose(plain, whole, rtol=1e-6)

@@ -1,13 +1,15 @@
-"""Two CPU processes (gloo) through `accelerate launch` match one process at the same global batch."""
+"""Two CPU processes (gloo) through `accelerate launch` match one process at the same global batch:
+DDP, and FSDP2 from examples/accelerate/ (through tests/fsdp_on_cpu.py, see there)."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import sys
 
 import pytest
 import torch
-from train_helpers import final_weights, run_cli, step_records, tiny_config
+from train_helpers import REPO, final_weights, run_cli, step_records, tiny_config
 
 from fastdpo.trainer.logs import read_metrics
 
@@ -26,46 +28,65 @@ CPU_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_D
 
 
 def train_flags(run_dir, batch_size: int, ref: str, cache) -> list[str]:
-    # --loss-type sigmoid, not the embedded default's sigmoid + NLL: the NLL term is a token mean
-    # per process, averaged over processes, so it differs slightly from one process's token mean.
-    return ["--run-dir", str(run_dir), "--loss-type", "sigmoid", "--batch-size", str(batch_size),
+    # The embedded default loss (sigmoid + NLL): its NLL term is one token mean over the step on
+    # any number of processes, so it must match too.
+    return ["--run-dir", str(run_dir), "--batch-size", str(batch_size),
             "--max-steps", str(STEPS), "--sft-steps", "2", "--eval-steps", "2", "--max-train-pairs", "64",
             "--max-eval-pairs", "13", "--logging-steps", "1", "--ref", ref, "--ref-cache-dir", str(cache),
             "--no-progress-bar"]
 
 
-CASES = {  # reference, then the loss path and batch layout (padding-free is the default)
-    "copy": ("copy", []),
-    "precompute": ("precompute", []),
-    "copy-linear-padded": ("copy", ["--loss-impl", "fused_linear", "--no-padding-free"]),
-    "precompute-linear-shared": ("precompute", ["--loss-impl", "fused_linear", "--share-prompt"]),
+def launcher(engine: str) -> list[str]:
+    """Two processes under `engine`, each running `fastdpo train` (flags follow)."""
+    port = ["--num_processes", "2", "--main_process_port", str(free_port())]
+    if engine == "ddp":
+        # accelerate's CPU multi-process path: torchrun-style workers (--multi_gpu) told to use the
+        # CPU and gloo (ACCELERATE_USE_CPU); `--cpu` alone would expect an MPI launcher.
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", *port, "-m", "fastdpo.train"]
+    # FSDP2 from the shipped config file; tests/fsdp_on_cpu.py lets accelerate keep it on CPUs.
+    config = REPO / "examples" / "accelerate" / f"{engine}.yaml"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *port,
+            str(REPO / "tests" / "fsdp_on_cpu.py")]
+
+
+CASES = {  # engine, reference, then the loss path and batch layout (padding-free is the default)
+    "ddp-copy": ("ddp", "copy", []),
+    "ddp-precompute": ("ddp", "precompute", []),
+    "ddp-copy-linear-padded": ("ddp", "copy", ["--loss-impl", "fused_linear", "--no-padding-free"]),
+    "ddp-precompute-linear-shared": ("ddp", "precompute", ["--loss-impl", "fused_linear", "--share-prompt"]),
+    "fsdp2-copy": ("fsdp2", "copy", []),
+    "fsdp2-precompute-linear-padded": ("fsdp2", "precompute", ["--loss-impl", "fused_linear", "--no-padding-free"]),
+    "fsdp2-copy-eager": ("fsdp2", "copy", ["--loss-impl", "reference"]),
+    # (LoRA with --ref adapter starts from the base model: no warm-up)
+    "fsdp2-offload-lora-adapter-linear": ("fsdp2-offload", "adapter",
+                                          ["--lora-r", "8", "--loss-impl", "fused_linear", "--sft-steps", "0"]),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_processes_match_one_at_the_same_global_batch(tmp_path, case):
-    """DDP on two processes equals one process: metrics, eval and final weights. Every logging step
-    also checks that both ranks hold the same parameters (check_ranks_agree)."""
-    ref, options = CASES[case]
+    """DDP or FSDP2 on two processes equals one process: metrics, eval and final weights. Under DDP
+    every logging step also checks that both ranks hold the same parameters (check_ranks_agree)."""
+    engine, ref, options = CASES[case]
     one = run_cli(train_flags(tmp_path / "one", GLOBAL_BATCH, ref, tmp_path / "cache1") + options, env=CPU_ENV)
     assert one.returncode == 0, one.stderr[-3000:]
 
     cfg = tiny_config(tmp_path / "two", batch_size=GLOBAL_BATCH // 2)
-    # accelerate's CPU multi-process path: torchrun-style workers (--multi_gpu) told to use the
-    # CPU and gloo (ACCELERATE_USE_CPU); `--cpu` alone would expect an MPI launcher.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), "-m", "fastdpo.train"]
-    result = run_cli(launch + train_flags(cfg.run_dir, cfg.batch_size, ref, tmp_path / "cache2") + options,
+    result = run_cli(launcher(engine) + train_flags(cfg.run_dir, cfg.batch_size, ref, tmp_path / "cache2") + options,
                      env=CPU_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
 
     start = read_metrics(cfg.run_dir)[0]
     assert (start["processes"], start["per_device_batch"], start["global_batch"]) == (2, 4, GLOBAL_BATCH)
-    one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def assert_same_run(one_dir, two_dir) -> None:
+    one, two = step_records(one_dir), step_records(two_dir)
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for step in one:
-        names = ["loss", "rewards/margins", "logps/chosen", "grad_norm"]
+        names = ["loss", "nll_loss", "rewards/margins", "logps/chosen", "grad_norm"]
         # Accuracy counts the signs of per-pair margins; at the first step (policy = reference) the
         # margins are rounding noise (a precomputed reference met other batch shapes), so their
         # signs are only compared once the margins are clearly above it.
@@ -73,17 +94,46 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, case):
             names.append("rewards/accuracies")
         for name in names:
             assert two[step][name] == pytest.approx(one[step][name], rel=1e-4, abs=1e-6), (step, name)
-    evals = [[r for r in read_metrics(d) if "eval_loss" in r] for d in (tmp_path / "one", tmp_path / "two")]
+    evals = [[r for r in read_metrics(d) if "eval_loss" in r] for d in (one_dir, two_dir)]
     assert [r["step"] for r in evals[1]] == [2, 4]  # 13 eval pairs: uneven shards, each pair counted once
     for a, b in zip(*evals):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
         assert b["eval_rewards/accuracies"] == pytest.approx(a["eval_rewards/accuracies"], abs=1e-6)
-    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    a, b = final_weights(one_dir), final_weights(two_dir)
     # rtol as the metrics above: two processes sum gradients in another order than one. atol: AdamW's
     # first steps divide by the root of the squared gradient, so rounding-level differences of
     # near-zero gradient entries become updates of up to the learning rate's size; the packed
     # (padding-free) default runs other matmul shapes on one and two processes (seen: 1.2e-5).
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=3e-5) for k in a)
+
+
+def test_a_resumed_fsdp2_run_equals_an_uninterrupted_one(tmp_path):
+    """Sharded checkpoints: one file per rank, and --resume from one continues exactly."""
+    flags = train_flags(tmp_path / "whole", GLOBAL_BATCH // 2, "copy", tmp_path / "cache") + \
+        ["--save-steps", "2", "--save-total-limit", "0"]
+    whole = run_cli(launcher("fsdp2") + flags, env=CPU_ENV)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    checkpoints = tmp_path / "whole" / "checkpoints"
+    shards = sorted(p.name for p in (checkpoints / "step-00000002" / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shard, nothing gathered
+
+    # The same run stopped after its step-2 checkpoint: later checkpoints and the final model gone.
+    split = tmp_path / "split"
+    shutil.copytree(tmp_path / "whole", split)
+    shutil.rmtree(split / "checkpoints" / "step-00000004")
+    shutil.rmtree(split / "final")
+    (split / "checkpoints" / "latest").write_text("step-00000002")
+    resumed = run_cli(launcher("fsdp2") + ["--resume", "--run-dir", str(split)], env=CPU_ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+
+    a, b = step_records(tmp_path / "whole"), step_records(split)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in (3, 4):
+        for name in ("loss", "lr", "grad_norm", "rewards/margins"):
+            assert b[step][name] == a[step][name], (step, name)
+    a, b = final_weights(tmp_path / "whole"), final_weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_an_fsdp_launch_without_gpus_fails_instead_of_training_alone(tmp_path):

@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +105,13 @@ def save_final_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     unwrapped = accelerator.unwrap_model(model)
-    if is_peft(unwrapped):
+    if is_peft(unwrapped) and accelerator.distributed_type.name in SHARDED:
+        unwrapped, state_dict = _merged_copy(unwrapped, accelerator.get_state_dict(model), accelerator)
+    elif is_peft(unwrapped):
         unwrapped = unwrapped.merge_and_unload()
         state_dict = unwrapped.state_dict() if accelerator.is_main_process else None
     else:
-        state_dict = accelerator.get_state_dict(model)  # gathers FSDP / ZeRO-3 shards
+        state_dict = _without_tied_copies(unwrapped, accelerator.get_state_dict(model))  # gathers shards
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -117,6 +120,40 @@ def save_final_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path
         os.replace(tmp, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def _without_tied_copies(model, state_dict):
+    """Gathered shards come back as separate tensors even where two names share one parameter (tied
+    input and output embeddings), which save_pretrained would then store twice: keep the first name."""
+    if state_dict is None:
+        return None
+    first = {name for name, _ in model.named_parameters()}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        if name not in first:
+            state_dict.pop(name, None)
+    return state_dict
+
+
+SHARDED = ("FSDP", "DEEPSPEED")  # engines whose ranks hold pieces of the weights
+
+
+def _merged_copy(peft_model, state_dict, accelerator):
+    """A sharded LoRA policy merged into its base: its gathered weights (`state_dict`, whole on the
+    main process only) loaded into a fresh CPU copy of the model, there merged. The sharded
+    parameters themselves cannot be merged in place (each rank holds a slice of each)."""
+    if not accelerator.is_main_process:
+        return peft_model, None
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    copy = AutoModelForCausalLM.from_config(base.config, dtype=next(iter(state_dict.values())).dtype)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        copy = get_peft_model(copy, peft_model.peft_config[peft_model.active_adapter])
+    copy.load_state_dict(state_dict)
+    merged = copy.merge_and_unload()
+    return merged, merged.state_dict()
 
 
 # Write failures a user fixes outside the program, and how to recognise them when a library

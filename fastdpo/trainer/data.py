@@ -421,6 +421,11 @@ class PairLoader:
         """Pairs in global micro-batch m, over every rank."""
         return sum(len(self.pairs_of(m, k)) for k in range(self.world))
 
+    def global_chosen_tokens(self, m: int) -> int:
+        """Chosen completion tokens in global micro-batch m, over every rank (known on every rank
+        without communication: the NLL terms divide by the step's total)."""
+        return sum(len(self.data[i].chosen) for k in range(self.world) for i in self.pairs_of(m, k))
+
     def batch(self, m: int, *, chosen_only: bool = False) -> LayoutBatch:
         index = self.pairs_of(m)
         return build(self.layout, [self.data[i] for i in index], index, self.pad_id, chosen_only=chosen_only)

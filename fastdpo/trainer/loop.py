@@ -109,15 +109,16 @@ class DPOTrainer:
         if start is None:
             return  # interrupted during the warm-up
         model = self._load(start)
-        frozen = frozen_copy(model).to(self.device) if self.ref_mode == "copy" else None
+        frozen = frozen_copy(model) if self.ref_mode == "copy" else None
         for m in (model, frozen):
             if m is not None:
                 attach_head(m, head_options(cfg, self.losses))
-        key = cache_key(model, self._splits(), self._ref_settings(start)) if self.ref_mode == "precompute" else None
-        self.model = acc.prepare(model)
-        self.optimizer, self.scheduler = acc.prepare(*make_optimizer(self.model, cfg.learning_rate, cfg,
-                                                                     self.total_steps))
-        self.reference = self._make_reference(frozen, key)
+        key = self._cache_key(model, start) if self.ref_mode == "precompute" else None
+        # The model, its optimizer and schedule go through prepare() together: FSDP2 shards the
+        # model and then points the optimizer at the sharded parameters.
+        self.model, self.optimizer, self.scheduler = acc.prepare(
+            model, *make_optimizer(model, cfg.learning_rate, cfg, self.total_steps, fused=fused_adamw(acc)))
+        self.reference = self._make_reference(prepare_frozen(acc, frozen), key)
         if self.resume_from is not None:
             self.step = load_checkpoint(acc, self.resume_from)["step"]
             follow_schedule(self.scheduler)
@@ -148,6 +149,12 @@ class DPOTrainer:
             return ref
         return Reference()
 
+    def _cache_key(self, model, start: str) -> str:
+        """The reference cache's key, from the main process's weights (under FSDP's low-memory
+        loading the other ranks hold empty ones until prepare() broadcasts them)."""
+        key = cache_key(model, self._splits(), self._ref_settings(start)) if self.accelerator.is_main_process else ""
+        return self._same_on_all_ranks(key)
+
     def _splits(self) -> dict[str, list]:
         return {"train": self.data.train, "eval": self.data.eval}
 
@@ -166,8 +173,8 @@ class DPOTrainer:
             return str(snapshot)
         model = self._load(cfg.model)
         attach_head(model, head_options(cfg, self.losses))
-        model = acc.prepare(model)
-        optimizer, scheduler = acc.prepare(*make_optimizer(model, cfg.sft_learning_rate, cfg, cfg.sft_steps))
+        model, optimizer, scheduler = acc.prepare(
+            model, *make_optimizer(model, cfg.sft_learning_rate, cfg, cfg.sft_steps, fused=fused_adamw(acc)))
         self.log.start_bar(cfg.sft_steps, 0, "warm-up")
         with StopOnSignal(self.log.info, "stopping the warm-up after this step (nothing is saved before DPO "
                           "starts; Ctrl-C again quits at once)") as stop:
@@ -254,6 +261,10 @@ class DPOTrainer:
         first = self.step * cfg.grad_accum
         local_pairs = sum(len(self.loader.pairs_of(first + k)) for k in range(cfg.grad_accum))
         global_pairs = sum(self.loader.global_pairs(first + k) for k in range(cfg.grad_accum))
+        # NLL terms: one token mean over the whole step, as one process with the global batch
+        # computes it (a per-micro-batch mean averaged over ranks would weigh tokens unequally).
+        nll_tokens = sum(self.loader.global_chosen_tokens(first + k) for k in range(cfg.grad_accum)) \
+            if self.losses.has_nll else None
         for micro in range(cfg.grad_accum):
             batch = self.loader.batch(first + micro).to(self.device)
             ref_logps = self.reference.logps(batch, "train")
@@ -263,7 +274,9 @@ class DPOTrainer:
             # makes micro-batches of different sizes).
             weight = batch.pairs * cfg.grad_accum * acc.num_processes / global_pairs
             with acc.accumulate(self.model):
-                loss, metrics = self.loss_fn(self.model, batch, ref_logps)
+                # `weight` scales the NLL term too: divide by the step's tokens over that weight.
+                share = None if nll_tokens is None else nll_tokens * batch.pairs / global_pairs
+                loss, metrics = self.loss_fn(self.model, batch, ref_logps, nll_tokens=share)
                 acc.backward(loss * weight)
                 if acc.sync_gradients:  # (DeepSpeed clips inside backward and reports no norm here)
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
@@ -274,6 +287,8 @@ class DPOTrainer:
             tokens += batch.tokens
             real_tokens += batch.real_tokens
         self.scheduler.step()
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns the norm as a DTensor (a partial of each shard)
+            grad_norm = grad_norm.full_tensor()
         grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm, dtype=torch.float32)
         return {**totals, "grad_norm": grad_norm, "tokens": tokens, "real_tokens": real_tokens}
 
@@ -299,11 +314,14 @@ class DPOTrainer:
         self.model.eval()
         sums: torch.Tensor | float = 0.0
         names: list[str] = []
+        pairs, tokens = len(self.data.eval), sum(len(pair.chosen) for pair in self.data.eval)
         for batch, n in sharded_batches(self.data.eval, self.cfg.batch_size, world=acc.num_processes,
                                         rank=acc.process_index, pad_id=self.tokenizer.pad_token_id,
                                         layout=self.layout, max_tokens=self.cfg.max_tokens):
             batch = batch.to(self.device)
-            loss, metrics = self.loss_fn(self.model, batch, self.reference.logps(batch, "eval"))
+            # NLL terms: one token mean over the eval set (batch means are weighted by pairs below)
+            loss, metrics = self.loss_fn(self.model, batch, self.reference.logps(batch, "eval"),
+                                         nll_tokens=tokens * max(n, 1) / pairs)
             names = ["loss", *sorted(metrics)]
             values = torch.stack([loss.float(), *(metrics[k].float() for k in names[1:]), torch.ones_like(loss)])
             sums = sums + values * n  # batch means weighted by pairs; the last slot counts pairs
@@ -499,9 +517,18 @@ def check_distributed(cfg: TrainConfig, accelerator) -> None:
         raise ConfigError(f"the launch asked for {asked[0] if asked else 'DDP'} over {launched} processes but "
                           f"accelerate set up {got.value} over {accelerator.num_processes}: FSDP and DeepSpeed "
                           "need GPUs; on CPUs launch DDP (--multi_gpu with ACCELERATE_USE_CPU=true)")
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and cfg.ref in ("copy", "adapter") and loss_config(cfg).needs_reference:
-        raise ConfigError(f"--ref {cfg.ref} runs an unsharded model beside FSDP / DeepSpeed; use --ref precompute")
+    if got == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise ConfigError("fastdpo runs FSDP version 2 (fully_shard): set fsdp_version: 2 in the accelerate config "
+                          "(examples/accelerate/fsdp2.yaml)")
+    if got == DistributedType.DEEPSPEED and cfg.ref == "copy" and loss_config(cfg).needs_reference and \
+            zero_stage(accelerator) == 3:
+        raise ConfigError("--ref copy would hold a whole unsharded model on every GPU beside ZeRO-3; use --ref "
+                          "precompute (or --ref adapter with LoRA)")
+
+
+def zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(getattr(plugin, "zero_stage", 0) or 0)
 
 
 @torch.no_grad()
@@ -522,6 +549,38 @@ def check_ranks_agree(accelerator, model, step: int) -> None:
                            f"(fingerprints {prints.tolist()}): gradients were not synchronised")
 
 
+def fused_adamw(accelerator) -> bool:
+    """Fused AdamW where the parameters will be on a GPU: not under FSDP's CPU offload (the
+    optimizer then steps CPU shards) nor DeepSpeed (its engine owns the step)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return False
+    return not (accelerator.distributed_type == DistributedType.FSDP and fsdp_offloads(accelerator))
+
+
+def fsdp_offloads(accelerator) -> bool:
+    """FSDP keeps the parameters on the CPU between uses (`fsdp_offload_params`)."""
+    offload = getattr(accelerator.state.fsdp_plugin, "cpu_offload", None)
+    return bool(getattr(offload, "offload_params", False) or type(offload).__name__ == "CPUOffloadPolicy")
+
+
+def prepare_frozen(accelerator, model):
+    """The --ref copy model placed like the policy: sharded the same way under FSDP2 (each rank
+    holds its shard; forward gathers layer by layer), on the device otherwise. No optimizer state."""
+    if model is None:
+        return None
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        model = fsdp2_prepare_model(accelerator, model)
+        model.eval()
+        return model
+    return model.to(accelerator.device)
+
+
 def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.mixed_precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -540,12 +599,12 @@ def follow_schedule(scheduler) -> None:
     inner.step()
 
 
-def make_optimizer(model, lr: float, cfg: TrainConfig, steps: int):
-    """AdamW over the trainable parameters, with linear warm-up then the chosen decay."""
+def make_optimizer(model, lr: float, cfg: TrainConfig, steps: int, fused: bool = False):
+    """AdamW over the trainable parameters, with linear warm-up then the chosen decay. `fused`:
+    torch's one-kernel AdamW (the parameters will live on a GPU)."""
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.is_cuda for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
     name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=round(cfg.warmup_ratio * steps),

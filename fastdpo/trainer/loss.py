@@ -68,7 +68,9 @@ class LossFn:
         # gradients while each chunk of logits is still in memory (6 N H V FLOPs instead of 8).
         self.spec = grad_in_forward_spec(self.loss, None) if self.linear else None
 
-    def __call__(self, model, batch: LayoutBatch, ref_logps: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    def __call__(self, model, batch: LayoutBatch, ref_logps: torch.Tensor | None,
+                 nll_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+        """Loss and metrics of `batch`; `nll_tokens` as in fastdpo.objective.loss_from_rows."""
         if ref_logps is None:  # reference-free losses: an implicit zero reference
             ref_logps = torch.zeros(2 * batch.pairs, dtype=torch.float32, device=batch.input_ids.device)
         extra = {}
@@ -77,7 +79,7 @@ class LossFn:
         policy = rows(model, batch, "policy", self.autocast, **extra)
         return loss_from_rows(policy.logps, ref_logps.to(policy.logps.device), policy.counts, self.loss,
                               score_sums=policy.score_sums, vocab=policy.vocab, return_metrics=True,
-                              pair_weights=policy_weights(policy, self.loss))
+                              pair_weights=policy_weights(policy, self.loss), nll_tokens=nll_tokens)
 
 
 @torch.no_grad()
