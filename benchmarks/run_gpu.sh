@@ -2,7 +2,7 @@
 # A lent GPU session: the test suite natively (large shapes included), then the benchmarks, each
 # writing JSON + Markdown + PNG under $OUT (or bench_results/), short tables last.
 #   bash benchmarks/run_gpu.sh            # everything (can exceed one 10-minute device call)
-#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, lean, trl, peers, train
+#   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, lean, trl, peers, train, scaleout
 #   (train: whole DPO steps, bench_train.py, real tokens/s of TRL, TRL + Liger and fastdpo's layouts)
 #   (lean: the lean fused-linear tiles beside torch.compile and CCE exact, shapes A and C, into $out/lean)
 #   (peers: every GPU measurement of issue 15 in under 8 minutes, into $out/peers: large-shape parity,
@@ -11,6 +11,9 @@
 #    torch.compile. A torch older than 2.13 has no linear_cross_entropy: carry its two pure-Python
 #    modules from a torch >= 2.13 install as .whl/torch_lce/ (see bench_linear.py) or the rows say
 #    why they were skipped.)
+#   (scaleout: fastdpo train under each examples/accelerate config on one GPU against the plain run,
+#    tests/test_gpu_scaleout.py; DeepSpeed needs its wheels in .whl/: deepspeed (py3-none-any, built
+#    with DS_BUILD_OPS=0), hjson, pydantic, pydantic-core, annotated-types, typing-inspection)
 #   TESTS="tests/test_gpu_large.py" bash benchmarks/run_gpu.sh tests   # a part of the suite
 #   BENCH_ARGS="--impls fastdpo-linear,trl" bash benchmarks/run_gpu.sh trl   # flags for the bench_* stages
 # Peers (liger-kernel, cut-cross-entropy, trl and its needs) are installed from wheels in .whl/
@@ -35,6 +38,8 @@ for stage in $stages; do
   case "$stage" in
     tests) timeout "$limit" "$py" -m pytest ${TESTS:-tests} -q -p no:cacheprovider --durations=5 > "$out/tests.log" 2>&1
       tail -n 30 "$out/tests.log" ;;
+    scaleout) timeout "$limit" "$py" -m pytest tests/test_gpu_scaleout.py -q -p no:cacheprovider -rs --durations=8 \
+        > "$out/scaleout.log" 2>&1; tail -n 40 "$out/scaleout.log" ;;
     tune) timeout "$limit" "$py" benchmarks/tune_kernel.py 2>&1 | tee "$out/tune_kernel.md" ;;
     lean) mkdir -p "$out/lean"
       timeout "$limit" "$py" benchmarks/bench_linear.py --shapes A,C \
@@ -58,7 +63,7 @@ for stage in $stages; do
     loss|linear|trl|train)
       timeout "$limit" "$py" "benchmarks/bench_$stage.py" --out "$out" ${BENCH_ARGS:-} > "$out/bench_$stage.log" 2>&1 \
         || echo "bench_$stage failed or timed out: see $out/bench_$stage.log" ;;
-    *) echo "unknown stage $stage (tests, tune, loss, linear, lean, trl, peers, train)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, tune, loss, linear, lean, trl, peers, train, scaleout)"; exit 2 ;;
   esac
 done
 for table in "$out"/*.md "$out"/*/*.md "$out"/*/*/*.md; do [ -f "$table" ] && { echo; echo "== $table"; cat "$table"; }; done

@@ -249,8 +249,8 @@ GROUPS = [
     ("loss", "loss", None),
     ("optimisation", "optimisation", None),
     ("run", "run, eval and checkpoints", None),
-    ("distributed", "distributed", "launch with `accelerate launch -m fastdpo.train [options]` for DDP, FSDP or "
-     "DeepSpeed (accelerate's own config picks the engine); --batch-size is per process, so the global batch is "
+    ("distributed", "distributed", "launch with `accelerate launch --config_file CONFIG -m fastdpo.train [options]` "
+     "for DDP, FSDP2 or DeepSpeed (ready configs: examples/accelerate/ in fastdpo's repository); --batch-size is per process, so the global batch is "
      "batch-size x processes x grad-accum"),
 ]
 

@@ -62,7 +62,7 @@ class DPOTrainer:
         cfg = resolve(cfg)
         check(cfg)
         quiet_libraries()
-        self.accelerator = make_accelerator(cfg.grad_accum)
+        self.accelerator = make_accelerator(cfg.grad_accum, cfg.batch_size)
         self.cfg = cfg = dataclasses.replace(cfg, run_dir=self._same_on_all_ranks(cfg.run_dir))
         self.device = self.accelerator.device
         self.autocast = use_autocast(cfg, self.device)
@@ -490,7 +490,7 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
-def make_accelerator(grad_accum: int):
+def make_accelerator(grad_accum: int, batch_size: int = 1):
     """Accelerate for placement, accumulation and DDP / FSDP / DeepSpeed. Mixed precision is our
     own autocast, because accelerate's would also cast the outputs to fp32: the [tokens x vocab]
     logits copy that fastdpo exists to avoid."""
@@ -499,8 +499,13 @@ def make_accelerator(grad_accum: int):
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     # step_scheduler_with_optimizer=False: we step the scheduler once per optimizer step (accelerate
     # would step it once per process and per micro-batch).
-    return Accelerator(mixed_precision=None if deepspeed else "no", gradient_accumulation_steps=grad_accum,
-                       step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=None if deepspeed else "no", gradient_accumulation_steps=grad_accum,
+                              step_scheduler_with_optimizer=False)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        # DeepSpeed reads the per-GPU batch from a dataloader passed to prepare(); fastdpo batches its own.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+    return accelerator
 
 
 def check_distributed(cfg: TrainConfig, accelerator) -> None:
