@@ -22,11 +22,14 @@ PATHS = {"fused": [], "fused_linear": ["--loss-impl", "fused_linear", "--no-padd
 GPU_FLAGS = ["--mixed-precision", "no", "--dtype", "float32"]
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-@pytest.mark.parametrize("engine", ENGINES)
+# ZeRO-3 refuses --loss-impl fused_linear (tests/test_train_distributed.py checks the message)
+CASES = [(engine, path) for engine in ENGINES for path in PATHS if (engine, path) != ("zero3", "fused_linear")]
+
+
+@pytest.mark.parametrize("engine, path", CASES)
 def test_one_gpu_under_each_config_equals_the_plain_run(tmp_path, engine, path):
     if engine.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed on this machine")
+        pytest.skip("deepspeed is not installed on this machine (carry its wheels: benchmarks/run_gpu.sh)")
     ref = "precompute" if engine == "zero3" else "copy"  # ZeRO-3 refuses --ref copy
     options = PATHS[path] + GPU_FLAGS
     plain = run_cli(train_flags(tmp_path / "one", 8, ref, tmp_path / "cache1") + options, timeout=600)

@@ -188,6 +188,8 @@ def fake_accelerator(engine: str, **plugin):
     ("DEEPSPEED", {"zero_stage": 3}, "copy", "--ref copy would hold a whole unsharded model on every GPU beside ZeRO-3"),
     ("DEEPSPEED", {"zero_stage": 3}, "precompute", None),
     ("DEEPSPEED", {"zero_stage": 2}, "copy", None),
+    ("DEEPSPEED", {"zero_stage": 3, "impl": "fused_linear"}, "precompute", "--loss-impl fused_linear reads lm_head"),
+    ("DEEPSPEED", {"zero_stage": 2, "impl": "fused_linear"}, "copy", None),
 ])
 def test_sharded_configurations_that_cannot_work_fail_at_start(tmp_path, monkeypatch, engine, plugin, ref, refused):
     from fastdpo.trainer.config import ConfigError
@@ -195,7 +197,7 @@ def test_sharded_configurations_that_cannot_work_fail_at_start(tmp_path, monkeyp
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv(f"ACCELERATE_USE_{'FSDP' if engine == 'FSDP' else 'DEEPSPEED'}", "true")
-    cfg = tiny_config(tmp_path / "run", ref=ref)
+    cfg = tiny_config(tmp_path / "run", ref=ref, loss_impl=plugin.pop("impl", "fused"))
     if refused is None:
         check_distributed(cfg, fake_accelerator(engine, **plugin))
     else:

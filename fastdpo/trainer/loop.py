@@ -525,10 +525,15 @@ def check_distributed(cfg: TrainConfig, accelerator) -> None:
     if got == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise ConfigError("fastdpo runs FSDP version 2 (fully_shard): set fsdp_version: 2 in the accelerate config "
                           "(examples/accelerate/fsdp2.yaml)")
-    if got == DistributedType.DEEPSPEED and cfg.ref == "copy" and loss_config(cfg).needs_reference and \
-            zero_stage(accelerator) == 3:
+    zero3 = got == DistributedType.DEEPSPEED and zero_stage(accelerator) == 3
+    if zero3 and cfg.ref == "copy" and loss_config(cfg).needs_reference:
         raise ConfigError("--ref copy would hold a whole unsharded model on every GPU beside ZeRO-3; use --ref "
                           "precompute (or --ref adapter with LoRA)")
+    if zero3 and cfg.loss_impl == "fused_linear":
+        # ZeRO-3 gathers a module's weights only inside that module's own forward, which the fused
+        # linear path never calls (it reads lm_head.weight beside the hidden states).
+        raise ConfigError("--loss-impl fused_linear reads lm_head.weight outside lm_head's forward, where ZeRO-3 "
+                          "holds only this GPU's slice; use --loss-impl fused, or FSDP2 (examples/accelerate/fsdp2.yaml)")
 
 
 def zero_stage(accelerator) -> int:
