@@ -56,6 +56,8 @@ CASES = {  # engine, reference, then the loss path and batch layout (padding-fre
     "ddp-precompute": ("ddp", "precompute", []),
     "ddp-copy-linear-padded": ("ddp", "copy", ["--loss-impl", "fused_linear", "--no-padding-free"]),
     "ddp-precompute-linear-shared": ("ddp", "precompute", ["--loss-impl", "fused_linear", "--share-prompt"]),
+    "ddp-lora-adapter-eager-padded": ("ddp", "adapter", ["--lora-r", "8", "--loss-impl", "reference",
+                                                         "--no-padding-free", "--sft-steps", "0"]),
     "fsdp2-copy": ("fsdp2", "copy", []),
     "fsdp2-precompute-linear-padded": ("fsdp2", "precompute", ["--loss-impl", "fused_linear", "--no-padding-free"]),
     "fsdp2-copy-eager": ("fsdp2", "copy", ["--loss-impl", "reference"]),
