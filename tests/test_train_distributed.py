@@ -205,3 +205,19 @@ def test_sharded_configurations_that_cannot_work_fail_at_start(tmp_path, monkeyp
     else:
         with pytest.raises(ConfigError, match=re.escape(refused)):
             check_distributed(cfg, fake_accelerator(engine, **plugin))
+
+
+def test_fused_adamw_only_where_the_parameters_live_on_the_gpu():
+    """Fused AdamW steps GPU tensors: not FSDP's CPU-offloaded shards, not under DeepSpeed's engine."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    from fastdpo.trainer.loop import fused_adamw
+
+    def on(device, engine, **plugin):
+        acc = fake_accelerator(engine, **plugin)
+        acc.device = torch.device(device)
+        return fused_adamw(acc)
+
+    assert on("cuda", "MULTI_GPU") and on("cuda", "FSDP", cpu_offload=OffloadPolicy())
+    assert not on("cuda", "FSDP", cpu_offload=CPUOffloadPolicy())
+    assert not on("cuda", "DEEPSPEED", zero_stage=2) and not on("cpu", "MULTI_CPU")
