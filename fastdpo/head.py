@@ -34,6 +34,7 @@ fused-linear op's forward chunk loop in "linear" mode. No second read of the log
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from dataclasses import dataclass
@@ -232,6 +233,31 @@ def _from_logits(logits, layout: TokenLayout, scale, softcap, wanted: dict, inpl
 
 
 def _from_linear(hidden, layout: TokenLayout, lm_head, scale, softcap, wanted: dict, grad_spec=None):
+    with _gathered(lm_head):
+        return _linear_stats(hidden, layout, lm_head, scale, softcap, wanted, grad_spec)
+
+
+@contextlib.contextmanager
+def _gathered(lm_head):
+    """lm_head's whole weights while the linear path reads them. FSDP2 gathers a unit's parameters
+    in a hook on its forward, which this path never calls: where lm_head is a unit of its own (not
+    already gathered with the final norm, as accelerate groups them), gather it through FSDP, whose
+    end-of-backward step then reduce-scatters its gradient like any unit's. Without a gradient to
+    wait for, it is released again at once."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(lm_head, FSDPModule):
+        yield
+        return
+    lm_head.unshard()
+    try:
+        yield
+    finally:
+        if not torch.is_grad_enabled():
+            lm_head.reshard()
+
+
+def _linear_stats(hidden, layout: TokenLayout, lm_head, scale, softcap, wanted: dict, grad_spec=None):
     weight, bias = _full(lm_head.weight), _full(lm_head.bias)
     if torch.is_autocast_enabled(hidden.device.type):  # as lm_head(hidden) would run under autocast
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -276,5 +302,12 @@ def _eager(logits, layout: TokenLayout, scale, softcap, wanted: dict) -> _EagerS
 
 
 def _full(p: torch.Tensor | None) -> torch.Tensor | None:
-    """FSDP2 shards parameters as DTensors: the kernel needs the whole head."""
-    return p.full_tensor() if p is not None and hasattr(p, "full_tensor") else p
+    """The whole of a parameter that is still a sharded DTensor. Only for a frozen one: the gradient
+    through `full_tensor` would hold each rank's own contribution alone (silently wrong), so a
+    trainable sharded head that no FSDP unit gathers is refused."""
+    if p is None or not hasattr(p, "full_tensor"):
+        return p
+    if p.requires_grad and torch.is_grad_enabled():
+        raise ValueError("the fused linear head found lm_head.weight sharded (a DTensor) outside any FSDP2 unit "
+                         "that could gather it; shard lm_head with fully_shard, or use the logits mode")
+    return p.full_tensor()
