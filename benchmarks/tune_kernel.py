@@ -36,10 +36,11 @@ def sweep(name, P, T, V, masked, blocks, warps, device, bandwidth) -> list[str]:
     rows = []
     for block_v, num_warps in itertools.product(blocks, warps):
         kw = dict(block_v=block_v, num_warps=num_warps)
+        metrics = TokenOptions(token_metrics=True)
         lse = token_logps_forward(logits, labels, **kw).state
         cases = {
             "fwd": (lambda: token_logps_forward(logits, labels, **kw), pass_ms),
-            "fwd+metrics": (lambda: token_logps_forward(logits, labels, TokenOptions(token_metrics=True), **kw), pass_ms),
+            "fwd+metrics": (lambda: token_logps_forward(logits, labels, metrics, **kw), pass_ms),
             "bwd": (lambda: token_logps_backward(logits, labels, lse, g, out=out, **kw), 2 * pass_ms),
             "bwd in place": (lambda: token_logps_backward(out, labels, lse, g, out=out, **kw), 2 * pass_ms),
         }

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels.contract import SlabResults, TokenOptions, TokenResults
+from .kernels.contract import SlabResults, TokenOptions, TokenResults, backward_state
 
 # Rows per chunk are chosen so that one fp32 [rows, V] tile stays near this many bytes.
 CHUNK_BYTES = 64 * 2**20
@@ -134,7 +134,7 @@ def _log_sum_sq(s: torch.Tensor) -> torch.Tensor:
 def token_logps_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    state: torch.Tensor,
     grad_logp: torch.Tensor,
     options: TokenOptions = TokenOptions(),
     *,
@@ -143,17 +143,12 @@ def token_logps_backward(
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
-    `lse` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row;
-    of `options` only the score transform (inv_temp, softcap) is read.
-    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose state is
-    `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
+    """The kernels' `token_logps_backward` (same contract): the logits gradient of
+    sum_n grad_logp[n] * logp[n] from the forward's state, written to `out` (may be `logits`)."""
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     inv_temp, softcap = options.inv_temp, options.softcap
-    if lse.shape != (B * T, 2):
-        raise ValueError(f"lse must be the forward's [{B * T}, 2] state (logsumexp, 1 - p_label), "
-                         f"got {tuple(lse.shape)}")
+    state = backward_state(state, B * T)
     if out is None:
         out = torch.zeros((B, T, V), dtype=logits.dtype, device=logits.device)
     else:  # in place: every masked row must become exactly zero too
@@ -161,15 +156,15 @@ def token_logps_backward(
         out[masked // T, masked % T] = 0
     for b, t, idx, y in _chunks(labels, T, V):
         z = logits[b, t].to(acc)  # a copy (tensor indexing); the softcap's gradient needs it kept
-        state = lse[idx]
+        state_c = state[idx]
         # The scores are a new tile, or z itself when there is neither softcap nor temperature (and
         # then z is not needed after): dz is made in place over them.
-        dz = _scores(z, inv_temp, softcap).sub_(state[:, :1]).exp_().neg_()
+        dz = _scores(z, inv_temp, softcap).sub_(state_c[:, :1]).exp_().neg_()
         column = y - label_offset  # outside [0, V): the label is in another vocabulary slab
         inside = (column >= 0) & (column < V)
         at = column.clamp(0, V - 1)[:, None]
         # The label column: 1 - p_label from the forward's sum over the other tokens, not 1 - p (cancels).
-        dz.scatter_(1, at, torch.where(inside[:, None], state[:, 1:].to(acc), dz.gather(1, at)))
+        dz.scatter_(1, at, torch.where(inside[:, None], state_c[:, 1:].to(acc), dz.gather(1, at)))
         dz *= grad_logp[idx, None].to(acc)
         dz *= _scores_grad(z, inv_temp, softcap)
         out[b, t] = dz.to(out.dtype)

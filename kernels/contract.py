@@ -85,3 +85,11 @@ class SlabResults(NamedTuple):
         """A slab's results from a backend's forward over it, whose `logps` hold the label scores."""
         return cls(label_scores=results.logps, state=results.state, score_sums=results.score_sums,
                    entropy=results.entropy, top1=results.top1, log_sum_sq=results.log_sum_sq, max_scores=max_scores)
+
+
+def backward_state(state: torch.Tensor, n: int) -> torch.Tensor:
+    """The forward's backward state as a backward reads it: contiguous [n, 2], else a clear error."""
+    if state.shape != (n, 2):
+        raise ValueError(f"state must be the forward's [{n}, 2] backward state (logsumexp, 1 - p_label), "
+                         f"got {tuple(state.shape)}")
+    return state.contiguous()

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import SlabResults, TokenOptions, TokenResults
+from .contract import SlabResults, TokenOptions, TokenResults, backward_state
 
 
 @triton.jit
@@ -302,7 +302,7 @@ def _forward(logits, labels, label_offset, options: TokenOptions, block_v, num_w
 def token_logps_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    state: torch.Tensor,
     grad_logp: torch.Tensor,
     options: TokenOptions = TokenOptions(),
     *,
@@ -312,13 +312,13 @@ def token_logps_backward(
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
-    `lse` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row;
+    `state` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row;
     of `options` only the score transform (inv_temp, softcap) is read.
     With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose state is
-    `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
+    `state`, and label y's one-hot term falls at column y - o (none outside the slab)."""
     B, T, V = logits.shape
     N = B * T
-    lse = _state(lse, N)
+    state = backward_state(state, N)
     if out is None:
         out = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     if N == 0:
@@ -327,17 +327,10 @@ def token_logps_backward(
     token_logps_bwd_kernel[(N,)](
         logits, *logits.stride(),
         out, *out.stride(),
-        labels, lse, grad_logp,
+        labels, state, grad_logp,
         T, V, label_offset, *_split(options.inv_temp), *_split(options.softcap or 1.0),
         HAS_SOFTCAP=options.softcap is not None, ACC_DTYPE=_TL_ACC.get(_acc_dtype(logits.dtype), tl.float32),
         BLOCK_V=block_v, num_warps=num_warps,
     )
     return out
 
-
-def _state(state: torch.Tensor, n: int) -> torch.Tensor:
-    """The backward state as the kernel reads it: contiguous [n, 2]."""
-    if state.shape != (n, 2):
-        raise ValueError(f"lse must be the forward's [{n}, 2] state (logsumexp, 1 - p_label), "
-                         f"got {tuple(state.shape)}")
-    return state.contiguous()

@@ -101,6 +101,17 @@ def test_op_outputs_are_distinct_tensors_in_field_order():
     assert TokenResults._make(out).score_sums is results.score_sums
 
 
+@pytest.mark.parametrize("name", ["token_logps_forward", "token_slab_forward", "token_logps_backward"])
+def test_backends_share_one_signature(name):
+    """fastdpo.backend hands either module to the same callers."""
+    import inspect
+
+    from fastdpo import kernels, torch_backend
+
+    kernel, twin = (inspect.signature(getattr(m, name), eval_str=True) for m in (kernels, torch_backend))
+    assert kernel == twin
+
+
 def test_contract_imports_without_triton():
     """The PyTorch backend shares the contract on machines without Triton: with `import triton`
     failing, fastdpo.kernels still gives the contract, and the log-probs run on PyTorch."""
