@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import linear_chunks as C
-from .logps import op_outputs, statistics
+from .logps import non_differentiable, op_outputs
 from .objective import loss_gradient
 
 Tensor = torch.Tensor
@@ -84,8 +84,9 @@ def _fake_forward(hidden, offsets, options: LinearOptions) -> tuple[Tensor, ...]
 
 
 # ---- recompute: forward keeps the backward state, backward recomputes the logits ----
-# Every op takes the pass's LinearOptions flattened (`LinearOptions.flatten`), as its last
-# parameters, in field order (tests/test_options.py checks each schema).
+# Every op takes the pass's LinearOptions flattened (`LinearOptions.flatten`) as its last
+# parameters, in field order (tests/test_options.py checks each schema), and reads them back by
+# name (`LinearOptions.from_params`).
 
 @torch.library.custom_op("fastdpo::linear_logps", mutates_args=())
 def linear_logps(
@@ -96,8 +97,7 @@ def linear_logps(
     """-> the RowResults the options ask for, as op outputs (`logps.op_outputs`): row log-probs [B],
     backward state [N, 2] (logsumexp, 1 - p_label), row score sums, entropy sums, top-1 counts and
     sums of log sum_v p_v^2 [B]."""
-    options = LinearOptions.unflatten((inv_temp, softcap, sum_scores, token_metrics, log_sum_sq, save_lse,
-                                       chunk_tokens, vocab_chunk))
+    options = LinearOptions.from_params(locals())
     out = C.forward(C.make_plan(labels, offsets), hidden, weight, bias, options)
     return op_outputs(out, out.logps)
 
@@ -115,8 +115,7 @@ def linear_logps_backward(
     save_lse: bool, chunk_tokens: int, vocab_chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> d hidden [N, H], d weight [V, H], d bias [V]; each empty when not wanted."""
-    options = LinearOptions.unflatten((inv_temp, softcap, sum_scores, token_metrics, log_sum_sq, save_lse,
-                                       chunk_tokens, vocab_chunk))
+    options = LinearOptions.from_params(locals())
     grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
     C.backward(C.make_plan(labels, offsets), hidden, weight, bias, options, state, grad_rows, grads)
     return _grad_outputs(grads, hidden, bias)
@@ -132,7 +131,7 @@ def _setup_recompute(ctx, inputs, output):
     rows = RowResults._make(output)
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, rows.state)
     ctx.options = LinearOptions.from_op_inputs(inputs)
-    ctx.mark_non_differentiable(*statistics(rows))
+    ctx.mark_non_differentiable(*non_differentiable(rows))
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 
@@ -215,8 +214,7 @@ def linear_logps_grad_in_forward(
 ) -> GuessOutputs:
     """-> the RowResults (as `linear_logps`), then the GuessedGrads: the row gradients guessed [B], a
     'used' flag [1], and the gradients of hidden, weight, bias for that guess."""
-    options = LinearOptions.unflatten((inv_temp, softcap, sum_scores, token_metrics, log_sum_sq, save_lse,
-                                       chunk_tokens, vocab_chunk))
+    options = LinearOptions.from_params(locals())
     plan = C.make_plan(labels, offsets)
     grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
     acc = C.acc_dtype(hidden.dtype)
@@ -283,13 +281,12 @@ def linear_logps_finish_(
     save_lse: bool, chunk_tokens: int, vocab_chunk: int,
 ) -> None:
     """Turn the gradients built for `guess` into the gradients for `grad_rows`, in place."""
+    options = LinearOptions.from_params(locals())
     starts = C.valid_starts(labels, offsets)
     s = guess_scale(grad_rows, guess, starts[1:] - starts[:-1], used)
     used.fill_(1)
     bufs = [t for t in (d_hidden, d_weight, d_bias) if t.numel()]
     if s is None:  # the guess does not explain the true gradient: recompute it exactly
-        options = LinearOptions.unflatten((inv_temp, softcap, sum_scores, token_metrics, log_sum_sq, save_lse,
-                                           chunk_tokens, vocab_chunk))
         grads = C.Grads(hidden=d_hidden.zero_() if d_hidden.numel() else None,
                         weight=d_weight if d_weight.numel() else None,
                         bias=torch.zeros_like(d_bias, dtype=C.acc_dtype(d_bias.dtype)) if d_bias.numel() else None)
@@ -311,7 +308,7 @@ def _setup_grad_in_forward(ctx, inputs, output):
     rows, guessed = row_results(output), GuessedGrads._make(output[len(RowResults._fields):])
     ctx.save_for_backward(hidden, weight, bias, labels, offsets, rows.state, *guessed)
     ctx.options = LinearOptions.from_op_inputs(inputs)
-    ctx.mark_non_differentiable(*statistics(rows), *guessed)
+    ctx.mark_non_differentiable(*non_differentiable(rows), *guessed)
     # Outputs without a gradient stay None: materializing them would zero-fill a second dW.
     ctx.set_materialize_grads(False)
 

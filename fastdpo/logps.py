@@ -45,7 +45,7 @@ def op_outputs(results: tuple, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x if x is not None else like.new_empty(0) for x in results)
 
 
-def statistics(results: tuple) -> tuple[torch.Tensor, ...]:
+def non_differentiable(results: tuple) -> tuple[torch.Tensor, ...]:
     """Every result of a NamedTuple of results but the differentiable `logps`: what an op marks
     non-differentiable."""
     return tuple(x for name, x in zip(results._fields, results) if name != "logps")
@@ -59,7 +59,8 @@ TokenOutputs = tuple[(torch.Tensor,) * len(TokenResults._fields)]
 # Custom ops (rather than a torch.autograd.Function) so that torch.compile(fullgraph=True) sees
 # one opaque call per pass: the kernels, their launch-time checks and the backend choice stay
 # outside the traced graph, and there is no graph break. Each op takes the pass's LogitsOptions
-# flattened (`LogitsOptions.flatten`), as its last parameters, in field order.
+# flattened (`LogitsOptions.flatten`) as its last parameters, in field order (tests/test_options.py
+# checks each schema), and reads them back by name (`LogitsOptions.from_params`).
 
 @torch.library.custom_op("fastdpo::token_logps", mutates_args=())
 def token_logps_op(
@@ -68,8 +69,7 @@ def token_logps_op(
 ) -> TokenOutputs:
     """logits [B, T, V], flat labels [B*T] (-1 = masked) -> the TokenResults the options ask for, as
     op outputs (`op_outputs`); `inplace_backward` is only read by the backward."""
-    options = LogitsOptions.unflatten((inv_temp, softcap, sum_scores, token_metrics, log_sum_sq, save_lse,
-                                       inplace_backward))
+    options = LogitsOptions.from_params(locals())
     results = get_backend(logits.device).token_logps_forward(logits, labels, options)
     return op_outputs(results, results.logps)
 
@@ -96,8 +96,7 @@ def token_logps_backward_op(
     inplace_backward: bool,
 ) -> torch.Tensor:
     """Gradient w.r.t. the logits of sum_n grad_logp[n] * logp[n], as a new [B, T, V] tensor."""
-    options = LogitsOptions.unflatten((inv_temp, softcap, sum_scores, token_metrics, log_sum_sq, save_lse,
-                                       inplace_backward))
+    options = LogitsOptions.from_params(locals())
     return get_backend(logits.device).token_logps_backward(logits, labels, state, grad_logp, options)
 
 
@@ -113,8 +112,7 @@ def token_logps_backward_inplace_op(
     inplace_backward: bool,
 ) -> None:
     """The same gradient written over the logits (no second [B, T, V] tensor)."""
-    options = LogitsOptions.unflatten((inv_temp, softcap, sum_scores, token_metrics, log_sum_sq, save_lse,
-                                       inplace_backward))
+    options = LogitsOptions.from_params(locals())
     get_backend(logits.device).token_logps_backward(logits, labels, state, grad_logp, options, out=logits)
 
 
@@ -128,7 +126,7 @@ def _setup_token_logps(ctx, inputs, output):
     results = TokenResults._make(output)
     ctx.save_for_backward(logits, labels, results.state)
     ctx.options = LogitsOptions.from_op_inputs(inputs)
-    ctx.mark_non_differentiable(*statistics(results))
+    ctx.mark_non_differentiable(*non_differentiable(results))
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 

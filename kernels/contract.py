@@ -10,7 +10,7 @@ imports them on machines without Triton.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -20,10 +20,11 @@ class TokenOptions:
     """What one pass over token rows computes: scores s = softcap * tanh(z / softcap) * inv_temp
     (no tanh without a softcap), and which statistics besides the label log-probs.
 
-    Custom ops take scalars, not objects: `flatten` gives the fields' values in declaration order
-    (subclasses append theirs), and `unflatten` rebuilds the options from them. Those two are the
-    only place the order is written down; an op lists its option parameters in that order, which
-    tests/test_options.py checks against each op's schema.
+    Custom ops take scalars, not objects: a caller passes `flatten()` (the fields' values in
+    declaration order, subclasses appending theirs) as an op's last arguments, and the op rebuilds
+    the options from its parameters by name (`from_params`); `unflatten` is the positional inverse
+    for what sees the op's inputs as a tuple (fake implementations, autograd's setup). An op lists
+    its option parameters in field order, which tests/test_options.py checks on each op's schema.
     """
 
     inv_temp: float = 1.0
@@ -43,6 +44,12 @@ class TokenOptions:
         if len(flat) != cls.arity():
             raise ValueError(f"{cls.__name__} has {cls.arity()} fields, got {len(flat)} values")
         return cls(*flat)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "TokenOptions":
+        """The options from a custom op's parameters, by their names (the op passes its `locals()`
+        first thing), so that the op's body does not depend on where its options stand."""
+        return cls(**{f.name: params[f.name] for f in fields(cls)})
 
     @classmethod
     def arity(cls) -> int:

@@ -38,6 +38,7 @@ def test_flatten_round_trips_every_field(cls):
     assert cls.unflatten(flat) == options
     assert {f.name: v for f, v in zip(dataclasses.fields(cls), flat)} == values
     assert cls.from_op_inputs(("a tensor", "another", *flat)) == options
+    assert cls.from_params({"labels": "not an option", **values}) == options
     with pytest.raises(ValueError, match="fields"):
         cls.unflatten(flat[:-1])
     with pytest.raises(dataclasses.FrozenInstanceError):
