@@ -305,12 +305,12 @@ class _Pass:
                  for vocab in slabs]
         return merge_slabs(parts, labels, slabs[-1].stop)
 
-    def token_backward_(self, z: torch.Tensor, pos, lse: torch.Tensor, g_tok: torch.Tensor,
+    def token_backward_(self, z: torch.Tensor, pos, state: torch.Tensor, g_tok: torch.Tensor,
                         first_column: int = 0) -> torch.Tensor:
         """dz over z, in place (each element is read before it is written, softcap included);
-        z holds the vocabulary columns from `first_column` on, lse is over the whole vocabulary."""
+        z holds the vocabulary columns from `first_column` on, the state is the whole rows'."""
         view = z.unsqueeze(0)
-        self.backend.token_logps_backward(view, self.plan.labels[pos], lse, g_tok.contiguous(), self.options,
+        self.backend.token_logps_backward(view, self.plan.labels[pos], state, g_tok.contiguous(), self.options,
                                           out=view, label_offset=first_column)
         return z
 

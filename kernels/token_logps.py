@@ -195,7 +195,8 @@ def token_logps_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers. Tensors are [B, T, V] logits with any strides and [B * T] per-token vectors.
+# Launchers. Tensors are [B, T, V] logits with any strides and [B * T] per-token vectors; what a
+# pass computes comes in one TokenOptions, and its results go back named (kernels/contract.py).
 
 _TL_ACC = {torch.float64: tl.float64}
 
