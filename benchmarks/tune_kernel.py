@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from fastdpo.kernels import TokenOptions  # noqa: E402
 from fastdpo.kernels.token_logps import token_logps_backward, token_logps_forward  # noqa: E402
 
 
@@ -35,10 +36,11 @@ def sweep(name, P, T, V, masked, blocks, warps, device, bandwidth) -> list[str]:
     rows = []
     for block_v, num_warps in itertools.product(blocks, warps):
         kw = dict(block_v=block_v, num_warps=num_warps)
-        lse = token_logps_forward(logits, labels, **kw)[1]
+        metrics = TokenOptions(token_metrics=True)
+        lse = token_logps_forward(logits, labels, **kw).state
         cases = {
             "fwd": (lambda: token_logps_forward(logits, labels, **kw), pass_ms),
-            "fwd+metrics": (lambda: token_logps_forward(logits, labels, token_metrics=True, **kw), pass_ms),
+            "fwd+metrics": (lambda: token_logps_forward(logits, labels, metrics, **kw), pass_ms),
             "bwd": (lambda: token_logps_backward(logits, labels, lse, g, out=out, **kw), 2 * pass_ms),
             "bwd in place": (lambda: token_logps_backward(out, labels, lse, g, out=out, **kw), 2 * pass_ms),
         }

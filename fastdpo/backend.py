@@ -1,7 +1,9 @@
 """The one place that chooses how per-token log-probs are computed: Triton kernels or PyTorch.
 
-Both backends expose the same two functions, `token_logps_forward` and `token_logps_backward`
-(see kernels/token_logps.py for their math), so everything above them is backend-agnostic.
+Both backends expose the same functions, `token_logps_forward`, `token_slab_forward` and
+`token_logps_backward` (see kernels/token_logps.py for their math), with one contract: they take a
+`TokenOptions` and return named results (kernels/contract.py), so everything above them is
+backend-agnostic.
 
 FASTDPO_BACKEND=auto (default) uses Triton for CUDA tensors and the chunked PyTorch path
 elsewhere; =triton forces the kernels (CPU tensors need TRITON_INTERPRET=1, which is how CI
@@ -51,7 +53,7 @@ def backend_name(device: torch.device) -> str:
 
 
 def get_backend(device: torch.device) -> ModuleType:
-    """Module with token_logps_forward / token_logps_backward for tensors on `device`."""
+    """Module with token_logps_forward / token_slab_forward / token_logps_backward for tensors on `device`."""
     if backend_name(device) == "triton":
         from . import kernels
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import validation as V
-from .logps import layout_stats, token_layout
+from .logps import LogitsOptions, layout_stats, pass_options, token_layout
 from .losses import LossConfig
 from .objective import LossModule, loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
@@ -86,7 +86,8 @@ def fused_dpo_loss(
     if cu_seqlens is not None:
         rows = check_cu_seqlens(cu_seqlens, policy_logits.shape, policy_logits)
     V.check_pairs(rows, "cu_seqlens" if cu_seqlens is not None else "policy_logits")
-    V.check_scores(temperature, softcap)
+    options = pass_options(LogitsOptions, temperature, softcap, sum_scores=return_metrics,
+                           log_sum_sq=cfg.use_weighting, inplace_backward=inplace_backward)
     if ref_logits is not None:
         V.check_logits(ref_logits, "ref_logits")
         if ref_logits.shape != policy_logits.shape:
@@ -97,13 +98,12 @@ def fused_dpo_loss(
     # Labels, mask and row layout are checked and prepared once, for both passes.
     layout = token_layout(policy_logits, labels, mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
                           name="policy_logits")
-    scores = dict(temperature=temperature, softcap=softcap)
     ref_pass = None
-    if ref_logits is not None:
-        ref_pass = lambda: layout_stats(ref_logits, layout, name="ref_logits", **scores).logps  # noqa: E731
+    if ref_logits is not None:  # the reference's log-probs only, with the policy's score transform
+        ref_options = LogitsOptions(inv_temp=options.inv_temp, softcap=options.softcap)
+        ref_pass = lambda: layout_stats(ref_logits, layout, ref_options, name="ref_logits").logps  # noqa: E731
     ref = resolve_reference(cfg, rows, policy_logits, ref_logps, reference_free, ref_pass)
-    policy = layout_stats(policy_logits, layout, sum_scores=return_metrics, inplace_backward=inplace_backward,
-                          name="policy_logits", log_sum_sq=cfg.use_weighting, **scores)
+    policy = layout_stats(policy_logits, layout, options, name="policy_logits")
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
                           vocab=policy_logits.shape[-1], return_metrics=return_metrics,
                           return_rows=return_rows, pair_weights=policy_weights(policy, cfg))

@@ -46,7 +46,7 @@ from transformers.utils import ModelOutput
 from .layouts import Scoring, scoring_from_labels, scoring_from_shifted
 from . import validation as V
 from .linear import linear_sequence_stats
-from .logps import TokenLayout, layout_stats
+from .logps import LogitsOptions, TokenLayout, layout_stats
 from .packed import segment_sums
 from .validation import value_checks_enabled
 
@@ -228,8 +228,8 @@ def _from_logits(logits, layout: TokenLayout, scale, softcap, wanted: dict, inpl
         else:
             logits = logits * scale
     # Entropy and top-1 come from the same pass as the log-probs: no second read of the logits.
-    return layout_stats(logits.unsqueeze(0), layout, temperature=temperature, softcap=softcap,
-                        inplace_backward=inplace, **wanted)
+    options = LogitsOptions(inv_temp=1.0 / temperature, softcap=softcap, inplace_backward=inplace, **wanted)
+    return layout_stats(logits.unsqueeze(0), layout, options)
 
 
 def _from_linear(hidden, layout: TokenLayout, lm_head, scale, softcap, wanted: dict, grad_spec=None):

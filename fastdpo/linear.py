@@ -41,13 +41,15 @@ Keeping logits would only pay for losses that couple pairs (aot), which are rare
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from . import validation as V
-from .linear_ops import linear_logps, linear_logps_grad_in_forward
-from .logps import SequenceStats, TokenLayout, build_layout
+from .linear_chunks import LinearOptions
+from .linear_ops import linear_logps, linear_logps_grad_in_forward, row_results
+from .logps import SequenceStats, TokenLayout, build_layout, pass_options
 from .losses import LossConfig
 from .objective import LossModule, grad_in_forward_spec, loss_from_rows, policy_weights, resolve_reference
 from .packed import check_cu_seqlens
@@ -99,23 +101,23 @@ def linear_sequence_stats(
     hidden, weight, bias = V.check_linear(hidden, weight, bias)
     V.check_labels(labels, hidden.shape[:2], mask)
     V.check_same_device(hidden, labels=labels, mask=mask)
-    V.check_scores(temperature, softcap)
-    pass_options = _pass_options(temperature, softcap, chunk_size, vocab_chunk_size)
+    options = _linear_options(temperature, softcap, chunk_size, vocab_chunk_size, sum_scores=sum_scores,
+                              token_metrics=token_metrics, log_sum_sq=log_sum_sq)
     if layout is None:
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, hidden.shape, hidden)
         layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index,
                               cu_seqlens=cu_seqlens)
-    return _linear_pass(hidden, weight, bias, layout, pass_options, sum_scores=sum_scores,
-                        token_metrics=token_metrics, grad_spec=grad_spec, log_sum_sq=log_sum_sq)
+    return _linear_pass(hidden, weight, bias, layout, options, grad_spec=grad_spec)
 
 
-def _pass_options(temperature: float, softcap: float | None, chunk_size: int | None,
-                  vocab_chunk_size: int | None) -> tuple[float, float | None, int, int]:
-    """(1 / temperature, softcap, chunk tokens, vocabulary slab) as the ops take them (0 = default)."""
-    chunk = _size_or_default(chunk_size, "chunk_size", "tokens")
-    vocab_chunk = _size_or_default(vocab_chunk_size, "vocab_chunk_size", "vocabulary rows")
-    return 1.0 / temperature, softcap, chunk, vocab_chunk
+def _linear_options(temperature: float, softcap: float | None, chunk_size: int | None, vocab_chunk_size: int | None,
+                    **statistics: bool) -> LinearOptions:
+    """The pass's options from the public arguments, checked: the scores, then the chunk sizes (0 for
+    the default)."""
+    options = pass_options(LinearOptions, temperature, softcap, **statistics)
+    return replace(options, chunk_tokens=_size_or_default(chunk_size, "chunk_size", "tokens"),
+                   vocab_chunk=_size_or_default(vocab_chunk_size, "vocab_chunk_size", "vocabulary rows"))
 
 
 def _linear_pass(
@@ -123,33 +125,21 @@ def _linear_pass(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     layout: TokenLayout,
-    pass_options: tuple[float, float | None, int, int],
-    *,
-    sum_scores: bool = False,
-    token_metrics: bool = False,
+    options: LinearOptions,
     grad_spec: tuple[str, torch.Tensor] | None = None,
-    log_sum_sq: bool = False,
 ) -> SequenceStats:
     """The fused linear pass on inputs the caller checked, for a prepared layout."""
     B, T, H = hidden.shape
     flat_hidden = hidden.reshape(B * T, H)
     want = _wants_grad(hidden, weight, bias)
-    inv_temp, softcap, chunk, vocab_chunk = pass_options
-    args = (inv_temp, softcap, sum_scores, token_metrics, chunk, vocab_chunk)
     flat, offsets = layout.labels, layout.offsets
     if grad_spec is not None and any(want):
         spec, ref_rows = grad_spec
-        logps, zsum, ent, top1, _lse, lss, *_ = linear_logps_grad_in_forward(
-            flat_hidden, weight, bias, flat, offsets, ref_rows, spec, *args, *want, log_sum_sq)
+        outputs = linear_logps_grad_in_forward(flat_hidden, weight, bias, flat, offsets, ref_rows, spec, *want,
+                                               *options.flatten())
     else:
-        logps, zsum, ent, top1, _lse, lss = linear_logps(flat_hidden, weight, bias, flat, offsets, *args, log_sum_sq)
-
-    def detached(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
-        return x.detach() if wanted else None
-
-    return SequenceStats(logps=logps, counts=layout.counts, score_sums=detached(zsum, sum_scores),
-                         entropy_sums=detached(ent, token_metrics), top1_counts=detached(top1, token_metrics),
-                         log_sum_sq_sums=detached(lss, log_sum_sq))
+        outputs = linear_logps(flat_hidden, weight, bias, flat, offsets, *options.flatten())
+    return SequenceStats.of(row_results(outputs), layout.counts, options)
 
 
 def linear_sequence_logps(
@@ -295,18 +285,18 @@ def fused_linear_dpo_loss(
     V.check_pairs(rows, "hidden" if cu_seqlens is None else "cu_seqlens")
     V.check_labels(labels, hidden.shape[:2], mask)  # policy inputs first, before the reference pass
     V.check_same_device(hidden, labels=labels, mask=mask)
-    V.check_scores(temperature, softcap)
-    pass_options = _pass_options(temperature, softcap, chunk_size, vocab_chunk_size)
+    options = _linear_options(temperature, softcap, chunk_size, vocab_chunk_size, sum_scores=return_metrics,
+                              log_sum_sq=cfg.use_weighting)
     reference = _reference_linear(ref_hidden, ref_weight, ref_bias, weight, bias, hidden)
     # Every input is checked above, once; labels, mask and rows are prepared once, for both passes.
     layout = build_layout(hidden, labels, weight.shape[0], mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     ref_pass = None
     if reference is not None:
-        ref_pass = lambda: _linear_pass(*reference, layout, pass_options).logps  # noqa: E731
+        ref_options = replace(options, sum_scores=False, log_sum_sq=False)  # the reference's log-probs only
+        ref_pass = lambda: _linear_pass(*reference, layout, ref_options).logps  # noqa: E731
     ref = resolve_reference(cfg, rows, hidden, ref_logps, reference_free, ref_pass)
     spec = grad_in_forward_spec(cfg, grad_in_forward)
-    policy = _linear_pass(hidden, weight, bias, layout, pass_options, sum_scores=return_metrics,
-                          grad_spec=None if spec is None else (spec, ref), log_sum_sq=cfg.use_weighting)
+    policy = _linear_pass(hidden, weight, bias, layout, options, None if spec is None else (spec, ref))
     return loss_from_rows(policy.logps, ref, policy.counts, cfg, score_sums=policy.score_sums,
                           vocab=weight.shape[0], return_metrics=return_metrics,
                           return_rows=return_rows, pair_weights=policy_weights(policy, cfg))

@@ -36,12 +36,13 @@ rounding error is about sqrt(k) half-ulps of the input dtype; db accumulates in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple
 
 import torch
 
 from .backend import get_backend
+from .kernels.contract import SlabResults, TokenOptions, TokenResults
 from .packed import segment_sums
 
 # One chunk of logits (input dtype) stays near this many bytes unless a chunk size is given.
@@ -195,10 +196,13 @@ def _size(chunk: Chunk) -> int:
 
 # ---- the three stages of one chunk ----
 
-@dataclass
-class Options:
-    inv_temp: float
-    softcap: float | None
+@dataclass(frozen=True)
+class LinearOptions(TokenOptions):
+    """One fused linear pass: what the kernels compute (TokenOptions; the state is always saved),
+    and how the tokens and the vocabulary are chunked."""
+
+    chunk_tokens: int = 0  # valid tokens per chunk of logits (0: `resolve_chunk_tokens`'s default)
+    vocab_chunk: int = 0  # vocabulary rows per slab (0: the whole vocabulary at once)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
@@ -264,8 +268,9 @@ def new_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 class _Pass:
     """The per-chunk work shared by every mode: gather, matmul, kernels, gradient."""
 
-    def __init__(self, plan: Plan, hidden, weight, bias, opts: Options, max_chunk: int, max_vocab: int = 0):
-        self.plan, self.hidden, self.weight, self.bias, self.opts = plan, hidden, weight, bias, opts
+    def __init__(self, plan: Plan, hidden, weight, bias, options: LinearOptions, max_chunk: int, max_vocab: int = 0):
+        self.plan, self.hidden, self.weight, self.bias = plan, hidden, weight, bias
+        self.options = replace(options, save_lse=True)  # every mode keeps or uses the backward state
         self.backend = get_backend(hidden.device)
         # One logits buffer for the whole pass ([chunk, vocabulary slab]), sliced per chunk: no
         # allocator churn.
@@ -286,43 +291,33 @@ class _Pass:
         z = self.buf[: h.shape[0] * (vocab.stop - vocab.start)].view(h.shape[0], -1)
         return _logits(h, self.weight[vocab], None if self.bias is None else self.bias[vocab], z)
 
-    def token_forward(self, z: torch.Tensor, pos, sum_scores: bool, token_metrics: bool, log_sum_sq: bool = False):
-        """(logp, lse, zsum, entropy, top1, log sum p^2) of the chunk's tokens; the last four None unless asked."""
-        return self.backend.token_logps_forward(
-            z.unsqueeze(0), self.plan.labels[pos], inv_temp=self.opts.inv_temp, softcap=self.opts.softcap,
-            save_lse=True, sum_scores=sum_scores, token_metrics=token_metrics, log_sum_sq=log_sum_sq,
-        )
+    def token_forward(self, z: torch.Tensor, pos) -> TokenResults:
+        """The chunk's token results: log-probs, backward state and the statistics asked for."""
+        return self.backend.token_logps_forward(z.unsqueeze(0), self.plan.labels[pos], self.options)
 
-    def slab_forward(self, h: torch.Tensor, pos, slabs: list[slice], sum_scores: bool, token_metrics: bool,
-                     log_sum_sq: bool = False):
+    def slab_forward(self, h: torch.Tensor, pos, slabs: list[slice]) -> TokenResults:
         """`token_forward` of a chunk whose logits are made one vocabulary slab at a time."""
         if len(slabs) == 1:
-            return self.token_forward(self.slab_logits(h, slabs[0]), pos, sum_scores, token_metrics, log_sum_sq)
+            return self.token_forward(self.slab_logits(h, slabs[0]), pos)
         labels = self.plan.labels[pos]
-        parts = [
-            self.backend.token_slab_forward(
-                self.slab_logits(h, vocab).unsqueeze(0), labels, vocab.start, inv_temp=self.opts.inv_temp,
-                softcap=self.opts.softcap, sum_scores=sum_scores, token_metrics=token_metrics, log_sum_sq=log_sum_sq,
-            )
-            for vocab in slabs
-        ]
+        parts = [self.backend.token_slab_forward(self.slab_logits(h, vocab).unsqueeze(0), labels, vocab.start,
+                                                 self.options)
+                 for vocab in slabs]
         return merge_slabs(parts, labels, slabs[-1].stop)
 
-    def token_backward_(self, z: torch.Tensor, pos, lse: torch.Tensor, g_tok: torch.Tensor,
+    def token_backward_(self, z: torch.Tensor, pos, state: torch.Tensor, g_tok: torch.Tensor,
                         first_column: int = 0) -> torch.Tensor:
         """dz over z, in place (each element is read before it is written, softcap included);
-        z holds the vocabulary columns from `first_column` on, lse is over the whole vocabulary."""
+        z holds the vocabulary columns from `first_column` on, the state is the whole rows'."""
         view = z.unsqueeze(0)
-        self.backend.token_logps_backward(
-            view, self.plan.labels[pos], lse, g_tok.contiguous(), inv_temp=self.opts.inv_temp,
-            softcap=self.opts.softcap, out=view, label_offset=first_column,
-        )
+        self.backend.token_logps_backward(view, self.plan.labels[pos], state, g_tok.contiguous(), self.options,
+                                          out=view, label_offset=first_column)
         return z
 
 
-def merge_slabs(parts: list[tuple], labels: torch.Tensor, vocab: int) -> tuple:
-    """One token's results from those of its vocabulary slabs (`token_slab_forward`'s tuples, in
-    vocabulary order): (logp, state, zsum, entropy, top1, log sum p^2) as `token_forward` gives them.
+def merge_slabs(parts: list[SlabResults], labels: torch.Tensor, vocab: int) -> TokenResults:
+    """One token's results from those of its vocabulary slabs (`token_slab_forward`'s, in
+    vocabulary order), as `token_forward` gives them for the whole rows:
 
         lse = logsumexp_s lse_s,   w_s = exp(lse_s - lse)   (each slab's share of the probability)
         1 - p_label = sum_s w_s rest_s                       (rest_s: slab s's mass that is not the
@@ -331,20 +326,24 @@ def merge_slabs(parts: list[tuple], labels: torch.Tensor, vocab: int) -> tuple:
         top1 = top1 of the first slab holding the overall max score
         log sum p^2 = logsumexp_s (lss_s + 2 log w_s)        (sum_v p_v^2 = sum_s w_s^2 sum_{v in s} p_sv^2)
     """
-    score, state, zsum, ent, top1, top, lss = (None if p[0] is None else torch.stack(p) for p in zip(*parts))
-    lse_s = state[..., 0]
+    # Each field stacked over the slabs: [slabs, tokens] (the state [slabs, tokens, 2]).
+    s = SlabResults._make(None if p[0] is None else torch.stack(p) for p in zip(*parts))
+    lse_s = s.state[..., 0]
     lse = torch.logsumexp(lse_s, 0)
     # A label >= V (label checks off) is in no slab: NaN, as the unsplit kernel gives.
-    logp = torch.where(labels < vocab, score.sum(0) - lse, float("nan"))
+    logp = torch.where(labels < vocab, s.label_scores.sum(0) - lse, float("nan"))
     log_w = lse_s - lse
     w = log_w.exp()
-    rest = (w * state[..., 1]).sum(0)
-    if ent is not None:
-        ent = (w * ent).sum(0) - (w * log_w).sum(0)
-        top1 = top1.gather(0, top.argmax(0, keepdim=True)).squeeze(0)  # argmax: the first maximum
-    if lss is not None:
-        lss = torch.logsumexp(lss + 2 * log_w, 0)
-    return logp, torch.stack([lse, rest], 1), None if zsum is None else zsum.sum(0), ent, top1, lss
+    rest = (w * s.state[..., 1]).sum(0)
+    ent = top1 = lss = None
+    if s.entropy is not None:
+        ent = (w * s.entropy).sum(0) - (w * log_w).sum(0)
+        top1 = s.top1.gather(0, s.max_scores.argmax(0, keepdim=True)).squeeze(0)  # argmax: the first maximum
+    if s.log_sum_sq is not None:
+        lss = torch.logsumexp(s.log_sum_sq + 2 * log_w, 0)
+    return TokenResults(logps=logp, state=torch.stack([lse, rest], 1),
+                        score_sums=None if s.score_sums is None else s.score_sums.sum(0), entropy=ent, top1=top1,
+                        log_sum_sq=lss)
 
 
 def vocab_slabs(vocab: int, width: int) -> list[slice]:
@@ -353,111 +352,114 @@ def vocab_slabs(vocab: int, width: int) -> list[slice]:
     return [slice(a, min(a + width, vocab)) for a in range(0, vocab, width)]
 
 
-@dataclass
-class ForwardResult:
+class RowResults(NamedTuple):
+    """A forward's results per row [B]: TokenResults' fields, in its order, summed over each row's
+    valid tokens, but for the per-token `state` that the backward reads. None unless asked for."""
+
     logps: torch.Tensor  # [B] row sums of the label log-probs (fp32, fp64 for fp64 inputs)
-    zsum: torch.Tensor | None  # [B] row sums of sum_v s_tv, when asked
-    lse: torch.Tensor  # [N, 2] per-token backward state: logsumexp, 1 - p_label (0 on masked tokens)
-    entropy: torch.Tensor | None  # [B] row sums of the token entropies, when asked
-    top1: torch.Tensor | None  # [B] tokens whose label is the first argmax, when asked
-    log_sum_sq: torch.Tensor | None = None  # [B] row sums of log sum_v p_tv^2 (WPO), when asked
+    state: torch.Tensor  # [N, 2] per-token backward state: logsumexp, 1 - p_label (0 on masked tokens)
+    score_sums: torch.Tensor | None  # [B] row sums of sum_v s_tv
+    entropy: torch.Tensor | None  # [B] row sums of the token entropies
+    top1: torch.Tensor | None  # [B] tokens whose label is the first argmax
+    log_sum_sq: torch.Tensor | None  # [B] row sums of log sum_v p_tv^2 (WPO)
 
 
-def _per_token(plan: Plan, like: torch.Tensor, sum_scores: bool, token_metrics: bool, log_sum_sq: bool = False):
-    """Zeroed [Nv] log-prob, [Nv, 2] backward state and (if asked) [Nv] score-sum, entropy, top-1
-    and log sum p^2
-    vectors in the accumulation dtype: the order `token_forward` returns them in."""
+def _per_token(plan: Plan, like: torch.Tensor, options: TokenOptions) -> TokenResults:
+    """Zeroed [Nv] vectors (the state [Nv, 2]) in the accumulation dtype for the results `options`
+    ask for, to be filled chunk by chunk (`_store`)."""
 
     def vector(wanted: bool, *shape: int) -> torch.Tensor | None:
         size = (plan.num_valid, *shape)
         return torch.zeros(size, dtype=acc_dtype(like.dtype), device=like.device) if wanted else None
 
-    return (vector(True), vector(True, 2), vector(sum_scores), vector(token_metrics), vector(token_metrics),
-            vector(log_sum_sq))
+    return TokenResults(logps=vector(True), state=vector(True, 2), score_sums=vector(options.sum_scores),
+                        entropy=vector(options.token_metrics), top1=vector(options.token_metrics),
+                        log_sum_sq=vector(options.log_sum_sq))
 
 
-def _store(per_token, pos, values) -> None:
+def _store(per_token: TokenResults, pos, chunk: TokenResults) -> None:
     """Write one chunk's token results into the [Nv] vectors that were asked for."""
-    for vector, value in zip(per_token, values):
+    for vector, value in zip(per_token, chunk):  # the same NamedTuple: field by field
         if vector is not None:
             vector[pos] = value
 
 
-def _finish_forward(plan: Plan, n_tokens: int, logp, lse, zsum, ent, top1, lss=None) -> ForwardResult:
-    lse_full = lse.new_zeros(n_tokens, 2)
-    lse_full[plan.order] = lse
+def _finish_forward(plan: Plan, n_tokens: int, per_token: TokenResults) -> RowResults:
+    state = per_token.state.new_zeros(n_tokens, 2)
+    state[plan.order] = per_token.state
 
     def rows(x: torch.Tensor | None) -> torch.Tensor | None:
         return segment_sums(x, plan.starts_t) if x is not None else None
 
-    return ForwardResult(logps=rows(logp), zsum=rows(zsum), lse=lse_full, entropy=rows(ent), top1=rows(top1),
-                         log_sum_sq=rows(lss))
+    return RowResults(logps=rows(per_token.logps), state=state, score_sums=rows(per_token.score_sums),
+                      entropy=rows(per_token.entropy), top1=rows(per_token.top1),
+                      log_sum_sq=rows(per_token.log_sum_sq))
 
 
-def forward(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, token_metrics: bool,
-            chunk_tokens: int, vocab_chunk: int = 0, log_sum_sq: bool = False) -> ForwardResult:
-    """Row log-probs (and score sums, token metrics), saving each token's state for `backward`;
-    with `vocab_chunk`, each chunk's logits are made slab by slab and the slabs' results merged."""
-    chunks = token_chunks(plan, resolve_chunk_tokens(chunk_tokens, weight))
-    slabs = vocab_slabs(weight.shape[0], vocab_chunk)
+def forward(plan: Plan, hidden, weight, bias, options: LinearOptions) -> RowResults:
+    """Row log-probs (and the statistics `options` ask for), saving each token's state for `backward`;
+    with `options.vocab_chunk`, each chunk's logits are made slab by slab and the slabs' results merged."""
+    chunks = token_chunks(plan, resolve_chunk_tokens(options.chunk_tokens, weight))
+    slabs = vocab_slabs(weight.shape[0], options.vocab_chunk)
     max_chunk = max((_size(c) for c in chunks), default=0)
-    run = _Pass(plan, hidden, weight, bias, opts, max_chunk, max(s.stop - s.start for s in slabs))
-    per_token = _per_token(plan, hidden, sum_scores, token_metrics, log_sum_sq)
+    run = _Pass(plan, hidden, weight, bias, options, max_chunk, max(s.stop - s.start for s in slabs))
+    per_token = _per_token(plan, hidden, options)
     for chunk in chunks:
         pos, _idx, h = run.gather(chunk)
-        _store(per_token, pos, run.slab_forward(h, pos, slabs, sum_scores, token_metrics, log_sum_sq))
-    return _finish_forward(plan, hidden.shape[0], *per_token)
+        _store(per_token, pos, run.slab_forward(h, pos, slabs))
+    return _finish_forward(plan, hidden.shape[0], per_token)
 
 
-def backward(plan: Plan, hidden, weight, bias, opts: Options, lse: torch.Tensor, grad_rows: torch.Tensor,
-             chunk_tokens: int, grads: Grads, vocab_chunk: int = 0) -> Grads:
+def backward(plan: Plan, hidden, weight, bias, options: LinearOptions, state: torch.Tensor, grad_rows: torch.Tensor,
+             grads: Grads) -> Grads:
     """Recompute each chunk's logits, turn them into dz in place, fold dz into `grads`.
 
-    With `vocab_chunk` (rows of W per slab; 0: all), each chunk of tokens is done slab by slab, so
-    the only [tokens x vocab] buffer is [chunk, vocab_chunk]; dH then sums the slabs in fp32 (one
-    [chunk, H] accumulator). The FLOPs are the same; the GEMMs are smaller.
+    With `options.vocab_chunk` (rows of W per slab; 0: all), each chunk of tokens is done slab by
+    slab, so the only [tokens x vocab] buffer is [chunk, vocab_chunk]; dH then sums the slabs in fp32
+    (one [chunk, H] accumulator). The FLOPs are the same; the GEMMs are smaller.
     """
-    chunks = token_chunks(plan, resolve_chunk_tokens(chunk_tokens, weight))
-    slabs = vocab_slabs(weight.shape[0], vocab_chunk)
+    chunks = token_chunks(plan, resolve_chunk_tokens(options.chunk_tokens, weight))
+    slabs = vocab_slabs(weight.shape[0], options.vocab_chunk)
     max_chunk = max((_size(c) for c in chunks), default=0)
-    run = _Pass(plan, hidden, weight, bias, opts, max_chunk, max(s.stop - s.start for s in slabs))
-    lse_valid = lse[plan.order]
-    g_valid = grad_rows.to(lse.dtype)[plan.rows]
+    run = _Pass(plan, hidden, weight, bias, options, max_chunk, max(s.stop - s.start for s in slabs))
+    state_valid = state[plan.order]
+    g_valid = grad_rows.to(state.dtype)[plan.rows]
     for chunk in chunks:
         pos, idx, h = run.gather(chunk)
-        lse_c, g_c = lse_valid[pos], g_valid[pos]
+        state_c, g_c = state_valid[pos], g_valid[pos]
         dh = None
         if grads.hidden is not None and len(slabs) > 1:
             dh = torch.zeros(h.shape, dtype=acc_dtype(h.dtype), device=h.device)
         for vocab in slabs:
             z = run.slab_logits(h, vocab)
-            dz = run.token_backward_(z, pos, lse_c, g_c, first_column=vocab.start)
+            dz = run.token_backward_(z, pos, state_c, g_c, first_column=vocab.start)
             grads.add(dz, h, idx, weight, vocab, dh)
         grads.end_chunk(idx, dh)
     grads.finish()
     return grads
 
 
-def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scores: bool, token_metrics: bool,
-                       chunk_tokens: int, loss_grad: Callable[[torch.Tensor], torch.Tensor], grads: Grads,
-                       log_sum_sq: bool = False):
-    """`forward` plus the gradients, computed while each group's logits are still in the buffer.
+def forward_with_grads(plan: Plan, hidden, weight, bias, options: LinearOptions,
+                       loss_grad: Callable[..., torch.Tensor | None], grads: Grads) -> tuple[RowResults, torch.Tensor]:
+    """`forward` plus the gradients, computed while each group's logits are still in the buffer
+    (whole rows: `options.vocab_chunk` is not read).
 
     `loss_grad(rows)` is dLoss/dlogps [B] at per-row log-probs `rows` [B] (or None when it cannot
     be computed: that group's guess is NaN and the backward recomputes); it is called once per
-    group, with the rows not computed yet holding placeholders. With `log_sum_sq` it is called as
-    `loss_grad(rows, log_sum_sq_rows)`, the rows' sums of log sum_v p_v^2 that WPO's weights need. So the gradient used for a group
-    is exact when a pair's gradient depends on that pair alone (every loss that does not sort or
-    otherwise couple pairs); the caller verifies that guess against the true gradient.
+    group, with the rows not computed yet holding placeholders. With `options.log_sum_sq` it is called
+    as `loss_grad(rows, log_sum_sq_rows)`, the rows' sums of log sum_v p_v^2 that WPO's weights need.
+    So the gradient used for a group is exact when a pair's gradient depends on that pair alone
+    (every loss that does not sort or otherwise couple pairs); the caller verifies that guess
+    against the true gradient.
 
-    Returns (ForwardResult, guess [B]: the row gradients the buffers were built with).
+    Returns (RowResults, guess [B]: the row gradients the buffers were built with).
     """
     acc = acc_dtype(hidden.dtype)
-    chunk_tokens = resolve_chunk_tokens(chunk_tokens, weight, plan)
+    chunk_tokens = resolve_chunk_tokens(options.chunk_tokens, weight, plan)
     groups = pair_groups(plan, chunk_tokens)
-    run = _Pass(plan, hidden, weight, bias, opts, min(chunk_tokens, max((_size(c) for _, c in groups), default=0)))
-    per_token = _per_token(plan, hidden, sum_scores, token_metrics, log_sum_sq)
-    logp, lse = per_token[:2]
+    run = _Pass(plan, hidden, weight, bias, options,
+                min(chunk_tokens, max((_size(c) for _, c in groups), default=0)))
+    per_token = _per_token(plan, hidden, options)
     counts = plan.counts.to(acc)
     # Rows not computed yet hold a placeholder of -1 nat per token (finite for every loss); rows
     # without a valid token hold their true value, 0, from the start. Group k's rows are those
@@ -473,10 +475,10 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
         pieces = split(chunk, chunk_tokens)
         for piece in pieces:
             pos, idx, h, z = run.logits(piece)
-            _store(per_token, pos, run.token_forward(z, pos, sum_scores, token_metrics, log_sum_sq))
-        current = torch.where(group_id <= k, segment_sums(logp, plan.starts_t), current)
-        if log_sum_sq:
-            current_lss = torch.where(group_id <= k, segment_sums(per_token[5], plan.starts_t), current_lss)
+            _store(per_token, pos, run.token_forward(z, pos))
+        current = torch.where(group_id <= k, segment_sums(per_token.logps, plan.starts_t), current)
+        if options.log_sum_sq:
+            current_lss = torch.where(group_id <= k, segment_sums(per_token.log_sum_sq, plan.starts_t), current_lss)
             g = loss_grad(current, current_lss)
         else:
             g = loss_grad(current)
@@ -489,11 +491,11 @@ def forward_with_grads(plan: Plan, hidden, weight, bias, opts: Options, sum_scor
         for piece in pieces:
             if len(pieces) > 1:
                 pos, idx, h, z = run.logits(piece)
-            dz = run.token_backward_(z, pos, lse[pos], g_valid[pos])
+            dz = run.token_backward_(z, pos, per_token.state[pos], g_valid[pos])
             grads.add(dz, h, idx, weight)
             grads.end_chunk(idx)
     grads.finish()
-    return _finish_forward(plan, hidden.shape[0], *per_token), guess
+    return _finish_forward(plan, hidden.shape[0], per_token), guess
 
 
 def _group_ids(groups: list[tuple[list[int], Chunk]], B: int, device: torch.device) -> torch.Tensor:

@@ -21,18 +21,36 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import linear_chunks as C
+from .logps import non_differentiable, op_outputs
 from .objective import loss_gradient
 
 Tensor = torch.Tensor
+LinearOptions, RowResults = C.LinearOptions, C.RowResults
 
 
-def _opts(inv_temp: float, softcap: Optional[float]) -> C.Options:
-    return C.Options(inv_temp=inv_temp, softcap=softcap)
+class GuessedGrads(NamedTuple):
+    """What the grad-in-forward op returns after its RowResults: the gradients built for a guess."""
+
+    guess: Tensor  # [B] the row gradients the buffers were built with
+    used: Tensor  # int32 [1]: 1 once a backward has taken the buffers
+    d_hidden: Tensor  # [N, H], empty when not wanted
+    d_weight: Tensor  # [V, H], empty when not wanted
+    d_bias: Tensor  # [V] in the bias dtype, empty when not wanted
+
+
+# The forward ops' outputs: one tensor per field, RowResults' then (grad in forward) GuessedGrads'.
+RowOutputs = tuple[(Tensor,) * len(RowResults._fields)]
+GuessOutputs = tuple[(Tensor,) * (len(RowResults._fields) + len(GuessedGrads._fields))]
+
+
+def row_results(outputs: tuple[Tensor, ...]) -> RowResults:
+    """The RowResults at the head of a forward op's outputs (`op_outputs` wrote them in field order)."""
+    return RowResults._make(outputs[: len(RowResults._fields)])
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -53,83 +71,77 @@ def _fake_grads(hidden, weight, want_h, want_w, want_b, has_bias):
             weight.new_empty((weight.shape[0],) if want_b and has_bias else (0,)))
 
 
-def _fake_forward(hidden, weight, offsets, sum_scores, token_metrics, log_sum_sq=False):
+def _fake_forward(hidden, offsets, options: LinearOptions) -> tuple[Tensor, ...]:
     acc = C.acc_dtype(hidden.dtype)
     B = offsets.shape[0] - 1
-    sizes = (B, B if sum_scores else 0, B if token_metrics else 0, B if token_metrics else 0, (hidden.shape[0], 2),
-             B if log_sum_sq else 0)
-    return tuple(hidden.new_empty(k, dtype=acc) for k in sizes)
+
+    def rows(wanted: bool) -> Tensor:
+        return hidden.new_empty(B if wanted else 0, dtype=acc)
+
+    return tuple(RowResults(logps=rows(True), state=hidden.new_empty((hidden.shape[0], 2), dtype=acc),
+                            score_sums=rows(options.sum_scores), entropy=rows(options.token_metrics),
+                            top1=rows(options.token_metrics), log_sum_sq=rows(options.log_sum_sq)))
 
 
-def _forward_outputs(out: C.ForwardResult) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Row log-probs, score sums, entropy sums, top-1 counts [B], the backward state [N, 2]
-    (logsumexp, 1 - p_label) and row sums of log sum p^2 [B] as op outputs.
-
-    Each result not asked for is its own empty tensor: custom op outputs may not alias one another.
-    """
-    return (out.logps, *(x if x is not None else _empty(out.logps) for x in (out.zsum, out.entropy, out.top1)),
-            out.lse, out.log_sum_sq if out.log_sum_sq is not None else _empty(out.logps))
-
-
-# ---- recompute: forward keeps the logsumexp, backward recomputes the logits ----
+# ---- recompute: forward keeps the backward state, backward recomputes the logits ----
+# Every op takes the pass's LinearOptions flattened (`LinearOptions.flatten`) as its last
+# parameters, in field order (tests/test_options.py checks each schema), and reads them back by
+# name (`LinearOptions.from_params`).
 
 @torch.library.custom_op("fastdpo::linear_logps", mutates_args=())
 def linear_logps(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
-    inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, chunk_tokens: int,
-    vocab_chunk: int, log_sum_sq: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> row log-probs [B], row score sums [B] (empty unless `sum_scores`), row entropy sums and
-    top-1 counts [B] (empty unless `token_metrics`), backward state [N, 2] (logsumexp, 1 - p_label),
-    row sums of log sum_v p_v^2 [B] (WPO; empty unless `log_sum_sq`)."""
-    plan = C.make_plan(labels, offsets)
-    out = C.forward(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores, token_metrics, chunk_tokens,
-                    vocab_chunk, log_sum_sq)
-    return _forward_outputs(out)
+    inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, log_sum_sq: bool,
+    save_lse: bool, chunk_tokens: int, vocab_chunk: int,
+) -> RowOutputs:
+    """-> the RowResults the options ask for, as op outputs (`logps.op_outputs`): row log-probs [B],
+    backward state [N, 2] (logsumexp, 1 - p_label), row score sums, entropy sums, top-1 counts and
+    sums of log sum_v p_v^2 [B]."""
+    options = LinearOptions.from_params(locals())
+    out = C.forward(C.make_plan(labels, offsets), hidden, weight, bias, options)
+    return op_outputs(out, out.logps)
 
 
 @linear_logps.register_fake
-def _(hidden, weight, bias, labels, offsets, inv_temp, softcap, sum_scores, token_metrics, chunk_tokens,
-      vocab_chunk, log_sum_sq=False):
-    return _fake_forward(hidden, weight, offsets, sum_scores, token_metrics, log_sum_sq)
+def _(hidden, weight, bias, labels, offsets, *flat_options):
+    return _fake_forward(hidden, offsets, LinearOptions.unflatten(flat_options))
 
 
 @torch.library.custom_op("fastdpo::linear_logps_backward", mutates_args=())
 def linear_logps_backward(
     grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
-    lse: Tensor, inv_temp: float, softcap: Optional[float], chunk_tokens: int, vocab_chunk: int,
-    want_hidden: bool, want_weight: bool, want_bias: bool,
+    state: Tensor, want_hidden: bool, want_weight: bool, want_bias: bool,
+    inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, log_sum_sq: bool,
+    save_lse: bool, chunk_tokens: int, vocab_chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> d hidden [N, H], d weight [V, H], d bias [V]; each empty when not wanted."""
-    plan = C.make_plan(labels, offsets)
+    options = LinearOptions.from_params(locals())
     grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
-    C.backward(plan, hidden, weight, bias, _opts(inv_temp, softcap), lse, grad_rows, chunk_tokens, grads,
-               vocab_chunk)
+    C.backward(C.make_plan(labels, offsets), hidden, weight, bias, options, state, grad_rows, grads)
     return _grad_outputs(grads, hidden, bias)
 
 
 @linear_logps_backward.register_fake
-def _(grad_rows, hidden, weight, bias, labels, offsets, lse, inv_temp, softcap, chunk_tokens, vocab_chunk,
-      want_hidden, want_weight, want_bias):
+def _(grad_rows, hidden, weight, bias, labels, offsets, state, want_hidden, want_weight, want_bias, *flat_options):
     return _fake_grads(hidden, weight, want_hidden, want_weight, want_bias, bias is not None)
 
 
 def _setup_recompute(ctx, inputs, output):
-    hidden, weight, bias, labels, offsets, inv_temp, softcap, _sum_scores, _token_metrics, *chunks = inputs
-    _logps, zsum, entropy, top1, lse, lss = output
-    ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse)
-    ctx.opts = (inv_temp, softcap, *chunks[:2])  # chunk_tokens, vocab_chunk
-    ctx.mark_non_differentiable(zsum, entropy, top1, lse, lss)
+    hidden, weight, bias, labels, offsets = inputs[:5]
+    rows = RowResults._make(output)
+    ctx.save_for_backward(hidden, weight, bias, labels, offsets, rows.state)
+    ctx.options = LinearOptions.from_op_inputs(inputs)
+    ctx.mark_non_differentiable(*non_differentiable(rows))
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 
 def _backward_recompute(ctx, grad_rows, *_grads_of_detached):
-    hidden, weight, bias, labels, offsets, lse = ctx.saved_tensors
+    hidden, weight, bias, labels, offsets, state = ctx.saved_tensors
     want = ctx.needs_input_grad[:3]
     if grad_rows is None or not any(want):
         return _input_grads(ctx)
-    dh, dw, db = linear_logps_backward(grad_rows, hidden, weight, bias, labels, offsets, lse, *ctx.opts,
-                                       want[0], want[1], want[2] and bias is not None)
+    dh, dw, db = linear_logps_backward(grad_rows, hidden, weight, bias, labels, offsets, state,
+                                       want[0], want[1], want[2] and bias is not None, *ctx.options.flatten())
     return _input_grads(ctx, dh, dw, db)
 
 
@@ -196,28 +208,31 @@ def _default_dispatch_keys():
 @torch.library.custom_op("fastdpo::linear_logps_grad_in_forward", mutates_args=())
 def linear_logps_grad_in_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, ref_rows: Tensor,
-    spec: str, inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, chunk_tokens: int,
-    vocab_chunk: int, want_hidden: bool, want_weight: bool, want_bias: bool, log_sum_sq: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> row log-probs, row score sums, row entropy sums, row top-1 counts, backward state [N, 2],
-    row sums of log sum p^2 (as `linear_logps`), the row gradients guessed [B], a 'used' flag [1],
-    and the gradients of hidden, weight, bias for that guess."""
+    spec: str, want_hidden: bool, want_weight: bool, want_bias: bool,
+    inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, log_sum_sq: bool,
+    save_lse: bool, chunk_tokens: int, vocab_chunk: int,
+) -> GuessOutputs:
+    """-> the RowResults (as `linear_logps`), then the GuessedGrads: the row gradients guessed [B], a
+    'used' flag [1], and the gradients of hidden, weight, bias for that guess."""
+    options = LinearOptions.from_params(locals())
     plan = C.make_plan(labels, offsets)
     grads = C.new_grads(hidden, weight, bias, (want_hidden, want_weight, want_bias))
     acc = C.acc_dtype(hidden.dtype)
     loss_grad = loss_grad_fn(spec, ref_rows.detach(), plan.counts.to(acc))
-    out, guess = C.forward_with_grads(plan, hidden, weight, bias, _opts(inv_temp, softcap), sum_scores,
-                                      token_metrics, chunk_tokens, loss_grad, grads, log_sum_sq)
+    out, guess = C.forward_with_grads(plan, hidden, weight, bias, options, loss_grad, grads)
+    d_hidden, d_weight, d_bias = _grad_outputs(grads, hidden, bias)
     used = torch.zeros(1, dtype=torch.int32, device=hidden.device)
-    return (*_forward_outputs(out), guess, used, *_grad_outputs(grads, hidden, bias))
+    return (*op_outputs(out, out.logps),
+            *GuessedGrads(guess=guess, used=used, d_hidden=d_hidden, d_weight=d_weight, d_bias=d_bias))
 
 
 @linear_logps_grad_in_forward.register_fake
-def _(hidden, weight, bias, labels, offsets, ref_rows, spec, inv_temp, softcap, sum_scores, token_metrics,
-      chunk_tokens, vocab_chunk, want_hidden, want_weight, want_bias, log_sum_sq=False):
-    forward = _fake_forward(hidden, weight, offsets, sum_scores, token_metrics, log_sum_sq)
-    return (*forward, torch.empty_like(forward[0]), hidden.new_empty(1, dtype=torch.int32),
-            *_fake_grads(hidden, weight, want_hidden, want_weight, want_bias, bias is not None))
+def _(hidden, weight, bias, labels, offsets, ref_rows, spec, want_hidden, want_weight, want_bias, *flat_options):
+    forward = _fake_forward(hidden, offsets, LinearOptions.unflatten(flat_options))
+    d_hidden, d_weight, d_bias = _fake_grads(hidden, weight, want_hidden, want_weight, want_bias, bias is not None)
+    return (*forward, *GuessedGrads(guess=torch.empty_like(row_results(forward).logps),
+                                    used=hidden.new_empty(1, dtype=torch.int32), d_hidden=d_hidden,
+                                    d_weight=d_weight, d_bias=d_bias))
 
 
 # Relative mismatch allowed between the true row gradient and (scale x guess): the two come from
@@ -261,21 +276,21 @@ def guess_scale(grad_rows: Tensor, guess: Tensor, counts: Tensor, used: Tensor) 
 )
 def linear_logps_finish_(
     grad_rows: Tensor, guess: Tensor, used: Tensor, d_hidden: Tensor, d_weight: Tensor, d_bias: Tensor,
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, lse: Tensor,
-    inv_temp: float, softcap: Optional[float], chunk_tokens: int, vocab_chunk: int,
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, state: Tensor,
+    inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, log_sum_sq: bool,
+    save_lse: bool, chunk_tokens: int, vocab_chunk: int,
 ) -> None:
     """Turn the gradients built for `guess` into the gradients for `grad_rows`, in place."""
+    options = LinearOptions.from_params(locals())
     starts = C.valid_starts(labels, offsets)
     s = guess_scale(grad_rows, guess, starts[1:] - starts[:-1], used)
     used.fill_(1)
     bufs = [t for t in (d_hidden, d_weight, d_bias) if t.numel()]
     if s is None:  # the guess does not explain the true gradient: recompute it exactly
-        plan = C.make_plan(labels, offsets)
         grads = C.Grads(hidden=d_hidden.zero_() if d_hidden.numel() else None,
                         weight=d_weight if d_weight.numel() else None,
                         bias=torch.zeros_like(d_bias, dtype=C.acc_dtype(d_bias.dtype)) if d_bias.numel() else None)
-        C.backward(plan, hidden, weight, bias, _opts(inv_temp, softcap), lse, grad_rows, chunk_tokens, grads,
-                   vocab_chunk)
+        C.backward(C.make_plan(labels, offsets), hidden, weight, bias, options, state, grad_rows, grads)
         if grads.bias is not None:
             d_bias.copy_(grads.bias)
     elif s != 1.0:
@@ -284,29 +299,29 @@ def linear_logps_finish_(
 
 
 @linear_logps_finish_.register_fake
-def _(grad_rows, guess, used, d_hidden, d_weight, d_bias, hidden, weight, bias, labels, offsets, lse,
-      inv_temp, softcap, chunk_tokens, vocab_chunk):
+def _(*args):
     return None
 
 
 def _setup_grad_in_forward(ctx, inputs, output):
-    hidden, weight, bias, labels, offsets, _ref, _spec, inv_temp, softcap, _ss, _tm, *chunks_and_want = inputs
-    _logps, zsum, entropy, top1, lse, lss, guess, used, dh, dw, db = output
-    ctx.save_for_backward(hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db)
-    ctx.opts = (inv_temp, softcap, *chunks_and_want[:2])  # chunk_tokens, vocab_chunk
-    ctx.mark_non_differentiable(zsum, entropy, top1, lse, lss, guess, used, dh, dw, db)
+    hidden, weight, bias, labels, offsets = inputs[:5]
+    rows, guessed = row_results(output), GuessedGrads._make(output[len(RowResults._fields):])
+    ctx.save_for_backward(hidden, weight, bias, labels, offsets, rows.state, *guessed)
+    ctx.options = LinearOptions.from_op_inputs(inputs)
+    ctx.mark_non_differentiable(*non_differentiable(rows), *guessed)
     # Outputs without a gradient stay None: materializing them would zero-fill a second dW.
     ctx.set_materialize_grads(False)
 
 
 def _backward_grad_in_forward(ctx, grad_rows, *_unused):
-    hidden, weight, bias, labels, offsets, lse, guess, used, dh, dw, db = ctx.saved_tensors
+    hidden, weight, bias, labels, offsets, state, *saved = ctx.saved_tensors
+    guessed = GuessedGrads._make(saved)
     if not any(ctx.needs_input_grad[:3]):
         return _input_grads(ctx)
     if grad_rows is None:
-        grad_rows = torch.zeros_like(guess)
-    linear_logps_finish_(grad_rows, guess, used, dh, dw, db, hidden, weight, bias, labels, offsets, lse, *ctx.opts)
-    return _input_grads(ctx, dh, dw, db)
+        grad_rows = torch.zeros_like(guessed.guess)
+    linear_logps_finish_(grad_rows, *guessed, hidden, weight, bias, labels, offsets, state, *ctx.options.flatten())
+    return _input_grads(ctx, guessed.d_hidden, guessed.d_weight, guessed.d_bias)
 
 
 linear_logps_grad_in_forward.register_autograd(_backward_grad_in_forward, setup_context=_setup_grad_in_forward)

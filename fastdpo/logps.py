@@ -8,106 +8,142 @@ a per-token one (an expand), and the backend backward writes the logits gradient
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
 from . import validation as V
 from .backend import get_backend
+from .kernels.contract import TokenOptions, TokenResults
 from .packed import check_cu_seqlens, row_offsets, segment_sums
+
+
+# ---- the options of a pass, and how they and the results cross a custom op boundary ----
+
+@dataclass(frozen=True)
+class LogitsOptions(TokenOptions):
+    """One pass over logits: what the kernels compute (TokenOptions), and how its backward writes."""
+
+    inplace_backward: bool = False  # write the logits gradient over the logits (read by the backward only)
+
+
+OptionsT = TypeVar("OptionsT", bound=TokenOptions)
+
+
+def pass_options(cls: type[OptionsT], temperature: float, softcap: float | None, **fields: Any) -> OptionsT:
+    """The options of a pass from the public arguments, checked here once: scores z / temperature,
+    soft-capped (fastdpo.validation.check_scores)."""
+    V.check_scores(temperature, softcap)
+    return cls(inv_temp=1.0 / temperature, softcap=softcap, **fields)
+
+
+def op_outputs(results: tuple, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A NamedTuple of results as a custom op's outputs, in its field order: each absent result its
+    own empty tensor, since custom op outputs may not be None nor alias one another. The caller
+    reads them back with the NamedTuple's `_make`."""
+    return tuple(x if x is not None else like.new_empty(0) for x in results)
+
+
+def non_differentiable(results: tuple) -> tuple[torch.Tensor, ...]:
+    """Every result of a NamedTuple of results but the differentiable `logps`: what an op marks
+    non-differentiable."""
+    return tuple(x for name, x in zip(results._fields, results) if name != "logps")
+
+
+# The op's outputs: one tensor per TokenResults field, in its order.
+TokenOutputs = tuple[(torch.Tensor,) * len(TokenResults._fields)]
 
 
 # ---- the autograd op, registered as torch custom ops ----
 # Custom ops (rather than a torch.autograd.Function) so that torch.compile(fullgraph=True) sees
 # one opaque call per pass: the kernels, their launch-time checks and the backend choice stay
-# outside the traced graph, and there is no graph break.
+# outside the traced graph, and there is no graph break. Each op takes the pass's LogitsOptions
+# flattened (`LogitsOptions.flatten`) as its last parameters, in field order (tests/test_options.py
+# checks each schema), and reads them back by name (`LogitsOptions.from_params`).
 
 @torch.library.custom_op("fastdpo::token_logps", mutates_args=())
 def token_logps_op(
-    logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, softcap: Optional[float],
-    sum_scores: bool, save_lse: bool, inplace_backward: bool, token_metrics: bool = False,
-    log_sum_sq: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [B, T, V], flat labels [B*T] (-1 = masked) -> log-probs, backward state [B*T, 2]
-    (logsumexp, 1 - p_label), score sums, entropy, is-top-1, log sum_v p_v^2 [B*T].
-
-    Optional results are empty unless asked for (`save_lse`, `sum_scores`, `token_metrics`,
-    `log_sum_sq`). `inplace_backward` is only read by the backward.
-    """
-    backend = get_backend(logits.device)
-    results = backend.token_logps_forward(
-        logits, labels, inv_temp=inv_temp, softcap=softcap, save_lse=save_lse, sum_scores=sum_scores,
-        token_metrics=token_metrics, log_sum_sq=log_sum_sq,
-    )
-    # Each absent result is its own empty tensor: custom op outputs may not alias one another.
-    return tuple(x if x is not None else results[0].new_empty(0) for x in results)
+    logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, softcap: Optional[float], sum_scores: bool,
+    token_metrics: bool, log_sum_sq: bool, save_lse: bool, inplace_backward: bool,
+) -> TokenOutputs:
+    """logits [B, T, V], flat labels [B*T] (-1 = masked) -> the TokenResults the options ask for, as
+    op outputs (`op_outputs`); `inplace_backward` is only read by the backward."""
+    options = LogitsOptions.from_params(locals())
+    results = get_backend(logits.device).token_logps_forward(logits, labels, options)
+    return op_outputs(results, results.logps)
 
 
 @token_logps_op.register_fake
-def _(logits, labels, inv_temp, softcap, sum_scores, save_lse, inplace_backward, token_metrics=False,
-      log_sum_sq=False):
+def _(logits, labels, *flat_options):
+    options = LogitsOptions.unflatten(flat_options)
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n = labels.shape[0]
-    sizes = (n, (n, 2) if save_lse else 0, n if sum_scores else 0, n if token_metrics else 0,
-             n if token_metrics else 0, n if log_sum_sq else 0)
-    return tuple(logits.new_empty(k, dtype=acc) for k in sizes)
+
+    def vector(wanted: bool, *shape: int) -> torch.Tensor:
+        return logits.new_empty((n, *shape) if wanted else (0,), dtype=acc)
+
+    return tuple(TokenResults(
+        logps=vector(True), state=vector(options.save_lse, 2), score_sums=vector(options.sum_scores),
+        entropy=vector(options.token_metrics), top1=vector(options.token_metrics), log_sum_sq=vector(options.log_sum_sq),
+    ))
 
 
 @torch.library.custom_op("fastdpo::token_logps_backward", mutates_args=())
 def token_logps_backward_op(
-    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
-    inv_temp: float, softcap: Optional[float],
+    logits: torch.Tensor, labels: torch.Tensor, state: torch.Tensor, grad_logp: torch.Tensor, inv_temp: float,
+    softcap: Optional[float], sum_scores: bool, token_metrics: bool, log_sum_sq: bool, save_lse: bool,
+    inplace_backward: bool,
 ) -> torch.Tensor:
     """Gradient w.r.t. the logits of sum_n grad_logp[n] * logp[n], as a new [B, T, V] tensor."""
-    return get_backend(logits.device).token_logps_backward(
-        logits, labels, lse, grad_logp, inv_temp=inv_temp, softcap=softcap
-    )
+    options = LogitsOptions.from_params(locals())
+    return get_backend(logits.device).token_logps_backward(logits, labels, state, grad_logp, options)
 
 
 @token_logps_backward_op.register_fake
-def _(logits, labels, lse, grad_logp, inv_temp, softcap):
+def _(logits, labels, state, grad_logp, *flat_options):
     return logits.new_empty(logits.shape)
 
 
 @torch.library.custom_op("fastdpo::token_logps_backward_", mutates_args=("logits",))
 def token_logps_backward_inplace_op(
-    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor,
-    inv_temp: float, softcap: Optional[float],
+    logits: torch.Tensor, labels: torch.Tensor, state: torch.Tensor, grad_logp: torch.Tensor, inv_temp: float,
+    softcap: Optional[float], sum_scores: bool, token_metrics: bool, log_sum_sq: bool, save_lse: bool,
+    inplace_backward: bool,
 ) -> None:
     """The same gradient written over the logits (no second [B, T, V] tensor)."""
-    get_backend(logits.device).token_logps_backward(
-        logits, labels, lse, grad_logp, inv_temp=inv_temp, softcap=softcap, out=logits
-    )
+    options = LogitsOptions.from_params(locals())
+    get_backend(logits.device).token_logps_backward(logits, labels, state, grad_logp, options, out=logits)
 
 
 @token_logps_backward_inplace_op.register_fake
-def _(logits, labels, lse, grad_logp, inv_temp, softcap):
+def _(logits, labels, state, grad_logp, *flat_options):
     return None
 
 
 def _setup_token_logps(ctx, inputs, output):
-    logits, labels, inv_temp, softcap, _sum_scores, _save_lse, inplace = inputs[:7]
-    _logp, lse, *metrics = output
-    ctx.save_for_backward(logits, labels, lse)
-    ctx.inv_temp, ctx.softcap, ctx.inplace = inv_temp, softcap, inplace
-    ctx.mark_non_differentiable(lse, *metrics)
+    logits, labels = inputs[:2]
+    results = TokenResults._make(output)
+    ctx.save_for_backward(logits, labels, results.state)
+    ctx.options = LogitsOptions.from_op_inputs(inputs)
+    ctx.mark_non_differentiable(*non_differentiable(results))
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs nobody differentiates
 
 
 def _backward_token_logps(ctx, grad_logp, *_grads_of_metrics):
-    logits, labels, lse = ctx.saved_tensors
+    logits, labels, state = ctx.saved_tensors
     no_grads = (None,) * (len(ctx.needs_input_grad) - 1)  # labels and the options
     if grad_logp is None:
         return (None, *no_grads)
     grad_logp = grad_logp.contiguous()
-    if ctx.inplace:
+    flat_options = ctx.options.flatten()
+    if ctx.options.inplace_backward:
         # Reuses the logits' storage for their gradient. The op declares the mutation, so autograd
         # bumps the version counter and any other node that saved the logits fails loudly.
-        token_logps_backward_inplace_op(logits, labels, lse, grad_logp, ctx.inv_temp, ctx.softcap)
+        token_logps_backward_inplace_op(logits, labels, state, grad_logp, *flat_options)
         grad = logits
     else:
-        grad = token_logps_backward_op(logits, labels, lse, grad_logp, ctx.inv_temp, ctx.softcap)
+        grad = token_logps_backward_op(logits, labels, state, grad_logp, *flat_options)
     return (grad, *no_grads)
 
 
@@ -124,6 +160,21 @@ class SequenceStats:
     entropy_sums: torch.Tensor | None = None  # sum over completion tokens of the next-token entropy
     top1_counts: torch.Tensor | None = None  # completion tokens whose label is the (first) argmax
     log_sum_sq_sums: torch.Tensor | None = None  # sum over completion tokens of log sum_v p_v^2 (WPO)
+
+    @classmethod
+    def of(cls, results: tuple, counts: torch.Tensor, options: TokenOptions,
+           row_sums: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> "SequenceStats":
+        """From a pass's results (TokenResults folded by `row_sums`, or RowResults as they are), every
+        statistic detached and None unless `options` asked for it."""
+
+        def detached(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
+            return row_sums(x).detach() if wanted else None
+
+        return cls(logps=row_sums(results.logps), counts=counts,
+                   score_sums=detached(results.score_sums, options.sum_scores),
+                   entropy_sums=detached(results.entropy, options.token_metrics),
+                   top1_counts=detached(results.top1, options.token_metrics),
+                   log_sum_sq_sums=detached(results.log_sum_sq, options.log_sum_sq))
 
 
 @dataclass
@@ -178,34 +229,22 @@ def token_layout(
 def layout_stats(
     logits: torch.Tensor,
     layout: TokenLayout,
+    options: LogitsOptions,
     *,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    sum_scores: bool = False,
-    token_metrics: bool = False,
-    inplace_backward: bool = False,
     name: str = "logits",
-    log_sum_sq: bool = False,
 ) -> SequenceStats:
-    """One fused pass over `logits` for a prepared layout; the logits, temperature and softcap are
-    checked by the caller (the public entry point). Differentiable only when `logits` requires grad
-    (otherwise nothing is saved for a backward). `log_sum_sq` also sums WPO's per-token
-    log sum_v p_v^2 (detached) from the same pass."""
+    """One fused pass over `logits` for a prepared layout, with the statistics `options` ask for
+    (`pass_options` built and checked them; the caller checked the logits). Differentiable only
+    when `logits` requires grad (otherwise nothing is saved for a backward); the statistics are
+    detached."""
     if logits.shape[0] * logits.shape[1] != layout.labels.numel():
         raise ValueError(f"{name} has {logits.shape[0] * logits.shape[1]} positions, the labels {layout.labels.numel()}")
-    grad = logits.requires_grad and torch.is_grad_enabled()
     # Under torch.compile the in-place backward would be functionalized into a copy anyway, so
     # the compiled path always takes the out-of-place backward (same numbers, one [B, T, V] more).
-    inplace = inplace_backward and not torch.compiler.is_compiling()
-    logp, _lse, zsum, ent, top1, lss = token_logps_op(logits, layout.labels, 1.0 / temperature, softcap,
-                                                      sum_scores, grad, inplace, token_metrics, log_sum_sq)
-
-    def detached_sums(x: torch.Tensor, wanted: bool) -> torch.Tensor | None:
-        return layout.row_sums(x).detach() if wanted else None
-
-    return SequenceStats(logps=layout.row_sums(logp), counts=layout.counts, score_sums=detached_sums(zsum, sum_scores),
-                         entropy_sums=detached_sums(ent, token_metrics), top1_counts=detached_sums(top1, token_metrics),
-                         log_sum_sq_sums=detached_sums(lss, log_sum_sq))
+    options = replace(options, save_lse=logits.requires_grad and torch.is_grad_enabled(),
+                      inplace_backward=options.inplace_backward and not torch.compiler.is_compiling())
+    results = TokenResults._make(token_logps_op(logits, layout.labels, *options.flatten()))
+    return SequenceStats.of(results, layout.counts, options, layout.row_sums)
 
 
 def sequence_stats(
@@ -231,13 +270,12 @@ def sequence_stats(
     results are per packed row.
     """
     V.check_logits(logits, name)
-    V.check_scores(temperature, softcap)
+    options = pass_options(LogitsOptions, temperature, softcap, sum_scores=sum_scores, token_metrics=token_metrics,
+                           log_sum_sq=log_sum_sq, inplace_backward=inplace_backward)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, logits.shape, logits)
     layout = token_layout(logits, labels, mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens, name=name)
-    return layout_stats(logits, layout, temperature=temperature, softcap=softcap, sum_scores=sum_scores,
-                        token_metrics=token_metrics, inplace_backward=inplace_backward, name=name,
-                        log_sum_sq=log_sum_sq)
+    return layout_stats(logits, layout, options, name=name)
 
 
 def sequence_logps(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.contract import SlabResults, TokenOptions, TokenResults, backward_state
+
 # Rows per chunk are chosen so that one fp32 [rows, V] tile stays near this many bytes.
 CHUNK_BYTES = 64 * 2**20
 
@@ -43,66 +45,59 @@ def _chunks(labels: torch.Tensor, T: int, V: int):
 def token_logps_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
+    options: TokenOptions = TokenOptions(),
     *,
-    inv_temp: float = 1.0,
-    softcap: float | None = None,
-    save_lse: bool = True,
-    sum_scores: bool = False,
-    token_metrics: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
-    log_sum_sq: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked): (log-probs, backward state
-    [B*T, 2] = (logsumexp, 1 - p_label) or None, score sums or None, entropy or None, is-top-1 or None,
-    log sum_v p_v^2 or None)."""
-    out = _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics, log_sum_sq)
-    return out[:5] + out[6:]
+) -> TokenResults:
+    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked), those `options` ask for
+    (`block_v` and `num_warps` are the kernels' launch settings, accepted and unused)."""
+    results, _max_scores = _forward(logits, labels, None, options)
+    return results
 
 
 def token_slab_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
     label_offset: int,
+    options: TokenOptions = TokenOptions(),
     *,
-    inv_temp: float = 1.0,
-    softcap: float | None = None,
-    sum_scores: bool = False,
-    token_metrics: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
-    log_sum_sq: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows:
-    (label scores, 0 where the label is outside the slab; the slab's state [B*T, 2]: its logsumexp
-    and the share of its mass that is not the label; its score sums, entropy, is-top-1, max score
-    and log sum p^2 (relative to its own logsumexp), each None unless asked)."""
-    return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics, log_sum_sq)
+) -> SlabResults:
+    """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows (the
+    state always saved)."""
+    results, max_scores = _forward(logits, labels, label_offset, options)
+    return SlabResults.of(results, max_scores)
 
 
-def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scores, token_metrics, log_sum_sq=False):
+def _forward(logits, labels, label_offset, options: TokenOptions):
+    """(TokenResults, the max scores of a slab with token metrics or None), as the kernels' `_forward`."""
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     slab = label_offset is not None
+    inv_temp, softcap, token_metrics = options.inv_temp, options.softcap, options.token_metrics
+    save_lse = options.save_lse or slab
     logp = torch.zeros(B * T, dtype=acc, device=logits.device)
 
     def vector(wanted: bool) -> torch.Tensor | None:
         return torch.zeros_like(logp) if wanted else None
 
     lse_all = logp.new_zeros(B * T, 2) if save_lse else None  # the backward state (lse, 1 - p_label)
-    zsum, ent, top1, lss = vector(sum_scores), vector(token_metrics), vector(token_metrics), vector(log_sum_sq)
+    zsum, ent, top1, lss = (vector(options.sum_scores), vector(token_metrics), vector(token_metrics),
+                            vector(options.log_sum_sq))
     top = torch.full_like(logp, float("-inf")) if slab and token_metrics else None
     for b, t, idx, y in _chunks(labels, T, V):
         # Indexing with tensors copies: s is this loop's own tile, so it is reused in place below
         # (on CPU the tiles are most of the memory this pass holds).
         s = _scores(logits[b, t].to(acc), inv_temp, softcap)
-        if log_sum_sq:  # WPO's statistic first, from the scores before the tile is reused in place
+        if lss is not None:  # WPO's statistic first, from the scores before the tile is reused in place
             lss[idx] = _log_sum_sq(s)
         column = y - (label_offset or 0)
         inside = (column >= 0) & (column < V)
         at = column.clamp(0, V - 1)[:, None]
         picked = s.gather(1, at).squeeze(1)
-        if sum_scores:
+        if zsum is not None:
             zsum[idx] = s.sum(-1)
         best = s.max(-1, keepdim=True).values
         shift = torch.where(best == float("-inf"), 0.0, best)  # an all -inf row: lse = -inf, as torch's
@@ -125,7 +120,8 @@ def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scor
         if save_lse:  # exact 1 - p_label: the sum of the other tokens' mass (e is not needed after this)
             e.scatter_(1, at, torch.where(inside[:, None], 0.0, e.gather(1, at)))
             lse_all[idx, 1] = e.sum(-1) / total
-    return logp, lse_all, zsum, ent, top1, top, lss
+    results = TokenResults(logps=logp, state=lse_all, score_sums=zsum, entropy=ent, top1=top1, log_sum_sq=lss)
+    return results, top
 
 
 def _log_sum_sq(s: torch.Tensor) -> torch.Tensor:
@@ -138,25 +134,21 @@ def _log_sum_sq(s: torch.Tensor) -> torch.Tensor:
 def token_logps_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    state: torch.Tensor,
     grad_logp: torch.Tensor,
+    options: TokenOptions = TokenOptions(),
     *,
-    inv_temp: float = 1.0,
-    softcap: float | None = None,
     out: torch.Tensor | None = None,
     label_offset: int = 0,
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
-    `lse` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row.
-    With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose state is
-    `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
+    """The kernels' `token_logps_backward` (same contract): the logits gradient of
+    sum_n grad_logp[n] * logp[n] from the forward's state, written to `out` (may be `logits`)."""
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
-    if lse.shape != (B * T, 2):
-        raise ValueError(f"lse must be the forward's [{B * T}, 2] state (logsumexp, 1 - p_label), "
-                         f"got {tuple(lse.shape)}")
+    inv_temp, softcap = options.inv_temp, options.softcap
+    state = backward_state(state, B * T)
     if out is None:
         out = torch.zeros((B, T, V), dtype=logits.dtype, device=logits.device)
     else:  # in place: every masked row must become exactly zero too
@@ -164,15 +156,15 @@ def token_logps_backward(
         out[masked // T, masked % T] = 0
     for b, t, idx, y in _chunks(labels, T, V):
         z = logits[b, t].to(acc)  # a copy (tensor indexing); the softcap's gradient needs it kept
-        state = lse[idx]
+        state_c = state[idx]
         # The scores are a new tile, or z itself when there is neither softcap nor temperature (and
         # then z is not needed after): dz is made in place over them.
-        dz = _scores(z, inv_temp, softcap).sub_(state[:, :1]).exp_().neg_()
+        dz = _scores(z, inv_temp, softcap).sub_(state_c[:, :1]).exp_().neg_()
         column = y - label_offset  # outside [0, V): the label is in another vocabulary slab
         inside = (column >= 0) & (column < V)
         at = column.clamp(0, V - 1)[:, None]
         # The label column: 1 - p_label from the forward's sum over the other tokens, not 1 - p (cancels).
-        dz.scatter_(1, at, torch.where(inside[:, None], state[:, 1:].to(acc), dz.gather(1, at)))
+        dz.scatter_(1, at, torch.where(inside[:, None], state_c[:, 1:].to(acc), dz.gather(1, at)))
         dz *= grad_logp[idx, None].to(acc)
         dz *= _scores_grad(z, inv_temp, softcap)
         out[b, t] = dz.to(out.dtype)

@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .contract import SlabResults, TokenOptions, TokenResults, backward_state
+
 
 @triton.jit
 def _scalar(hi, lo, ACC_DTYPE: tl.constexpr):
@@ -193,7 +195,8 @@ def token_logps_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers. Tensors are [B, T, V] logits with any strides and [B * T] per-token vectors.
+# Launchers. Tensors are [B, T, V] logits with any strides and [B * T] per-token vectors; what a
+# pass computes comes in one TokenOptions, and its results go back named (kernels/contract.py).
 
 _TL_ACC = {torch.float64: tl.float64}
 
@@ -231,96 +234,92 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def token_logps_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
+    options: TokenOptions = TokenOptions(),
     *,
-    inv_temp: float = 1.0,
-    softcap: float | None = None,
-    save_lse: bool = True,
-    sum_scores: bool = False,
-    token_metrics: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
-    log_sum_sq: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked): (log-probs, backward state
-    [B*T, 2] = (logsumexp, 1 - p_label) or None, score sums or None, entropy or None, is-top-1 or None,
-    log sum_v p_v^2 or None)."""
-    out = _forward(logits, labels, None, inv_temp, softcap, save_lse, sum_scores, token_metrics, block_v, num_warps,
-                   log_sum_sq)
-    return out[:5] + out[6:]
+) -> TokenResults:
+    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked), those `options` ask for."""
+    results, _max_scores = _forward(logits, labels, None, options, block_v, num_warps)
+    return results
 
 
 def token_slab_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
     label_offset: int,
+    options: TokenOptions = TokenOptions(),
     *,
-    inv_temp: float = 1.0,
-    softcap: float | None = None,
-    sum_scores: bool = False,
-    token_metrics: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
-    log_sum_sq: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows:
-    (label scores, 0 where the label is outside the slab; the slab's state [B*T, 2]: its logsumexp
-    and the share of its mass that is not the label; its score sums, entropy, is-top-1, max score
-    and log sum p^2 (relative to its own logsumexp), each None unless asked)."""
-    return _forward(logits, labels, label_offset, inv_temp, softcap, True, sum_scores, token_metrics, block_v,
-                    num_warps, log_sum_sq)
+) -> SlabResults:
+    """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows (the
+    state always saved, `options.save_lse` notwithstanding)."""
+    results, max_scores = _forward(logits, labels, label_offset, options, block_v, num_warps)
+    return SlabResults.of(results, max_scores)
 
 
-def _forward(logits, labels, label_offset, inv_temp, softcap, save_lse, sum_scores, token_metrics, block_v,
-             num_warps, log_sum_sq=False):
+def _forward(logits, labels, label_offset, options: TokenOptions, block_v, num_warps):
+    """(TokenResults, the max scores of a slab with token metrics or None); with a label offset,
+    `logps` holds the label scores (the slab forward) and the state is always saved."""
     B, T, V = logits.shape
     N = B * T
     acc = _acc_dtype(logits.dtype)
     slab = label_offset is not None
+    save_lse, token_metrics = options.save_lse or slab, options.token_metrics
 
     def vector(wanted: bool) -> torch.Tensor | None:
         return torch.empty(N, dtype=acc, device=logits.device) if wanted else None
 
-    logp = vector(True)
-    lse = torch.empty((N, 2), dtype=acc, device=logits.device) if save_lse else None  # (lse, 1 - p_label)
-    zsum, ent, top1, lss = vector(sum_scores), vector(token_metrics), vector(token_metrics), vector(log_sum_sq)
+    results = TokenResults(
+        logps=vector(True),
+        state=torch.empty((N, 2), dtype=acc, device=logits.device) if save_lse else None,  # (lse, 1 - p_label)
+        score_sums=vector(options.sum_scores), entropy=vector(token_metrics), top1=vector(token_metrics),
+        log_sum_sq=vector(options.log_sum_sq),
+    )
     top = vector(slab and token_metrics)
     # Outputs not asked for point at this empty buffer, never at a result: the constexpr flags skip
     # every store to it, and a store that a wrong flag let through could not overwrite a result.
     unused = torch.empty(0, dtype=acc, device=logits.device)
+
+    def ptr(x: torch.Tensor | None) -> torch.Tensor:
+        return x if x is not None else unused
+
     if N > 0:
         block_v, num_warps = _launch_config(V, block_v, num_warps, backward=False)
         token_logps_fwd_kernel[(N,)](
             logits, *logits.stride(),
-            labels, logp, *(x if x is not None else unused for x in (lse, zsum, ent, top1, top)),
-            T, V, label_offset or 0, *_split(inv_temp), *_split(softcap or 1.0),
-            HAS_SOFTCAP=softcap is not None, SAVE_LSE=save_lse, SUM_SCORES=sum_scores,
+            labels, results.logps, ptr(results.state), ptr(results.score_sums), ptr(results.entropy),
+            ptr(results.top1), ptr(top),
+            T, V, label_offset or 0, *_split(options.inv_temp), *_split(options.softcap or 1.0),
+            HAS_SOFTCAP=options.softcap is not None, SAVE_LSE=save_lse, SUM_SCORES=options.sum_scores,
             TOKEN_METRICS=token_metrics, SLAB=slab, ACC_DTYPE=_TL_ACC.get(acc, tl.float32), BLOCK_V=block_v,
-            lss_ptr=lss if lss is not None else unused, LOG_SUM_SQ=log_sum_sq,
+            lss_ptr=ptr(results.log_sum_sq), LOG_SUM_SQ=options.log_sum_sq,
             num_warps=num_warps,
         )
-    return logp, lse, zsum, ent, top1, top, lss
+    return results, top
 
 
 def token_logps_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    state: torch.Tensor,
     grad_logp: torch.Tensor,
+    options: TokenOptions = TokenOptions(),
     *,
-    inv_temp: float = 1.0,
-    softcap: float | None = None,
     out: torch.Tensor | None = None,
     label_offset: int = 0,
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
-    `lse` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row.
+    `state` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row;
+    of `options` only the score transform (inv_temp, softcap) is read.
     With `label_offset` o the logits are the vocabulary columns [o, o + V) of rows whose state is
-    `lse`, and label y's one-hot term falls at column y - o (none outside the slab)."""
+    `state`, and label y's one-hot term falls at column y - o (none outside the slab)."""
     B, T, V = logits.shape
     N = B * T
-    lse = _state(lse, N)
+    state = backward_state(state, N)
     if out is None:
         out = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
     if N == 0:
@@ -329,17 +328,10 @@ def token_logps_backward(
     token_logps_bwd_kernel[(N,)](
         logits, *logits.stride(),
         out, *out.stride(),
-        labels, lse, grad_logp,
-        T, V, label_offset, *_split(inv_temp), *_split(softcap or 1.0),
-        HAS_SOFTCAP=softcap is not None, ACC_DTYPE=_TL_ACC.get(_acc_dtype(logits.dtype), tl.float32),
+        labels, state, grad_logp,
+        T, V, label_offset, *_split(options.inv_temp), *_split(options.softcap or 1.0),
+        HAS_SOFTCAP=options.softcap is not None, ACC_DTYPE=_TL_ACC.get(_acc_dtype(logits.dtype), tl.float32),
         BLOCK_V=block_v, num_warps=num_warps,
     )
     return out
 
-
-def _state(state: torch.Tensor, n: int) -> torch.Tensor:
-    """The backward state as the kernel reads it: contiguous [n, 2]."""
-    if state.shape != (n, 2):
-        raise ValueError(f"lse must be the forward's [{n}, 2] state (logsumexp, 1 - p_label), "
-                         f"got {tuple(state.shape)}")
-    return state.contiguous()

@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from fastdpo import fused_dpo_loss, fused_linear_dpo_loss
+from fastdpo.kernels import TokenOptions
 from fastdpo.linear import linear_sequence_stats
 from fastdpo.logps import sequence_stats
 from fastdpo.losses import LossConfig
@@ -48,18 +50,19 @@ def test_log_sum_sq_tokens_match_float64(backend, offset, temperature, softcap):
 
     logits, labels = random_batch(V=300, offset=offset)
     flat = labels.flatten().masked_fill(labels.flatten() < 0, -1).to(torch.int32)
-    kwargs = dict(inv_temp=1.0 / temperature, softcap=softcap, log_sum_sq=True)
-    if backend == "triton":
-        kwargs["block_v"] = 64  # several tiles per row: the online rescaling is exercised
-    logp, *_, lss = get_backend(logits.device).token_logps_forward(logits, flat, **kwargs)
+    options = TokenOptions(inv_temp=1.0 / temperature, softcap=softcap, log_sum_sq=True)
+    # Several tiles per row on the kernels: the online rescaling is exercised.
+    launch = dict(block_v=64) if backend == "triton" else {}
+    out = get_backend(logits.device).token_logps_forward(logits, flat, options, **launch)
+    logp, lss = out.logps, out.log_sum_sq
     expected = log_sum_sq64(logits, temperature, softcap).flatten()
     valid = flat >= 0
     torch.testing.assert_close(lss[valid].double(), expected[valid], rtol=1e-5, atol=2e-6)
     assert (lss[~valid] == 0).all()
     # The flag adds an output and changes nothing else.
-    plain = get_backend(logits.device).token_logps_forward(logits, flat, **{**kwargs, "log_sum_sq": False})
-    assert plain[-1] is None
-    torch.testing.assert_close(logp, plain[0], rtol=0, atol=0)
+    plain = get_backend(logits.device).token_logps_forward(logits, flat, replace(options, log_sum_sq=False), **launch)
+    assert plain.log_sum_sq is None
+    torch.testing.assert_close(logp, plain.logps, rtol=0, atol=0)
 
 
 def test_log_sum_sq_row_sums_from_logits(backend):

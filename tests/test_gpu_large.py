@@ -60,7 +60,7 @@ def test_confident_tokens_at_large_vocab(V, dtype):
     want = not_label_mass64(logits.view(rows, V), labels)
     from fastdpo.backend import get_backend
 
-    state = get_backend(logits.device).token_logps_forward(logits, labels.to(torch.int32))[1]
+    state = get_backend(logits.device).token_logps_forward(logits, labels.to(torch.int32)).state
     rel = ((state[:, 1].double() - want) / want).abs().max().item()
     assert rel < 1e-5, f"saved 1 - p_label: relative error {rel:.2g}"
     x = logits.clone().requires_grad_()

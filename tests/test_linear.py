@@ -237,14 +237,16 @@ def test_grad_in_forward_guard_is_fastdpo_own(device):
     layout = build_layout(hidden, labels, 17, mask=mask, ignore_index=-100, cu_seqlens=None)
     flat = hidden.reshape(-1, 8)
     spec = fastdpo.LossConfig().encode()
+    options = ops.LinearOptions().flatten()
     out = ops.linear_logps_grad_in_forward(flat, weight, None, layout.labels, layout.offsets, torch.zeros(2), spec,
-                                           1.0, None, False, False, 0, 0, True, True, False)
-    lse, guess, used, dh, dw, db = out[4], out[6], out[7], out[8], out[9], out[10]
-    finish = (guess, used, dh, dw, db, flat, weight, None, layout.labels, layout.offsets, lse, 1.0, None, 0, 0)
-    ops.linear_logps_finish_(torch.ones_like(guess), *finish)
-    assert used.item() == 1
+                                           True, True, False, *options)
+    state = ops.row_results(out).state
+    guessed = ops.GuessedGrads._make(out[len(ops.RowResults._fields):])
+    finish = (*guessed, flat, weight, None, layout.labels, layout.offsets, state, *options)
+    ops.linear_logps_finish_(torch.ones_like(guessed.guess), *finish)
+    assert guessed.used.item() == 1
     with pytest.raises(RuntimeError, match="supports one backward per call"):
-        ops.linear_logps_finish_(torch.ones_like(guess), *finish)
+        ops.linear_logps_finish_(torch.ones_like(guessed.guess), *finish)
 
 
 def test_frozen_lm_head(backend, device):
@@ -602,7 +604,8 @@ def test_vocab_slabs_never_hold_full_vocabulary_rows(backend, device):
     hidden, weight, b, labels, mask = make_batch(2, 6, H, V, torch.float32, device)
     layout = build_layout(hidden, labels, V, mask=mask, ignore_index=-100, cu_seqlens=None)
     plan = C.make_plan(layout.labels, layout.offsets)
-    flat, opts = hidden.reshape(-1, H), C.Options(inv_temp=1.0, softcap=None)
+    flat = hidden.reshape(-1, H)
+    opts = C.LinearOptions(sum_scores=True, token_metrics=True, chunk_tokens=4, vocab_chunk=10)
     grads = C.new_grads(flat, weight, b, (True, True, True))
     new = []  # shapes of the tensors the backward allocates (not views, not in-place results)
 
@@ -617,8 +620,8 @@ def test_vocab_slabs_never_hold_full_vocabulary_rows(backend, device):
             return out
 
     with Record():
-        lse = C.forward(plan, flat, weight, b, opts, True, True, 4, vocab_chunk=10).lse
-        C.backward(plan, flat, weight, b, opts, lse, torch.randn(4, device=device), 4, grads, vocab_chunk=10)
+        state = C.forward(plan, flat, weight, b, opts).state
+        C.backward(plan, flat, weight, b, opts, state, torch.randn(4, device=device), grads)
     assert new.count((40,)) == 2, "expected one [chunk x vocab_chunk] logits buffer per pass"
     # Nothing larger than a [chunk, H] tile (the slab products and the fp32 dH sum), the logits tile
     # or the slabs' per-token results before their merge ([slabs, chunk, 2] for the backward state).

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastdpo
+from fastdpo.kernels import TokenOptions
 from fastdpo.kernels.token_logps import MAX_BLOCK_V as TILE  # the kernels' vocabulary tile width
 from oracle64 import CONFIDENT_GAPS, assert_close_rel, confident_logits, not_label_mass64, seq_logps64
 
@@ -277,8 +278,10 @@ def test_forward_on_a_vocabulary_slab(backend, device, V, offset):
     column = labels[3] - offset
     slab.reshape(8, V)[3, column] = slab.reshape(8, V)[3].max() + 1  # row 3: the label is the maximum
     s = slab.reshape(8, V).double() / 0.7
-    score, state, zsum, ent, top1, top, _lss = get_backend(torch.device(device)).token_slab_forward(
-        slab, labels, offset, inv_temp=1 / 0.7, sum_scores=True, token_metrics=True)
+    options = TokenOptions(inv_temp=1 / 0.7, sum_scores=True, token_metrics=True)
+    out = get_backend(torch.device(device)).token_slab_forward(slab, labels, offset, options)
+    score, state, zsum, ent, top1, top = (out.label_scores, out.state, out.score_sums, out.entropy, out.top1,
+                                          out.max_scores)
     lse, rest = state.unbind(1)
     valid = labels >= 0
     inside = valid & (labels >= offset) & (labels < offset + V)
@@ -307,7 +310,7 @@ def test_confident_tokens_exact_gradient(backend, device):
     logits = confident_logits(labels, V, gaps).float().view(2, rows // 2, V)  # the fp32 inputs
     flat_labels = labels.view(2, rows // 2)
 
-    state = get_backend(torch.device(device)).token_logps_forward(logits, labels.to(torch.int32))[1]
+    state = get_backend(torch.device(device)).token_logps_forward(logits, labels.to(torch.int32)).state
     want_rest = not_label_mass64(logits.view(rows, V), labels)
     assert (want_rest / gaps - 1).abs().max() < 0.5  # the inputs are as confident as meant
     rel = ((state[:, 1].double() - want_rest) / want_rest).abs().max().item()
