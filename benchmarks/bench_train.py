@@ -14,12 +14,14 @@ Models: random-weight models built from the Qwen2.5-0.5B and Llama-3.2-1B config
 bf16 autocast over fp32 weights, gradient checkpointing off and on. `--tiny` runs a 2-layer model
 on the CPU: a smoke test for the test suite, never a result.
 
-Pair lengths: UltraFeedback-like. ULTRAFEEDBACK_QUANTILES below are an ESTIMATE, not measured from
-the dataset (this machine cannot download it): chat prompts of about a hundred to a few hundred
-tokens with a long tail, answers of a few hundred tokens with a long tail, as the prefix-sharing
-paper (arXiv 2410.20305) describes the dataset (short prompts relative to answers: its smallest
-prefix-sharing gain, 1.11x). Replace them with quantiles measured with the model's tokenizer
-before quoting a number as "on UltraFeedback".
+Pair lengths: UltraFeedback-like. This machine cannot download the dataset, so
+ULTRAFEEDBACK_QUANTILES are anchored on the one published figure found: the prefix-sharing paper
+(arXiv 2410.20305; its repository github.com/frankxwang/dpo-prefix-sharing, README "Speedups")
+gives UltraFeedback (HuggingFaceH4/ultrafeedback_binarized) a median overall length of 409 tokens
+and a median prompt-to-completion length ratio of 0.42. Read as prompt + one answer, that is a
+prompt of about 120 and an answer of about 285 tokens at the median, the medians used below. The
+other quantiles (the spread and the long tails) are an ESTIMATE. Replace them with quantiles
+measured with the model's tokenizer before quoting a number as "on UltraFeedback".
 
     python benchmarks/bench_train.py                       # both models, checkpointing off and on
     python benchmarks/bench_train.py --models qwen0.5b --impls trl,fastdpo-fused-packed
@@ -39,10 +41,11 @@ from pathlib import Path
 
 import torch
 
-# token-length quantiles (q, tokens) of prompt and of each answer; an estimate (see the docstring)
+# token-length quantiles (q, tokens) of prompt and of each answer: medians from the prefix-sharing
+# paper's UltraFeedback row, the rest an estimate (see the docstring)
 ULTRAFEEDBACK_QUANTILES = {
-    "prompt": [(0.0, 8), (0.25, 60), (0.5, 140), (0.75, 260), (0.95, 600), (1.0, 1000)],
-    "answer": [(0.0, 4), (0.25, 150), (0.5, 260), (0.75, 400), (0.95, 700), (1.0, 1000)],
+    "prompt": [(0.0, 8), (0.25, 55), (0.5, 120), (0.75, 230), (0.95, 560), (1.0, 1000)],
+    "answer": [(0.0, 4), (0.25, 170), (0.5, 285), (0.75, 420), (0.95, 720), (1.0, 1000)],
 }
 MODELS = {  # name -> (transformers config class, config fields)
     "qwen0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
