@@ -9,6 +9,8 @@ peak memory and the share of the step spent in the LM head + loss:
     trl-fastdpo-LAYOUT         fastdpo.integrations.trl.FastDPOTrainer, LAYOUT = padded | packed | shared
     fastdpo-IMPL-LAYOUT        fastdpo's trainer step (head, layout, loss, reference copy, AdamW),
                                IMPL = fused | fused_linear
+    fastdpo-fused-packed-nocheck   the default row with fastdpo.value_checks(False): the label
+                               check's host synchronisation as a share of a step, by difference
 
 Models: random-weight models built from the Qwen2.5-0.5B and Llama-3.2-1B configs (no download),
 bf16 autocast over fp32 weights, gradient checkpointing off and on. `--tiny` runs a 2-layer model
@@ -59,7 +61,8 @@ MODELS = {  # name -> (transformers config class, config fields)
 }
 LAYOUTS = ("padded", "packed", "shared")
 IMPLS = ["trl", "trl-liger"] + [f"trl-fastdpo-{k}" for k in LAYOUTS] + \
-    [f"fastdpo-{i}-{k}" for i in ("fused", "fused_linear") for k in LAYOUTS]
+    [f"fastdpo-{i}-{k}" for i in ("fused", "fused_linear") for k in LAYOUTS] + \
+    ["fastdpo-fused-packed-nocheck"]  # value checks off: their host syncs' share of a step, by difference
 PAD, EOS = 0, 1
 
 
@@ -252,6 +255,8 @@ def trl_steps(model, pairs, P: int, impl: str, device, steps: int, out_dir: Path
 
 
 def run_row(row: Row, pairs, P: int, steps: int, warmup: int, device, attn: str, out_dir: Path) -> None:
+    from fastdpo import value_checks
+
     torch.manual_seed(0)
     model = build_model(row.model, attn, row.checkpointing, device)
     if device.type == "cuda":
@@ -264,23 +269,24 @@ def run_row(row: Row, pairs, P: int, steps: int, warmup: int, device, attn: str,
             tokens = seen[warmup:warmup + len(times)]
             head_ms = timer.collect() * len(times) / max(1, len(seen))
         else:
-            _, impl, layout = row.impl.split("-")
+            _, impl, layout, *variant = row.impl.split("-")
             times, tokens, head_ms = [], [], 0.0
             it = fastdpo_steps(model, pairs, P, impl, layout, device, warmup + steps, autocast)
-            for s in range(warmup + steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t = time.perf_counter()
-                real, loss = next(it)
-                if s == 0:
-                    row.first_loss = float(loss)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                ms = timer.collect()
-                if s >= warmup:
-                    times.append(time.perf_counter() - t)
-                    tokens.append(real)
-                    head_ms += ms
+            with value_checks("nocheck" not in variant):  # off: no host sync for the label check
+                for s in range(warmup + steps):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t = time.perf_counter()
+                    real, loss = next(it)
+                    if s == 0:
+                        row.first_loss = float(loss)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    ms = timer.collect()
+                    if s >= warmup:
+                        times.append(time.perf_counter() - t)
+                        tokens.append(real)
+                        head_ms += ms
     row.step_ms = 1e3 * sum(times) / len(times)
     row.real_tokens_per_s = sum(tokens) / sum(times)
     row.loss_share = head_ms / (1e3 * sum(times)) if head_ms else None
