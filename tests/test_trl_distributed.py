@@ -1,0 +1,166 @@
+"""`FastDPOTrainer` on two CPU processes (gloo) through `accelerate launch` equals one process at the
+same global batch: DDP, and FSDP2 from examples/accelerate/fsdp2.yaml (through tests/fsdp_on_cpu.py,
+which lets accelerate keep the FSDP plugin on CPU processes; everything after that switch is the
+code a GPU run executes: transformers' Trainer, accelerate's fully_shard preparation of the policy,
+TRL's prepare_fsdp of the reference, the gathered save), also with CPU offload of the parameters
+(examples/accelerate/fsdp2-offload.yaml).
+
+tests/trl_train_script.py trains 3 SGD steps of a tiny random Llama per case: fastdpo_mode
+"logits" (from-logits kernel) or "linear" (fused linear: reads the whole lm_head weight inside the
+wrapped forward, where FSDP2 has gathered it), each with TRL's reference model run at every step
+(sharded by TRL's prepare_fsdp under FSDP2) or with `precompute_ref_log_probs` (TRL's precompute,
+each rank scoring its share of the pairs), on TRL's padded batches or fastdpo's padding-free ones.
+One launch per engine runs all its cases (start-up is most of the time).
+
+Tolerance: fp32 on both sides, so the runs differ by rounding only: two processes pad or pack each
+half-batch on its own (other matmul shapes) and average two partial gradients where one process
+sums four rows. Seen (2026-12-02, CPU): logged metrics within 2.5e-7 relative, except rewards near
+zero, within 5e-8 absolute (a reward is beta times a difference of log-probs near -13, whose fp32
+ulp is 1e-6); final weights within 1.5e-8. Checked at rel 1e-5 / abs 1e-6 (metrics) and 1e-6
+absolute (weights): 20-60x above that rounding, and far below what a missing or mis-scaled
+gradient synchronisation changes: the update itself, asserted above 1e-3 (SGD, so the update is
+the gradient; the 7245 failure mode, calling the unwrapped model, was seen to fail this module).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_train_distributed import CPU_ENV, free_port
+from train_helpers import REPO, run_cli
+from trl_train_script import MODES, REFS, write_pairs
+
+from fastdpo.integrations.trl import check_precompute_datasets
+
+CASES = [f"{mode}-{ref}" for mode in MODES for ref in REFS]  # padded batches, TRL's layout
+# engine -> its cases: every mode and reference padded, and one padding-free case each (fastdpo's
+# packed layout: the same head, other model inputs). With CPU offload of the parameters (on CPU
+# processes the offload copies are CPU to CPU: this runs the offload code path, it does not show
+# the memory saving), two cases.
+ENGINES = {"ddp": [*CASES, "logits-precompute-packed"], "fsdp2": [*CASES, "linear-model-packed"],
+           "fsdp2-offload": ["logits-model", "linear-precompute"]}
+ALL_CASES = sorted({case for cases in ENGINES.values() for case in cases})
+SCRIPT = str(REPO / "tests" / "trl_train_script.py")
+STEPS = 3
+
+
+def launch(engine: str) -> list[str]:
+    """The command line of 2 processes under `engine` (see tests/test_train_distributed.py), or of 1."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    port = ["--num_processes", "2", "--main_process_port", str(free_port())]
+    if engine == "one":
+        return [sys.executable, SCRIPT, "--batch", "4", "--cases", ",".join(ALL_CASES)]
+    cases = ["--cases", ",".join(ENGINES[engine])]
+    if engine == "ddp":
+        return [*accelerate, "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                "no", *port, SCRIPT, "--batch", "2", *cases, "--check-refusal"]
+    config = REPO / "examples" / "accelerate" / f"{engine}.yaml"
+    return [*accelerate, "--config_file", str(config), *port, SCRIPT, "--batch", "2", "--fsdp-on-cpu", *cases]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """run(engine) -> its output folder; each engine is launched once per module, on first use."""
+    root = tmp_path_factory.mktemp("trl-distributed")
+    data = write_pairs(root / "pairs.jsonl")  # one file: every rank must see the same dataset cache
+    done = {}
+
+    def run(engine: str):
+        if engine not in done:
+            out = root / engine
+            result = run_cli([*launch(engine), str(out), "--data", str(data)], env=CPU_ENV, timeout=480)
+            assert result.returncode == 0, result.stderr[-4000:]
+            done[engine] = out
+        return done[engine]
+
+    return run
+
+
+def read_log(run_dir) -> dict:
+    return json.loads((run_dir / "log.json").read_text())
+
+
+def steps(log: dict) -> list[dict]:
+    return [h for h in log["log_history"] if "loss" in h]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    """The final model as transformers loads it from the saved folder."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+
+
+@pytest.mark.parametrize("engine, case", [(e, c) for e, cases in ENGINES.items() for c in cases])
+def test_two_processes_match_one_at_the_same_global_batch(runs, engine, case):
+    mode = case.split("-")[0]
+    one, two = read_log(runs("one") / case), read_log(runs(engine) / case)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    # The mode in effect: each of 3 steps scores the reference (or one precompute batch per rank) and the policy.
+    assert one["head_calls"] == two["head_calls"] == {mode: 2 * STEPS}
+    assert one["layout"] == two["layout"] == ("packed" if case.endswith("-packed") else "padded")
+    if engine.startswith("fsdp2"):  # sharded for real, not accelerate's silent DDP fallback on CPUs
+        assert two["fsdp"] and two["sharded"] == two["ref_sharded"] == ["DTensor"]
+    else:
+        assert not two["fsdp"] and two["sharded"] == ["Parameter"]
+
+    a, b = steps(one), steps(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        assert {"loss", "grad_norm", "rewards/margins", "logps/chosen", "entropy", "logits/chosen"} <= set(ra)
+        for name, value in ra.items():
+            assert rb[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (ra["step"], name)
+
+    wa, wb = weights(runs("one") / case), weights(runs(engine) / case)
+    assert wa.keys() == wb.keys()
+    # the steps moved the weights far beyond the tolerance (else a lost gradient could not show)
+    start = weights_at_start()
+    assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-3
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def weights_at_start() -> dict[str, torch.Tensor]:
+    from trl_train_script import tiny_models, tokenizer
+
+    return tiny_models(len(tokenizer()))[0].state_dict()
+
+
+@pytest.mark.parametrize("case", ENGINES["ddp"])
+def test_ddp_ranks_hold_identical_parameters_after_every_step(runs, case):
+    """TRL issue 7245's failure mode (DPO skipped DDP's gradient synchronisation: every parameter
+    differed across ranks): bit-equal parameters on both ranks after each optimizer step."""
+    run_dir = runs("ddp") / case
+    rank0, rank1 = (json.loads((run_dir / f"params-rank{r}.json").read_text()) for r in (0, 1))
+    assert len(rank0) == STEPS and rank0 == rank1
+    assert len(set(rank0)) == STEPS  # each step changed the parameters
+
+
+def test_precompute_from_an_in_memory_dataset_is_refused_on_two_processes(runs):
+    """TRL writes precomputed log-probs beside the dataset's cache files and every rank reads them back; a
+    dataset built in memory has none (rank 1 would fail with FileNotFoundError): one line at construction."""
+    message = (runs("ddp") / "refusal.txt").read_text()
+    assert message.startswith("train_dataset has no cache files") and "on 2 processes" in message
+    assert "\n" not in message
+
+
+def test_precompute_dataset_check(tmp_path):
+    """The check itself, in this process: only several processes with an in-memory dataset are refused."""
+    from datasets import Dataset, load_from_disk
+
+    in_memory = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    in_memory.save_to_disk(str(tmp_path / "ds"))
+    on_disk = load_from_disk(str(tmp_path / "ds"))
+    two = SimpleNamespace(precompute_ref_log_probs=True, world_size=2)
+    check_precompute_datasets(two, {"train_dataset": on_disk, "eval_dataset": {"a": on_disk}})
+    check_precompute_datasets(SimpleNamespace(precompute_ref_log_probs=True, world_size=1),
+                              {"train_dataset": in_memory})
+    check_precompute_datasets(SimpleNamespace(precompute_ref_log_probs=False, world_size=2),
+                              {"train_dataset": in_memory})
+    with pytest.raises(ValueError, match=r"^eval_dataset\['b'\] has no cache files"):
+        check_precompute_datasets(two, {"train_dataset": on_disk, "eval_dataset": {"a": on_disk, "b": in_memory}})
