@@ -1,15 +1,17 @@
 """`FastDPOTrainer` on two CPU processes (gloo) through `accelerate launch` equals one process at the
-same global batch: DDP, and FSDP2 from examples/accelerate/fsdp2.yaml (through tests/fsdp_on_cpu.py,
-which lets accelerate keep the FSDP plugin on CPU processes; everything after that switch is the
-code a GPU run executes: transformers' Trainer, accelerate's fully_shard preparation of the policy,
-TRL's prepare_fsdp of the reference, the gathered save), also with CPU offload of the parameters
-(examples/accelerate/fsdp2-offload.yaml).
+same global batch, from the shipped configs: DDP (examples/accelerate/ddp.yaml with
+ACCELERATE_USE_CPU) and FSDP2 (fsdp2.yaml, and fsdp2-offload.yaml with CPU offload of the
+parameters, through tests/fsdp_on_cpu.py, which lets accelerate keep the FSDP plugin on CPU
+processes; everything after that switch is the code a GPU run executes: transformers' Trainer,
+accelerate's fully_shard preparation of the policy, TRL's prepare_fsdp of the reference, the
+gathered save).
 
 tests/trl_train_script.py trains 3 SGD steps of a tiny random Llama per case: fastdpo_mode
 "logits" (from-logits kernel) or "linear" (fused linear: reads the whole lm_head weight inside the
 wrapped forward, where FSDP2 has gathered it), each with TRL's reference model run at every step
 (sharded by TRL's prepare_fsdp under FSDP2) or with `precompute_ref_log_probs` (TRL's precompute,
-each rank scoring its share of the pairs), on TRL's padded batches or fastdpo's padding-free ones.
+each rank scoring its share of the pairs), with no `ref_model` (TRL loads the reference from the
+policy's folder), on TRL's padded batches or fastdpo's padding-free ones.
 One launch per engine runs all its cases (start-up is most of the time).
 
 Tolerance: fp32 on both sides, so the runs differ by rounding only: two processes pad or pack each
@@ -32,16 +34,18 @@ import pytest
 import torch
 from test_train_distributed import CPU_ENV, free_port
 from train_helpers import REPO, run_cli
-from trl_train_script import MODES, REFS, write_pairs
+from trl_train_script import MODES, save_policy, write_pairs
 
 from fastdpo.integrations.trl import check_precompute_datasets
 
-CASES = [f"{mode}-{ref}" for mode in MODES for ref in REFS]  # padded batches, TRL's layout
-# engine -> its cases: every mode and reference padded, and one padding-free case each (fastdpo's
-# packed layout: the same head, other model inputs). With CPU offload of the parameters (on CPU
-# processes the offload copies are CPU to CPU: this runs the offload code path, it does not show
-# the memory saving), two cases.
-ENGINES = {"ddp": [*CASES, "logits-precompute-packed"], "fsdp2": [*CASES, "linear-model-packed"],
+CASES = [f"{mode}-{ref}" for mode in MODES for ref in ("model", "precompute")]  # padded, TRL's layout
+# engine -> its cases: both modes with a ref_model, run or precomputed; without one (TRL loads the
+# reference from the policy's folder, and under FSDP frees it after the precompute); one
+# padding-free case each (fastdpo's packed layout: the same head, other model inputs). With CPU
+# offload of the parameters (on CPU processes the offload copies are CPU to CPU: this runs the
+# offload code path, it does not show the memory saving), two cases.
+ENGINES = {"ddp": [*CASES, "linear-none_precompute", "logits-precompute-packed"],
+           "fsdp2": [*CASES, "logits-none_precompute", "linear-none", "linear-model-packed"],
            "fsdp2-offload": ["logits-model", "linear-precompute"]}
 ALL_CASES = sorted({case for cases in ENGINES.values() for case in cases})
 SCRIPT = str(REPO / "tests" / "trl_train_script.py")
@@ -49,17 +53,15 @@ STEPS = 3
 
 
 def launch(engine: str) -> list[str]:
-    """The command line of 2 processes under `engine` (see tests/test_train_distributed.py), or of 1."""
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    port = ["--num_processes", "2", "--main_process_port", str(free_port())]
+    """One process, or two from the shipped config examples/accelerate/ENGINE.yaml, on CPUs (CPU_ENV's
+    ACCELERATE_USE_CPU: gloo; the FSDP configs through --fsdp-on-cpu)."""
     if engine == "one":
         return [sys.executable, SCRIPT, "--batch", "4", "--cases", ",".join(ALL_CASES)]
-    cases = ["--cases", ",".join(ENGINES[engine])]
-    if engine == "ddp":
-        return [*accelerate, "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-                "no", *port, SCRIPT, "--batch", "2", *cases, "--check-refusal"]
     config = REPO / "examples" / "accelerate" / f"{engine}.yaml"
-    return [*accelerate, "--config_file", str(config), *port, SCRIPT, "--batch", "2", "--fsdp-on-cpu", *cases]
+    options = ["--check-refusal"] if engine == "ddp" else ["--fsdp-on-cpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+            "--main_process_port", str(free_port()), SCRIPT, "--batch", "2", "--cases", ",".join(ENGINES[engine]),
+            *options]
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +69,14 @@ def runs(tmp_path_factory):
     """run(engine) -> its output folder; each engine is launched once per module, on first use."""
     root = tmp_path_factory.mktemp("trl-distributed")
     data = write_pairs(root / "pairs.jsonl")  # one file: every rank must see the same dataset cache
+    init = save_policy(root / "init")
     done = {}
 
     def run(engine: str):
         if engine not in done:
             out = root / engine
-            result = run_cli([*launch(engine), str(out), "--data", str(data)], env=CPU_ENV, timeout=480)
+            result = run_cli([*launch(engine), str(out), "--data", str(data), "--init", str(init)], env=CPU_ENV,
+                             timeout=480)
             assert result.returncode == 0, result.stderr[-4000:]
             done[engine] = out
         return done[engine]
@@ -97,16 +101,17 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("engine, case", [(e, c) for e, cases in ENGINES.items() for c in cases])
 def test_two_processes_match_one_at_the_same_global_batch(runs, engine, case):
-    mode = case.split("-")[0]
+    mode, ref = case.split("-")[:2]
     one, two = read_log(runs("one") / case), read_log(runs(engine) / case)
     assert (one["processes"], two["processes"]) == (1, 2)
     # The mode in effect: each of 3 steps scores the reference (or one precompute batch per rank) and the policy.
     assert one["head_calls"] == two["head_calls"] == {mode: 2 * STEPS}
     assert one["layout"] == two["layout"] == ("packed" if case.endswith("-packed") else "padded")
-    if engine.startswith("fsdp2"):  # sharded for real, not accelerate's silent DDP fallback on CPUs
-        assert two["fsdp"] and two["sharded"] == two["ref_sharded"] == ["DTensor"]
-    else:
-        assert not two["fsdp"] and two["sharded"] == ["Parameter"]
+    # sharded for real under FSDP2, not accelerate's silent DDP fallback on CPUs; the reference too, unless
+    # TRL dropped it after the precompute
+    tensors = ["DTensor"] if engine.startswith("fsdp2") else ["Parameter"]
+    assert two["fsdp"] == engine.startswith("fsdp2") and two["sharded"] == tensors
+    assert two["ref_sharded"] == (None if ref == "none_precompute" else tensors)
 
     a, b = steps(one), steps(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))

@@ -6,8 +6,8 @@ its Accelerator, so that accelerate keeps the FSDP plugin on CPU processes). `--
 per-process batch: 2 processes at half the batch of 1 see the same global batches.
 
 Each case MODE-REF[-packed] (`--cases logits-model,linear-precompute-packed`: fastdpo_mode, TRL's
-reference model run at every step or its log-probs precomputed once, and with "-packed" fastdpo's
-padding-free batches) trains fresh models into OUT/CASE/:
+reference (REFS), and with "-packed" fastdpo's padding-free batches) trains fresh models into
+OUT/CASE/:
 `log.json` (rank 0: TRL's log history, the loss and metrics of every step, and which fastdpo head
 path ran), `final/` (`save_model`: one safetensors file, gathered from the shards under FSDP) and
 `params-rank{r}.json` from every rank (a digest of the parameters the rank holds after each
@@ -29,7 +29,10 @@ from pathlib import Path
 WORDS = [f"w{i}" for i in range(16)]
 PAIRS = 12  # 3 steps of a global batch of 4 pairs
 MODES = ("logits", "linear")
-REFS = ("model", "precompute")
+# TRL's reference: a `ref_model` run at every step, or its log-probs precomputed once; "none...": no
+# `ref_model`, the policy given as a folder, so TRL loads the reference from it (under FSDP, for the
+# precompute too, freed afterwards) or precomputes with the policy itself before training.
+REFS = ("model", "precompute", "none", "none_precompute")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -38,8 +41,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True,
                    help="the pairs as JSON lines (write_pairs), one file for all ranks: datasets names its cache "
                         "after the file's path and time, and TRL's precompute cache must be the same for all ranks")
+    p.add_argument("--init", type=Path, help="the policy saved by save_policy (needed by the REFs 'none...')")
     p.add_argument("--batch", type=int, required=True, help="pairs per process and step")
-    p.add_argument("--cases", default=",".join(f"{m}-{r}" for m in MODES for r in REFS),
+    p.add_argument("--cases", default=",".join(f"{m}-{r}" for m in MODES for r in REFS[:2]),
                    help="comma-separated MODE-REF[-packed], MODE in %s, REF in %s" % (MODES, REFS))
     p.add_argument("--fsdp-on-cpu", action="store_true", help="let accelerate keep its FSDP plugin on CPU processes")
     p.add_argument("--check-refusal", action="store_true")
@@ -49,6 +53,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         mode, ref, *layout = case.split("-")
         if mode not in MODES or ref not in REFS or layout not in ([], ["packed"]):
             p.error(f"unknown case {case}")
+        if ref.startswith("none") and opts.init is None:
+            p.error(f"case {case} needs --init")
     return opts
 
 
@@ -89,6 +95,13 @@ def tiny_models(vocab: int):
     policy = LlamaForCausalLM(cfg)
     torch.manual_seed(1)
     return policy, LlamaForCausalLM(cfg)
+
+
+def save_policy(path: Path) -> Path:
+    """The policy of tiny_models as a folder, for the cases where TRL loads the models itself (written once,
+    before the launch: under torch.distributed, save_pretrained writes on rank 0 only)."""
+    tiny_models(len(tokenizer()))[0].save_pretrained(path)
+    return path
 
 
 def digest(model) -> str:
@@ -141,6 +154,8 @@ def train_case(opts, case: str, calls: Counter) -> None:
     train = load_dataset("json", data_files=str(opts.data), split="train", cache_dir=str(out / "hf-cache"))
     tok = tokenizer()
     policy, ref_model = tiny_models(len(tok))
+    if ref.startswith("none"):  # the same weights, from the folder save_policy wrote
+        policy, ref_model = str(opts.init), None
     digests: list[str] = []
 
     class Digest(TrainerCallback):
@@ -148,8 +163,8 @@ def train_case(opts, case: str, calls: Counter) -> None:
             digests.append(digest(model))
 
     calls.clear()
-    trainer = FastDPOTrainer(model=policy, ref_model=ref_model, args=dpo_args(out, opts.batch, ref == "precompute"),
-                             train_dataset=train, processing_class=tok, callbacks=[Digest()], fastdpo_mode=mode,
+    args = dpo_args(out, opts.batch, precompute=ref.endswith("precompute"))
+    trainer = FastDPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=train, processing_class=tok, callbacks=[Digest()], fastdpo_mode=mode,
                              padding_free=layout == ["packed"])
     trainer.train()
     if trainer.is_fsdp_enabled:  # one gathered file that transformers loads (the config saves shards)
@@ -163,7 +178,8 @@ def train_case(opts, case: str, calls: Counter) -> None:
             "fsdp": trainer.is_fsdp_enabled, "head_calls": dict(calls), "layout": trainer.fastdpo_layout,
             # the policy as training left it: DTensor shards under FSDP2, whole tensors otherwise
             "sharded": sorted({type(p).__name__ for p in trainer.model.parameters()}),
-            "ref_sharded": sorted({type(p).__name__ for p in trainer.ref_model.parameters()}),
+            "ref_sharded": None if trainer.ref_model is None else
+            sorted({type(p).__name__ for p in trainer.ref_model.parameters()}),
             "log_history": trainer.state.log_history}))
     accelerator.wait_for_everyone()
 
