@@ -11,7 +11,8 @@ tests/trl_train_script.py trains 3 SGD steps of a tiny random Llama per case: fa
 wrapped forward, where FSDP2 has gathered it), each with TRL's reference model run at every step
 (sharded by TRL's prepare_fsdp under FSDP2) or with `precompute_ref_log_probs` (TRL's precompute,
 each rank scoring its share of the pairs), with no `ref_model` (TRL loads the reference from the
-policy's folder), on TRL's padded batches or fastdpo's padding-free ones.
+policy's folder) or with LoRA (the reference: the adapter disabled), on TRL's padded batches or
+fastdpo's padding-free ones.
 One launch per engine runs all its cases (start-up is most of the time).
 
 Tolerance: fp32 on both sides, so the runs differ by rounding only: two processes pad or pack each
@@ -40,12 +41,12 @@ from fastdpo.integrations.trl import check_precompute_datasets
 
 CASES = [f"{mode}-{ref}" for mode in MODES for ref in ("model", "precompute")]  # padded, TRL's layout
 # engine -> its cases: both modes with a ref_model, run or precomputed; without one (TRL loads the
-# reference from the policy's folder, and under FSDP frees it after the precompute); one
-# padding-free case each (fastdpo's packed layout: the same head, other model inputs). With CPU
+# reference from the policy's folder, and under FSDP frees it after the precompute); LoRA (the
+# reference is the adapter disabled); one padding-free case each (fastdpo's packed layout: the same head, other model inputs). With CPU
 # offload of the parameters (on CPU processes the offload copies are CPU to CPU: this runs the
 # offload code path, it does not show the memory saving), two cases.
-ENGINES = {"ddp": [*CASES, "linear-none_precompute", "logits-precompute-packed"],
-           "fsdp2": [*CASES, "logits-none_precompute", "linear-none", "linear-model-packed"],
+ENGINES = {"ddp": [*CASES, "linear-none_precompute", "logits-lora", "logits-precompute-packed"],
+           "fsdp2": [*CASES, "logits-none_precompute", "linear-none", "linear-lora", "linear-model-packed"],
            "fsdp2-offload": ["logits-model", "linear-precompute"]}
 ALL_CASES = sorted({case for cases in ENGINES.values() for case in cases})
 SCRIPT = str(REPO / "tests" / "trl_train_script.py")
@@ -111,7 +112,7 @@ def test_two_processes_match_one_at_the_same_global_batch(runs, engine, case):
     # TRL dropped it after the precompute
     tensors = ["DTensor"] if engine.startswith("fsdp2") else ["Parameter"]
     assert two["fsdp"] == engine.startswith("fsdp2") and two["sharded"] == tensors
-    assert two["ref_sharded"] == (None if ref == "none_precompute" else tensors)
+    assert two["ref_sharded"] == (None if ref in ("none_precompute", "lora") else tensors)
 
     a, b = steps(one), steps(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
@@ -121,6 +122,9 @@ def test_two_processes_match_one_at_the_same_global_batch(runs, engine, case):
         for name, value in ra.items():
             assert rb[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (ra["step"], name)
 
+    if ref == "lora":
+        assert_same_adapter(runs("one") / case, runs(engine) / case)
+        return
     wa, wb = weights(runs("one") / case), weights(runs(engine) / case)
     assert wa.keys() == wb.keys()
     # the steps moved the weights far beyond the tolerance (else a lost gradient could not show)
@@ -128,6 +132,20 @@ def test_two_processes_match_one_at_the_same_global_batch(runs, engine, case):
     assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-3
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def assert_same_adapter(one_dir, two_dir) -> None:
+    """The saved LoRA adapters. lora_B starts at zero and reaches ~1e-4 in 3 steps here, so the
+    slack is relative to each tensor's largest entry: 3e-4 of it (seen: 3e-5, 3.7e-9 absolute)."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (one_dir, two_dir))
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for name in a:
+        if "lora_B" in name:
+            assert a[name].abs().max() > 1e-5  # trained away from its zero start
+        atol = 3e-4 * a[name].abs().max().item()
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def weights_at_start() -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ Each case MODE-REF[-packed] (`--cases logits-model,linear-precompute-packed`: fa
 reference (REFS), and with "-packed" fastdpo's padding-free batches) trains fresh models into
 OUT/CASE/:
 `log.json` (rank 0: TRL's log history, the loss and metrics of every step, and which fastdpo head
-path ran), `final/` (`save_model`: one safetensors file, gathered from the shards under FSDP) and
+path ran), `final/` (`save_model`: one safetensors file, gathered from the shards under FSDP; the adapter alone
+with LoRA) and
 `params-rank{r}.json` from every rank (a digest of the parameters the rank holds after each
 optimizer step: its shards under FSDP). All cases run in one launch: start-up is most of the time.
 
@@ -31,8 +32,9 @@ PAIRS = 12  # 3 steps of a global batch of 4 pairs
 MODES = ("logits", "linear")
 # TRL's reference: a `ref_model` run at every step, or its log-probs precomputed once; "none...": no
 # `ref_model`, the policy given as a folder, so TRL loads the reference from it (under FSDP, for the
-# precompute too, freed afterwards) or precomputes with the policy itself before training.
-REFS = ("model", "precompute", "none", "none_precompute")
+# precompute too, freed afterwards) or precomputes with the policy itself before training; "lora":
+# a LoRA adapter trained on the policy from its folder, the reference being the adapter disabled.
+REFS = ("model", "precompute", "none", "none_precompute", "lora")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -53,7 +55,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         mode, ref, *layout = case.split("-")
         if mode not in MODES or ref not in REFS or layout not in ([], ["packed"]):
             p.error(f"unknown case {case}")
-        if ref.startswith("none") and opts.init is None:
+        if ref.startswith(("none", "lora")) and opts.init is None:
             p.error(f"case {case} needs --init")
     return opts
 
@@ -154,8 +156,13 @@ def train_case(opts, case: str, calls: Counter) -> None:
     train = load_dataset("json", data_files=str(opts.data), split="train", cache_dir=str(out / "hf-cache"))
     tok = tokenizer()
     policy, ref_model = tiny_models(len(tok))
-    if ref.startswith("none"):  # the same weights, from the folder save_policy wrote
+    peft_config = None
+    if ref.startswith(("none", "lora")):  # the same weights, from the folder save_policy wrote
         policy, ref_model = str(opts.init), None
+    if ref == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     digests: list[str] = []
 
     class Digest(TrainerCallback):
@@ -164,7 +171,8 @@ def train_case(opts, case: str, calls: Counter) -> None:
 
     calls.clear()
     args = dpo_args(out, opts.batch, precompute=ref.endswith("precompute"))
-    trainer = FastDPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=train, processing_class=tok, callbacks=[Digest()], fastdpo_mode=mode,
+    trainer = FastDPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=train, processing_class=tok,
+                             peft_config=peft_config, callbacks=[Digest()], fastdpo_mode=mode,
                              padding_free=layout == ["packed"])
     trainer.train()
     if trainer.is_fsdp_enabled:  # one gathered file that transformers loads (the config saves shards)
