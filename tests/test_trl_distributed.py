@@ -42,9 +42,10 @@ from fastdpo.integrations.trl import check_precompute_datasets
 CASES = [f"{mode}-{ref}" for mode in MODES for ref in ("model", "precompute")]  # padded, TRL's layout
 # engine -> its cases: both modes with a ref_model, run or precomputed; without one (TRL loads the
 # reference from the policy's folder, and under FSDP frees it after the precompute); LoRA (the
-# reference is the adapter disabled); one padding-free case each (fastdpo's packed layout: the same head, other model inputs). With CPU
-# offload of the parameters (on CPU processes the offload copies are CPU to CPU: this runs the
-# offload code path, it does not show the memory saving), two cases.
+# reference is the adapter disabled); one padding-free case each (fastdpo's packed layout: the
+# same head, other model inputs). With CPU offload of the parameters (on CPU processes the offload
+# copies are CPU to CPU: this runs the offload code path, it does not show the memory saving),
+# two cases.
 ENGINES = {"ddp": [*CASES, "linear-none_precompute", "logits-lora", "logits-precompute-packed"],
            "fsdp2": [*CASES, "logits-none_precompute", "linear-none", "linear-lora", "linear-model-packed"],
            "fsdp2-offload": ["logits-model", "linear-precompute"]}
@@ -174,6 +175,7 @@ def test_precompute_from_an_in_memory_dataset_is_refused_on_two_processes(runs):
 
 def test_precompute_dataset_check(tmp_path):
     """The check itself, in this process: only several processes with an in-memory dataset are refused."""
+    import datasets
     from datasets import Dataset, load_from_disk
 
     in_memory = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
@@ -187,3 +189,9 @@ def test_precompute_dataset_check(tmp_path):
                               {"train_dataset": in_memory})
     with pytest.raises(ValueError, match=r"^eval_dataset\['b'\] has no cache files"):
         check_precompute_datasets(two, {"train_dataset": on_disk, "eval_dataset": {"a": on_disk, "b": in_memory}})
+    datasets.disable_caching()  # then TRL names the file at random on every process, as for in-memory data
+    try:
+        with pytest.raises(ValueError, match=r"^train_dataset has no cache files .* on 2 processes"):
+            check_precompute_datasets(two, {"train_dataset": on_disk})
+    finally:
+        datasets.enable_caching()

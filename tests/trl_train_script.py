@@ -7,12 +7,11 @@ per-process batch: 2 processes at half the batch of 1 see the same global batche
 
 Each case MODE-REF[-packed] (`--cases logits-model,linear-precompute-packed`: fastdpo_mode, TRL's
 reference (REFS), and with "-packed" fastdpo's padding-free batches) trains fresh models into
-OUT/CASE/:
-`log.json` (rank 0: TRL's log history, the loss and metrics of every step, and which fastdpo head
-path ran), `final/` (`save_model`: one safetensors file, gathered from the shards under FSDP; the adapter alone
-with LoRA) and
-`params-rank{r}.json` from every rank (a digest of the parameters the rank holds after each
-optimizer step: its shards under FSDP). All cases run in one launch: start-up is most of the time.
+OUT/CASE/: `log.json` (rank 0: TRL's log history, the loss and metrics of every step, and which
+fastdpo head path ran), `final/` (`save_model`: one safetensors file, gathered from the shards
+under FSDP; the adapter alone with LoRA) and `params-rank{r}.json` from every rank (a digest of
+the parameters the rank holds after each optimizer step: its shards under FSDP). All cases run in
+one launch: start-up is most of the time.
 
 `--check-refusal` then builds a trainer that cannot work on several processes (precompute from an
 in-memory dataset) and writes the error it raised to OUT/refusal.txt.
@@ -43,7 +42,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True,
                    help="the pairs as JSON lines (write_pairs), one file for all ranks: datasets names its cache "
                         "after the file's path and time, and TRL's precompute cache must be the same for all ranks")
-    p.add_argument("--init", type=Path, help="the policy saved by save_policy (needed by the REFs 'none...')")
+    p.add_argument("--init", type=Path, help="the policy saved by save_policy (for the REFs none... and lora)")
     p.add_argument("--batch", type=int, required=True, help="pairs per process and step")
     p.add_argument("--cases", default=",".join(f"{m}-{r}" for m in MODES for r in REFS[:2]),
                    help="comma-separated MODE-REF[-packed], MODE in %s, REF in %s" % (MODES, REFS))
