@@ -25,6 +25,10 @@ One difference: TRL 1.16 fails on `use_weighting=True` with `"sft"` in `loss_typ
 multiply of its expanded sft term); here that term is weighted like the others (the sft value
 times the mean pair weight).
 
+Several processes (accelerate's DDP and FSDP2; tests/test_trl_distributed.py): nothing to set, the
+head runs inside the wrapped model's forward, where DDP sees it and FSDP2 has gathered `lm_head`;
+`precompute_ref_log_probs` there needs datasets with cache files (`check_precompute_datasets`).
+
 Supported TRL versions: SUPPORTED_TRL (checked at import). What fastdpo does not do (MoE router
 loss, vision models, loss types with no fastdpo twin) raises at construction instead of training
 differently. `use_liger_kernel` keeps meaning what it means in these TRL versions (Liger's layer
