@@ -25,6 +25,10 @@ One difference: TRL 1.16 fails on `use_weighting=True` with `"sft"` in `loss_typ
 multiply of its expanded sft term); here that term is weighted like the others (the sft value
 times the mean pair weight).
 
+Several processes (accelerate's DDP and FSDP2; tests/test_trl_distributed.py): nothing to set, the
+head runs inside the wrapped model's forward, where DDP sees it and FSDP2 has gathered `lm_head`;
+`precompute_ref_log_probs` there needs datasets with cache files (`check_precompute_datasets`).
+
 Supported TRL versions: SUPPORTED_TRL (checked at import). What fastdpo does not do (MoE router
 loss, vision models, loss types with no fastdpo twin) raises at construction instead of training
 differently. `use_liger_kernel` keeps meaning what it means in these TRL versions (Liger's layer
@@ -34,6 +38,7 @@ kernels; the LM head is ours).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from dataclasses import fields
 from typing import Any
@@ -123,6 +128,31 @@ def check_args(args: Any) -> None:
     # in the first loss computation, so refuse that here, before any work.
     if args.f_divergence_type not in F_DIVERGENCES:
         raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {args.f_divergence_type!r}")
+
+
+def check_precompute_datasets(args: Any, named_datasets: dict[str, Any]) -> None:
+    """Refuse `precompute_ref_log_probs` on several processes with a dataset that has no cache files.
+
+    TRL (1.15, 1.16) computes the reference log-probs on all ranks, then rank 0 writes them to a file
+    beside the dataset's cache files and every rank reads that file back. A dataset built in memory
+    (`Dataset.from_list`, `from_dict`, ...) or with datasets' caching off has no such place: each
+    process draws its own random file name and every rank but 0 fails with FileNotFoundError.
+    """
+    if args is None or not getattr(args, "precompute_ref_log_probs", False) or args.world_size <= 1:
+        return
+    from datasets import Dataset, is_caching_enabled
+
+    for name, dataset in named_datasets.items():
+        for split, part in (dataset.items() if isinstance(dataset, dict) else [(None, dataset)]):
+            if isinstance(part, Dataset) and not (part.cache_files and is_caching_enabled()):
+                label = name if split is None else f"{name}[{split!r}]"
+                raise ValueError(
+                    f"{label} has no cache files (built in memory, or datasets' caching is off), and "
+                    f"precompute_ref_log_probs=True on {args.world_size} processes needs them: TRL shares the "
+                    "precomputed log-probs between ranks through a file beside the dataset's cache; save it and "
+                    "load it back (Dataset.save_to_disk then datasets.load_from_disk, or datasets.load_dataset "
+                    "from files)"
+                )
 
 
 def _check_trainer(trainer: DPOTrainer) -> None:
@@ -365,8 +395,11 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
                  **kwargs: Any) -> None:
         # Set before DPOTrainer.__init__: its reference precompute already runs through fastdpo
         # (padded: the values are per pair, so any layout can use them).
-        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        given = inspect.signature(DPOTrainer.__init__).bind(self, *args, **kwargs).arguments
+        config = given.get("args")
         check_args(config)
+        check_precompute_datasets(config, {name: given[name] for name in ("train_dataset", "eval_dataset")
+                                           if given.get(name) is not None})
         self.fastdpo_options = HeadOptions(mode=fastdpo_mode, token_metrics=fastdpo_token_metrics,
                                            inplace_backward=fastdpo_inplace_backward,
                                            log_sum_sq=bool(getattr(config, "use_weighting", False)))
