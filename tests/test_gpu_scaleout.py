@@ -39,5 +39,4 @@ def test_one_gpu_under_each_config_equals_the_plain_run(tmp_path, engine, path):
               "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "fastdpo.train"]
     run = run_cli(launch + train_flags(tmp_path / "two", 8, ref, tmp_path / "cache2") + options, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    # DeepSpeed clips inside its engine and reports no norm to the trainer (logged as NaN)
-    assert_same_run(tmp_path / "one", tmp_path / "two", grad_norm=not engine.startswith("zero"))
+    assert_same_run(tmp_path / "one", tmp_path / "two")

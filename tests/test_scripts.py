@@ -40,3 +40,15 @@ def test_setup_says_what_it_does_once(tmp_path):
     assert (venv / "pip.log").read_text().splitlines() == ["install -q torch==2.13.0", f"install -q -e {ROOT}[train]"]
     again = source_env(venv)
     assert again.returncode == 0 and again.stderr == ""
+
+
+def test_deepspeed_is_built_against_the_environments_torch(tmp_path):
+    """The deepspeed extra is installed on its own, without build isolation (an isolated build would
+    fetch a CUDA torch to build against), at the version pyproject.toml's extra names."""
+    venv = fake_venv(tmp_path / "venv")
+    env = {**os.environ, "FASTDPO_VENV": str(venv), "FASTDPO_EXTRAS": "train,deepspeed"}
+    result = subprocess.run(["bash", "-c", f'source "{ROOT}/scripts/env.sh"'], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    pip = (venv / "pip.log").read_text().splitlines()
+    assert pip[1:] == [f"install -q -e {ROOT}[train]", "install -q --no-build-isolation deepspeed>=0.16"]

@@ -1,5 +1,5 @@
 """Two CPU processes (gloo) through `accelerate launch` match one process at the same global batch:
-DDP, and FSDP2 from examples/accelerate/ (through tests/fsdp_on_cpu.py, see there)."""
+DDP, and FSDP2 from examples/accelerate/ (through tests/sharded_on_cpu.py, see there)."""
 
 from __future__ import annotations
 
@@ -45,10 +45,17 @@ def launcher(engine: str) -> list[str]:
         # CPU and gloo (ACCELERATE_USE_CPU); `--cpu` alone would expect an MPI launcher.
         return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", *port, "-m", "fastdpo.train"]
-    # FSDP2 from the shipped config file; tests/fsdp_on_cpu.py lets accelerate keep it on CPUs.
+    # FSDP2 or DeepSpeed from the shipped config file; tests/sharded_on_cpu.py lets accelerate keep
+    # them on CPUs. fp32 on both sides of the comparison (the zero configs ask for bf16).
     config = REPO / "examples" / "accelerate" / f"{engine}.yaml"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *port,
-            str(REPO / "tests" / "fsdp_on_cpu.py")]
+            "--mixed_precision", "no", str(REPO / "tests" / "sharded_on_cpu.py")]
+
+
+def engine_env(engine: str) -> dict:
+    """The launch environment: CPU processes; DeepSpeed must not be told ACCELERATE_USE_CPU (accelerate
+    would then skip it), its CPU accelerator is chosen because no GPU is visible."""
+    return {**CPU_ENV, "ACCELERATE_USE_CPU": "false"} if engine.startswith("zero") else CPU_ENV
 
 
 CASES = {  # engine, reference, then the loss path and batch layout (padding-free is the default)
@@ -64,6 +71,10 @@ CASES = {  # engine, reference, then the loss path and batch layout (padding-fre
     # (LoRA with --ref adapter starts from the base model: no warm-up)
     "fsdp2-offload-lora-adapter-linear": ("fsdp2-offload", "adapter",
                                           ["--lora-r", "8", "--loss-impl", "fused_linear", "--sft-steps", "0"]),
+    # (a norm of about 0.7 clipped to 0.3: DeepSpeed's engine clips, and must do so as one process does)
+    "zero2-copy-linear-clipped": ("zero2", "copy", ["--loss-impl", "fused_linear", "--max-grad-norm", "0.3"]),
+    "zero3-precompute-padded": ("zero3", "precompute", ["--no-padding-free"]),
+    "zero3-lora-adapter": ("zero3", "adapter", ["--lora-r", "8", "--sft-steps", "0"]),
 }
 
 
@@ -77,7 +88,7 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, case):
 
     cfg = tiny_config(tmp_path / "two", batch_size=GLOBAL_BATCH // 2)
     result = run_cli(launcher(engine) + train_flags(cfg.run_dir, cfg.batch_size, ref, tmp_path / "cache2") + options,
-                     env=CPU_ENV)
+                     env=engine_env(engine))
     assert result.returncode == 0, result.stderr[-3000:]
 
     start = read_metrics(cfg.run_dir)[0]
@@ -111,15 +122,21 @@ def assert_same_run(one_dir, two_dir, grad_norm: bool = True) -> None:
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=3e-5) for k in a)
 
 
-def test_a_resumed_fsdp2_run_equals_an_uninterrupted_one(tmp_path):
+# Where each engine's checkpoint keeps the model's shards, and the name pattern of one rank's file.
+SHARD_FILES = {"fsdp2": ("pytorch_model_fsdp_0", "*.distcp"), "zero3": ("pytorch_model", "*optim_states.pt")}
+
+
+@pytest.mark.parametrize("engine", list(SHARD_FILES))
+def test_a_resumed_sharded_run_equals_an_uninterrupted_one(tmp_path, engine):
     """Sharded checkpoints: one file per rank, and --resume from one continues exactly."""
-    flags = train_flags(tmp_path / "whole", GLOBAL_BATCH // 2, "copy", tmp_path / "cache") + \
+    ref = "precompute" if engine == "zero3" else "copy"  # (ZeRO-3 refuses --ref copy)
+    flags = train_flags(tmp_path / "whole", GLOBAL_BATCH // 2, ref, tmp_path / "cache") + \
         ["--save-steps", "2", "--save-total-limit", "0"]
-    whole = run_cli(launcher("fsdp2") + flags, env=CPU_ENV)
+    whole = run_cli(launcher(engine) + flags, env=engine_env(engine))
     assert whole.returncode == 0, whole.stderr[-3000:]
-    checkpoints = tmp_path / "whole" / "checkpoints"
-    shards = sorted(p.name for p in (checkpoints / "step-00000002" / "pytorch_model_fsdp_0").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shard, nothing gathered
+    folder, pattern = SHARD_FILES[engine]
+    shards = list((tmp_path / "whole" / "checkpoints" / "step-00000002").rglob(f"{folder}/{pattern}"))
+    assert len(shards) == 2, shards  # each rank wrote its own shard, nothing gathered
 
     # The same run stopped after its step-2 checkpoint: later checkpoints and the final model gone.
     split = tmp_path / "split"
@@ -127,7 +144,7 @@ def test_a_resumed_fsdp2_run_equals_an_uninterrupted_one(tmp_path):
     shutil.rmtree(split / "checkpoints" / "step-00000004")
     shutil.rmtree(split / "final")
     (split / "checkpoints" / "latest").write_text("step-00000002")
-    resumed = run_cli(launcher("fsdp2") + ["--resume", "--run-dir", str(split)], env=CPU_ENV)
+    resumed = run_cli(launcher(engine) + ["--resume", "--run-dir", str(split)], env=engine_env(engine))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
 
@@ -171,6 +188,15 @@ def test_ranks_that_diverge_are_caught():
     apart = SimpleNamespace(**{**vars(same), "gather": lambda t: torch.cat([t, t + 1e-9])})
     with pytest.raises(RuntimeError, match="after step 3 the 2 processes hold different parameters"):
         check_ranks_agree(apart, model, 3)
+    # ZeRO-2 keeps whole weights on every rank: checked; ZeRO-3 shards them: each rank differs by design
+    for stage, checked in ((2, True), (3, False)):
+        acc = fake_accelerator("DEEPSPEED", zero_stage=stage)
+        acc.device, acc.gather = torch.device("cpu"), apart.gather
+        if checked:
+            with pytest.raises(RuntimeError, match="hold different parameters"):
+                check_ranks_agree(acc, model, 3)
+        else:
+            check_ranks_agree(acc, model, 3)
 
 
 def fake_accelerator(engine: str, **plugin):

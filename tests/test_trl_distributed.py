@@ -1,7 +1,7 @@
 """`FastDPOTrainer` on two CPU processes (gloo) through `accelerate launch` equals one process at the
 same global batch, from the shipped configs: DDP (examples/accelerate/ddp.yaml with
 ACCELERATE_USE_CPU) and FSDP2 (fsdp2.yaml, and fsdp2-offload.yaml with CPU offload of the
-parameters, through tests/fsdp_on_cpu.py, which lets accelerate keep the FSDP plugin on CPU
+parameters, through tests/sharded_on_cpu.py, which lets accelerate keep the FSDP plugin on CPU
 processes; everything after that switch is the code a GPU run executes: transformers' Trainer,
 accelerate's fully_shard preparation of the policy, TRL's prepare_fsdp of the reference, the
 gathered save).

@@ -1,7 +1,7 @@
 """Three optimizer steps of `FastDPOTrainer` on a tiny random Llama, for tests/test_trl_distributed.py.
 
 Run it as one process (`python tests/trl_train_script.py OUT ...`) or under `accelerate launch`
-(DDP, or FSDP2 with `--fsdp-on-cpu`, which imports tests/fsdp_on_cpu.py before transformers builds
+(DDP, or FSDP2 with `--fsdp-on-cpu`, which imports tests/sharded_on_cpu.py before transformers builds
 its Accelerator, so that accelerate keeps the FSDP plugin on CPU processes). `--batch` is the
 per-process batch: 2 processes at half the batch of 1 see the same global batches.
 
@@ -212,7 +212,7 @@ def main(argv: list[str]) -> None:
     opts = parse(argv)
     if opts.fsdp_on_cpu:  # before transformers creates its Accelerator
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import fsdp_on_cpu  # noqa: F401
+        import sharded_on_cpu  # noqa: F401
 
     calls = count_head_paths()
     for case in opts.cases:

@@ -144,10 +144,11 @@ def _merged_copy(peft_model, state_dict, accelerator):
     if not accelerator.is_main_process:
         return peft_model, None
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
     base = peft_model.get_base_model()
-    copy = AutoModelForCausalLM.from_config(base.config, dtype=next(iter(state_dict.values())).dtype)
+    # The model's own constructor, not from_config: under ZeRO-3, from_config partitions the new model
+    # across the ranks as it builds it, a collective that the other ranks are not part of.
+    copy = type(base)(base.config).to(next(iter(state_dict.values())).dtype)
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         copy = get_peft_model(copy, peft_model.peft_config[peft_model.active_adapter])

@@ -62,7 +62,7 @@ class DPOTrainer:
         cfg = resolve(cfg)
         check(cfg)
         quiet_libraries()
-        self.accelerator = make_accelerator(cfg.grad_accum, cfg.batch_size)
+        self.accelerator = make_accelerator(cfg.grad_accum, cfg.batch_size, cfg.max_grad_norm)
         self.cfg = cfg = dataclasses.replace(cfg, run_dir=self._same_on_all_ranks(cfg.run_dir))
         self.device = self.accelerator.device
         self.autocast = use_autocast(cfg, self.device)
@@ -278,7 +278,7 @@ class DPOTrainer:
                 share = None if nll_tokens is None else nll_tokens * batch.pairs / global_pairs
                 loss, metrics = self.loss_fn(self.model, batch, ref_logps, nll_tokens=share)
                 acc.backward(loss * weight)
-                if acc.sync_gradients:  # (DeepSpeed clips inside backward and reports no norm here)
+                if acc.sync_gradients:  # (under DeepSpeed its engine clips; this reads its norm)
                     grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -490,7 +490,7 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
-def make_accelerator(grad_accum: int, batch_size: int = 1):
+def make_accelerator(grad_accum: int, batch_size: int = 1, max_grad_norm: float = 0.0):
     """Accelerate for placement, accumulation and DDP / FSDP / DeepSpeed. Mixed precision is our
     own autocast, because accelerate's would also cast the outputs to fp32: the [tokens x vocab]
     logits copy that fastdpo exists to avoid."""
@@ -502,9 +502,14 @@ def make_accelerator(grad_accum: int, batch_size: int = 1):
     accelerator = Accelerator(mixed_precision=None if deepspeed else "no", gradient_accumulation_steps=grad_accum,
                               step_scheduler_with_optimizer=False)
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-        # DeepSpeed reads the per-GPU batch from a dataloader passed to prepare(); fastdpo batches its own.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+    if plugin is not None:
+        config = plugin.deepspeed_config
+        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            # DeepSpeed reads the per-GPU batch from a dataloader passed to prepare(); fastdpo batches its own.
+            config["train_micro_batch_size_per_gpu"] = batch_size
+        if config.get("gradient_clipping", "auto") == "auto":
+            # DeepSpeed's engine clips, not clip_grad_norm_: give it --max-grad-norm (0: no clipping).
+            config["gradient_clipping"] = max_grad_norm or 0.0
     return accelerator
 
 
@@ -543,14 +548,17 @@ def zero_stage(accelerator) -> int:
 
 @torch.no_grad()
 def check_ranks_agree(accelerator, model, step: int) -> None:
-    """Under DDP every rank must hold the same parameters after a step; a rank that skipped the
-    gradient synchronisation (as TRL + Liger once silently did) would train its own model. One
-    fingerprint per rank (a float64 sum of every parameter), compared at each logging step."""
+    """Under DDP (and ZeRO-1/2, which keep whole weights) every rank must hold the same parameters
+    after a step; a rank that skipped the gradient synchronisation (as TRL + Liger once silently
+    did) would train its own model. One fingerprint per rank (a float64 sum of every parameter),
+    compared at each logging step. Sharded weights (FSDP, ZeRO-3) differ by design: not checked."""
     from accelerate.utils import DistributedType
 
-    if accelerator.num_processes == 1 or accelerator.distributed_type != DistributedType.MULTI_GPU and \
-            accelerator.distributed_type != DistributedType.MULTI_CPU:
-        return  # one process, or sharded parameters (FSDP / ZeRO-3: each rank holds other entries)
+    kind = accelerator.distributed_type
+    replicated = kind in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU) or \
+        (kind == DistributedType.DEEPSPEED and zero_stage(accelerator) < 3)
+    if accelerator.num_processes == 1 or not replicated:
+        return
     params = [p for p in model.parameters() if p.requires_grad]
     fingerprint = torch.stack([p.sum(dtype=torch.float64) for p in params]).sum().reshape(1)  # no fp64 copies
     prints = accelerator.gather(fingerprint.to(accelerator.device))
