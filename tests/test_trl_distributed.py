@@ -1,10 +1,10 @@
 """`FastDPOTrainer` on two CPU processes (gloo) through `accelerate launch` equals one process at the
 same global batch, from the shipped configs: DDP (examples/accelerate/ddp.yaml with
-ACCELERATE_USE_CPU) and FSDP2 (fsdp2.yaml, and fsdp2-offload.yaml with CPU offload of the
-parameters, through tests/sharded_on_cpu.py, which lets accelerate keep the FSDP plugin on CPU
-processes; everything after that switch is the code a GPU run executes: transformers' Trainer,
-accelerate's fully_shard preparation of the policy, TRL's prepare_fsdp of the reference, the
-gathered save).
+ACCELERATE_USE_CPU), FSDP2 (fsdp2.yaml, and fsdp2-offload.yaml with CPU offload of the
+parameters) and DeepSpeed (zero2.yaml, zero3.yaml), the last two through tests/sharded_on_cpu.py,
+which lets accelerate keep FSDP and DeepSpeed on CPU processes; everything after that switch is
+the code a GPU run executes: transformers' Trainer, accelerate's fully_shard preparation or
+DeepSpeed engine, TRL's preparation of the reference, the gathered save).
 
 tests/trl_train_script.py trains 3 SGD steps of a tiny random Llama per case: fastdpo_mode
 "logits" (from-logits kernel) or "linear" (fused linear: reads the whole lm_head weight inside the
@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train_distributed import CPU_ENV, free_port
+from test_train_distributed import engine_env, free_port
 from train_helpers import REPO, run_cli
 from trl_train_script import MODES, save_policy, write_pairs
 
@@ -48,22 +48,25 @@ CASES = [f"{mode}-{ref}" for mode in MODES for ref in ("model", "precompute")]  
 # two cases.
 ENGINES = {"ddp": [*CASES, "linear-none_precompute", "logits-lora", "logits-precompute-packed"],
            "fsdp2": [*CASES, "logits-none_precompute", "linear-none", "linear-lora", "linear-model-packed"],
-           "fsdp2-offload": ["logits-model", "linear-precompute"]}
+           "fsdp2-offload": ["logits-model", "linear-precompute"],
+           # DeepSpeed (its CPU accelerator over gloo); fastdpo_mode="linear" is refused under ZeRO-3
+           "zero2": ["logits-model", "linear-precompute", "logits-lora"],
+           "zero3": ["logits-model", "logits-precompute", "logits-lora"]}
 ALL_CASES = sorted({case for cases in ENGINES.values() for case in cases})
 SCRIPT = str(REPO / "tests" / "trl_train_script.py")
 STEPS = 3
 
 
 def launch(engine: str) -> list[str]:
-    """One process, or two from the shipped config examples/accelerate/ENGINE.yaml, on CPUs (CPU_ENV's
-    ACCELERATE_USE_CPU: gloo; the FSDP configs through --fsdp-on-cpu)."""
+    """One process, or two from the shipped config examples/accelerate/ENGINE.yaml, on CPUs (gloo; the
+    FSDP and DeepSpeed configs through --sharded-on-cpu)."""
     if engine == "one":
         return [sys.executable, SCRIPT, "--batch", "4", "--cases", ",".join(ALL_CASES)]
     config = REPO / "examples" / "accelerate" / f"{engine}.yaml"
-    options = ["--check-refusal"] if engine == "ddp" else ["--fsdp-on-cpu"]
+    options = ["--check-refusal"] if engine == "ddp" else ["--sharded-on-cpu"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-            "--main_process_port", str(free_port()), SCRIPT, "--batch", "2", "--cases", ",".join(ENGINES[engine]),
-            *options]
+            "--main_process_port", str(free_port()), "--mixed_precision", "no", SCRIPT, "--batch", "2",
+            "--cases", ",".join(ENGINES[engine]), *options]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +80,7 @@ def runs(tmp_path_factory):
     def run(engine: str):
         if engine not in done:
             out = root / engine
-            result = run_cli([*launch(engine), str(out), "--data", str(data), "--init", str(init)], env=CPU_ENV,
+            result = run_cli([*launch(engine), str(out), "--data", str(data), "--init", str(init)], env=engine_env(engine),
                              timeout=480)
             assert result.returncode == 0, result.stderr[-4000:]
             done[engine] = out

@@ -1,8 +1,8 @@
 """Three optimizer steps of `FastDPOTrainer` on a tiny random Llama, for tests/test_trl_distributed.py.
 
 Run it as one process (`python tests/trl_train_script.py OUT ...`) or under `accelerate launch`
-(DDP, or FSDP2 with `--fsdp-on-cpu`, which imports tests/sharded_on_cpu.py before transformers builds
-its Accelerator, so that accelerate keeps the FSDP plugin on CPU processes). `--batch` is the
+(DDP, or FSDP2 / DeepSpeed with `--sharded-on-cpu`, which imports tests/sharded_on_cpu.py before
+transformers builds its Accelerator, so that accelerate keeps them on CPU processes). `--batch` is the
 per-process batch: 2 processes at half the batch of 1 see the same global batches.
 
 Each case MODE-REF[-packed] (`--cases logits-model,linear-precompute-packed`: fastdpo_mode, TRL's
@@ -46,7 +46,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, required=True, help="pairs per process and step")
     p.add_argument("--cases", default=",".join(f"{m}-{r}" for m in MODES for r in REFS[:2]),
                    help="comma-separated MODE-REF[-packed], MODE in %s, REF in %s" % (MODES, REFS))
-    p.add_argument("--fsdp-on-cpu", action="store_true", help="let accelerate keep its FSDP plugin on CPU processes")
+    p.add_argument("--sharded-on-cpu", action="store_true",
+                   help="let accelerate keep FSDP or DeepSpeed on CPU processes (tests/sharded_on_cpu.py)")
     p.add_argument("--check-refusal", action="store_true")
     opts = p.parse_args(argv)
     opts.cases = opts.cases.split(",")
@@ -210,7 +211,7 @@ def check_refusal(opts) -> None:
 
 def main(argv: list[str]) -> None:
     opts = parse(argv)
-    if opts.fsdp_on_cpu:  # before transformers creates its Accelerator
+    if opts.sharded_on_cpu:  # before transformers creates its Accelerator
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import sharded_on_cpu  # noqa: F401
 
