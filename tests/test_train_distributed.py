@@ -179,7 +179,7 @@ def test_ranks_that_diverge_are_caught():
 
     from accelerate.utils import DistributedType
 
-    from fastdpo.trainer.loop import check_ranks_agree
+    from fastdpo.trainer.distributed import check_ranks_agree
 
     model = torch.nn.Linear(3, 2)
     same = SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU, device=torch.device("cpu"),
@@ -221,7 +221,7 @@ def fake_accelerator(engine: str, **plugin):
 ])
 def test_sharded_configurations_that_cannot_work_fail_at_start(tmp_path, monkeypatch, engine, plugin, ref, refused):
     from fastdpo.trainer.config import ConfigError
-    from fastdpo.trainer.loop import check_distributed
+    from fastdpo.trainer.distributed import check_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv(f"ACCELERATE_USE_{'FSDP' if engine == 'FSDP' else 'DEEPSPEED'}", "true")
@@ -237,7 +237,7 @@ def test_fused_adamw_only_where_the_parameters_live_on_the_gpu():
     """Fused AdamW steps GPU tensors: not FSDP's CPU-offloaded shards, not under DeepSpeed's engine."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
-    from fastdpo.trainer.loop import fused_adamw
+    from fastdpo.trainer.distributed import fused_adamw
 
     def on(device, engine, **plugin):
         acc = fake_accelerator(engine, **plugin)
