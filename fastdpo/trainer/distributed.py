@@ -106,9 +106,10 @@ def fused_adamw(accelerator) -> bool:
 
 
 def fsdp_offloads(accelerator) -> bool:
-    """FSDP keeps the parameters on the CPU between uses (`fsdp_offload_params`)."""
-    offload = getattr(accelerator.state.fsdp_plugin, "cpu_offload", None)
-    return bool(getattr(offload, "offload_params", False) or type(offload).__name__ == "CPUOffloadPolicy")
+    """FSDP2 keeps the parameters on the CPU between uses (`fsdp_offload_params`; FSDP1 is refused)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return isinstance(getattr(accelerator.state.fsdp_plugin, "cpu_offload", None), CPUOffloadPolicy)
 
 
 def prepare_frozen(accelerator, model):
@@ -121,7 +122,5 @@ def prepare_frozen(accelerator, model):
     if accelerator.distributed_type == DistributedType.FSDP:
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        model = fsdp2_prepare_model(accelerator, model)
-        model.eval()
-        return model
+        return fsdp2_prepare_model(accelerator, model)  # in place: stays in eval mode, frozen
     return model.to(accelerator.device)
