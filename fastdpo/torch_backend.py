@@ -49,9 +49,11 @@ def token_logps_forward(
     *,
     block_v: int | None = None,
     num_warps: int | None = None,
+    rows_per_program: int | None = None,
 ) -> TokenResults:
     """Per-token results [B*T] for labels [B*T] (int, < 0 = masked), those `options` ask for
-    (`block_v` and `num_warps` are the kernels' launch settings, accepted and unused)."""
+    (`block_v`, `num_warps` and `rows_per_program` are the kernels' launch settings, accepted
+    and unused)."""
     results, _max_scores = _forward(logits, labels, None, options)
     return results
 
@@ -64,6 +66,7 @@ def token_slab_forward(
     *,
     block_v: int | None = None,
     num_warps: int | None = None,
+    rows_per_program: int | None = None,
 ) -> SlabResults:
     """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows (the
     state always saved)."""
@@ -142,6 +145,7 @@ def token_logps_backward(
     label_offset: int = 0,
     block_v: int | None = None,
     num_warps: int | None = None,
+    rows_per_program: int | None = None,
 ) -> torch.Tensor:
     """The kernels' `token_logps_backward` (same contract): the logits gradient of
     sum_n grad_logp[n] * logp[n] from the forward's state, written to `out` (may be `logits`)."""

@@ -33,9 +33,12 @@ S2 = sum_v exp(2 (s_v - m)) is rescaled by alpha^2 where S is rescaled by alpha,
 lss_n = log S2 - 2 log S (= logsumexp(2 s) - 2 lse, with nothing of the logits' size cancelling).
 In a slab it is the slab's own value, relative to the slab's logsumexp.
 
-One program owns one token row. Forward reads the row once; backward reads it once and writes
-the gradient once, in place over the logits if asked. Masked rows skip the read entirely, so
-prompt and padding tokens cost nothing forward and one write backward.
+One program owns ROWS consecutive token rows (a [ROWS, BLOCK_V] tile, every reduction along the
+vocabulary axis; 1 row by default, several for short vocabularies where one row is too little
+work per program). Forward reads each row once; backward reads it once and writes the gradient
+once, in place over the logits if asked. Masked rows are never read, so prompt and padding
+tokens cost nothing forward (a program of masked rows only exits at once) and one write
+backward.
 """
 
 import struct
@@ -72,88 +75,91 @@ def _softcap_grad(z, softcap):
 def token_logps_fwd_kernel(
     z_ptr, stride_zb, stride_zt, stride_zv,
     labels_ptr, logp_ptr, lse_ptr, zsum_ptr, ent_ptr, top1_ptr, max_ptr,
-    T, V, label_offset, inv_temp, inv_temp_lo, softcap, softcap_lo,
+    N, T, V, label_offset, inv_temp, inv_temp_lo, softcap, softcap_lo,
     HAS_SOFTCAP: tl.constexpr, SAVE_LSE: tl.constexpr, SUM_SCORES: tl.constexpr,
     TOKEN_METRICS: tl.constexpr, SLAB: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
     lss_ptr, LOG_SUM_SQ: tl.constexpr,  # WPO's log sum_v p_v^2 (see the module docstring)
+    ROWS: tl.constexpr,  # token rows per program: the tile is [ROWS, BLOCK_V], every sum per row
 ):
-    n = tl.program_id(0).to(tl.int64)  # int64: n * stride overflows int32 once N * V > 2^31
+    # int64: n * stride overflows int32 once N * V > 2^31
+    n = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_range = n < N
     inv_temp, softcap = _scalar(inv_temp, inv_temp_lo, ACC_DTYPE), _scalar(softcap, softcap_lo, ACC_DTYPE)
-    label = tl.load(labels_ptr + n).to(tl.int64)
-    logp = tl.zeros((), ACC_DTYPE)
-    lse = tl.zeros((), ACC_DTYPE)
-    zs = tl.zeros((), ACC_DTYPE)
-    ent = tl.zeros((), ACC_DTYPE)
-    top1 = tl.zeros((), ACC_DTYPE)
-    lss = tl.zeros((), ACC_DTYPE)
-    m = tl.full((), float("-inf"), ACC_DTYPE)
-    rest = tl.zeros((), ACC_DTYPE)  # exact 1 - p_label: the other tokens' mass (module docstring)
-    if label >= 0:  # masked rows are not read at all
+    label = tl.load(labels_ptr + n, mask=in_range, other=-1).to(tl.int64)
+    live = label >= 0  # masked rows (and rows past N) are never read and store zeros
+    neg_inf = float("-inf")
+    zero = tl.zeros((ROWS,), ACC_DTYPE)
+    logp, lse, zs, ent, top1, lss, rest = zero, zero, zero, zero, zero, zero, zero
+    m = tl.full((ROWS,), neg_inf, ACC_DTYPE)
+    if tl.max(label, axis=0) >= 0:  # a program of masked rows only reads nothing at all
         row = z_ptr + (n // T) * stride_zb + (n % T) * stride_zt
-        neg_inf = float("-inf")
-        s = tl.zeros((), ACC_DTYPE)
-        sz = tl.zeros((), ACC_DTYPE)  # sum_v exp(s_v - shift) * (s_v - shift), for the entropy
-        s2 = tl.zeros((), ACC_DTYPE)  # LOG_SUM_SQ: sum_v exp(2 (s_v - shift))
-        best = tl.zeros((), tl.int64)  # first index of the running max
+        s = zero
+        sz = zero  # sum_v exp(s_v - shift) * (s_v - shift), for the entropy
+        s2 = zero  # LOG_SUM_SQ: sum_v exp(2 (s_v - shift))
+        best = tl.zeros((ROWS,), tl.int64)  # first index of the running max
         column = label - label_offset  # outside [0, V): the label is in another vocabulary slab
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            valid = offs < V
-            z = tl.load(row + offs * stride_zv, mask=valid, other=0.0).to(ACC_DTYPE)
-            z = _scores(z, inv_temp, softcap, HAS_SOFTCAP)
+            valid = (offs < V)[None, :]
+            z = tl.load(row[:, None] + offs[None, :] * stride_zv, mask=live[:, None] & valid, other=0.0)
+            z = _scores(z.to(ACC_DTYPE), inv_temp, softcap, HAS_SOFTCAP)
             if SUM_SCORES:
-                zs += tl.sum(tl.where(valid, z, 0.0), axis=0)
+                zs += tl.sum(tl.where(valid, z, 0.0), axis=1)
             z = tl.where(valid, z, neg_inf)  # the tail tile pads with -inf, so exp() adds 0
-            tile_max = tl.max(z, axis=0)
+            tile_max = tl.max(z, axis=1)
             m_new = tl.maximum(m, tile_max)
             # A tile (or a prefix) of -inf leaves m_new = -inf: shift by 0 there, not by -inf (NaN).
             shift = tl.where(m_new == neg_inf, 0.0, m_new)
             alpha = tl.exp(m - shift)
-            e = tl.exp(z - shift)
+            e = tl.exp(z - shift[:, None])
             if TOKEN_METRICS:
                 # sz holds sum e * (z - shift): relative to the running max, so the entropy below
                 # does not cancel two numbers of the size of the logits. Moving the shift adds
                 # (old shift - new shift) * s before the usual rescale; e = 0 where z = -inf.
                 prev_shift = tl.where(m == neg_inf, 0.0, m)
-                tile_sz = tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), axis=0)
+                tile_sz = tl.sum(e * tl.where(e > 0.0, z - shift[:, None], 0.0), axis=1)
                 sz = alpha * (sz + (prev_shift - shift) * s) + tile_sz
                 # Strictly greater: an earlier tile keeps a tie, as torch.argmax keeps the first.
-                best = tl.where(tile_max > m, start + tl.argmax(z, axis=0).to(tl.int64), best)
+                best = tl.where(tile_max > m, start + tl.argmax(z, axis=1).to(tl.int64), best)
             if SAVE_LSE:
-                rest = rest * alpha + tl.sum(tl.where(offs == column, 0.0, e), axis=0)
-            s = s * alpha + tl.sum(e, axis=0)
+                rest = rest * alpha + tl.sum(tl.where(offs[None, :] == column[:, None], 0.0, e), axis=1)
+            s = s * alpha + tl.sum(e, axis=1)
             if LOG_SUM_SQ:
-                s2 = s2 * (alpha * alpha) + tl.sum(e * e, axis=0)
+                s2 = s2 * (alpha * alpha) + tl.sum(e * e, axis=1)
             m = m_new
         lse = tl.where(m == neg_inf, 0.0, m) + tl.log(s)  # an all -inf row gives -inf, as torch does
         rest = rest / s
         if SLAB:  # the label's score, or 0 when the label is in another slab
             inside = (column >= 0) & (column < V)
-            z_label = tl.load(row + column * stride_zv, mask=inside, other=0.0).to(ACC_DTYPE)
+            z_label = tl.load(row + column * stride_zv, mask=live & inside, other=0.0).to(ACC_DTYPE)
             logp = tl.where(inside, _scores(z_label, inv_temp, softcap, HAS_SOFTCAP), 0.0)
         else:
             # A label >= V (possible only with the host-side label check turned off) gives NaN,
             # not a read past the row.
-            z_label = tl.load(row + label * stride_zv, mask=label < V, other=float("nan")).to(ACC_DTYPE)
+            z_label = tl.load(row + label * stride_zv, mask=live & (label < V), other=float("nan")).to(ACC_DTYPE)
             logp = _scores(z_label, inv_temp, softcap, HAS_SOFTCAP) - lse
         if TOKEN_METRICS:
             ent = tl.log(s) - sz / s  # = lse - E_p[s]
             top1 = tl.where(best == column, 1.0, 0.0).to(ACC_DTYPE)
         if LOG_SUM_SQ:
             lss = tl.log(s2) - 2.0 * tl.log(s)
-    tl.store(logp_ptr + n, logp)
+        if ROWS > 1:  # a masked row beside live ones ran through the loop on zeros: its results are 0
+            logp, lse, rest = tl.where(live, logp, 0.0), tl.where(live, lse, 0.0), tl.where(live, rest, 0.0)
+            zs, ent, top1 = tl.where(live, zs, 0.0), tl.where(live, ent, 0.0), tl.where(live, top1, 0.0)
+            lss, m = tl.where(live, lss, 0.0), tl.where(live, m, neg_inf)
+    tl.store(logp_ptr + n, logp, mask=in_range)
     if SAVE_LSE:  # the backward state: (lse_n, rest_n) at row n of an [N, 2] tensor
-        tl.store(lse_ptr + 2 * n, lse)
-        tl.store(lse_ptr + 2 * n + 1, rest)
+        tl.store(lse_ptr + 2 * n, lse, mask=in_range)
+        tl.store(lse_ptr + 2 * n + 1, rest, mask=in_range)
     if SUM_SCORES:
-        tl.store(zsum_ptr + n, zs)
+        tl.store(zsum_ptr + n, zs, mask=in_range)
     if TOKEN_METRICS:
-        tl.store(ent_ptr + n, ent)
-        tl.store(top1_ptr + n, top1)
+        tl.store(ent_ptr + n, ent, mask=in_range)
+        tl.store(top1_ptr + n, top1, mask=in_range)
         if SLAB:
-            tl.store(max_ptr + n, m)
+            tl.store(max_ptr + n, m, mask=in_range)
     if LOG_SUM_SQ:
-        tl.store(lss_ptr + n, lss)
+        tl.store(lss_ptr + n, lss, mask=in_range)
 
 
 @triton.jit
@@ -161,37 +167,42 @@ def token_logps_bwd_kernel(
     z_ptr, stride_zb, stride_zt, stride_zv,
     dz_ptr, stride_db, stride_dt, stride_dv,
     labels_ptr, lse_ptr, g_ptr,
-    T, V, label_offset, inv_temp, inv_temp_lo, softcap, softcap_lo,
+    N, T, V, label_offset, inv_temp, inv_temp_lo, softcap, softcap_lo,
     HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr,  # token rows per program, as in the forward
 ):
-    n = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    in_range = n < N
     inv_temp, softcap = _scalar(inv_temp, inv_temp_lo, ACC_DTYPE), _scalar(softcap, softcap_lo, ACC_DTYPE)
-    label = tl.load(labels_ptr + n).to(tl.int64)
-    g = tl.load(g_ptr + n).to(ACC_DTYPE)
-    b = n // T
-    t = n % T
-    row = z_ptr + b * stride_zb + t * stride_zt
-    drow = dz_ptr + b * stride_db + t * stride_dt
+    label = tl.load(labels_ptr + n, mask=in_range, other=-1).to(tl.int64)
+    g = tl.load(g_ptr + n, mask=in_range, other=0.0).to(ACC_DTYPE)
+    # A masked row (or a row whose loss ignores it) gets exactly zero, written without reading z.
+    live = (label >= 0) & (g != 0.0)
+    row = z_ptr + (n // T) * stride_zb + (n % T) * stride_zt
+    drow = (dz_ptr + (n // T) * stride_db + (n % T) * stride_dt)[:, None]
+    stored = in_range[:, None]
 
-    if (label < 0) | (g == 0.0):
-        # Masked row (or a row whose loss ignores it): exactly zero, written without reading z.
-        zero = tl.zeros((BLOCK_V,), ACC_DTYPE)
+    if tl.max(live.to(tl.int32), axis=0) == 0:
+        zeros = tl.zeros((ROWS, BLOCK_V), ACC_DTYPE).to(dz_ptr.dtype.element_ty)
         for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            tl.store(drow + offs * stride_dv, zero.to(dz_ptr.dtype.element_ty), mask=offs < V)
+            offs = (start + tl.arange(0, BLOCK_V))[None, :]
+            tl.store(drow + offs * stride_dv, zeros, mask=stored & (offs < V))
     else:
-        lse = tl.load(lse_ptr + 2 * n).to(ACC_DTYPE)
-        rest = tl.load(lse_ptr + 2 * n + 1).to(ACC_DTYPE)  # 1 - p_label without cancellation
-        column = label - label_offset  # outside [0, V) when the label is in another slab: no one-hot
+        lse = tl.load(lse_ptr + 2 * n, mask=live, other=0.0).to(ACC_DTYPE)[:, None]
+        rest = tl.load(lse_ptr + 2 * n + 1, mask=live, other=0.0).to(ACC_DTYPE)[:, None]  # 1 - p_label, exact
+        column = (label - label_offset)[:, None]  # outside [0, V) when the label is in another slab: no one-hot
+        scale = tl.where(live, g * inv_temp, 0.0)[:, None]
         for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
+            offs = (start + tl.arange(0, BLOCK_V))[None, :]
             valid = offs < V
-            z = tl.load(row + offs * stride_zv, mask=valid, other=0.0).to(ACC_DTYPE)
+            z = tl.load(row[:, None] + offs * stride_zv, mask=live[:, None] & valid, other=0.0).to(ACC_DTYPE)
             p = tl.exp(_scores(z, inv_temp, softcap, HAS_SOFTCAP) - lse)
-            dz = (g * inv_temp) * tl.where(offs == column, rest, -p)
+            dz = scale * tl.where(offs == column, rest, -p)
             if HAS_SOFTCAP:
                 dz = dz * _softcap_grad(z, softcap)
-            tl.store(drow + offs * stride_dv, dz.to(dz_ptr.dtype.element_ty), mask=valid)
+            if ROWS > 1:  # +0, not 0 * -p = -0, for a masked row beside live ones
+                dz = tl.where(live[:, None], dz, 0.0)
+            tl.store(drow + offs * stride_dv, dz.to(dz_ptr.dtype.element_ty), mask=stored & valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,14 +218,20 @@ _TL_ACC = {torch.float64: tl.float64}
 MAX_BLOCK_V = 4096
 
 
-def _launch_config(V: int, block_v: int | None, num_warps: int | None, backward: bool) -> tuple[int, int]:
-    """Tile width and warps for one program per token row."""
-    if block_v is None:
-        block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+def _launch_config(V: int, block_v: int | None, num_warps: int | None, rows: int | None,
+                   backward: bool) -> tuple[int, int, int]:
+    """Tile width, warps and token rows per program. One row per program unless asked: whether
+    several rows pay off for short vocabularies is measured by benchmarks/tune_kernel.py (--rows)."""
+    rows = 1 if rows is None else rows
+    if block_v is None:  # a tile of at most MAX_BLOCK_V elements, however many rows it spans
+        block_v = min(triton.next_power_of_2(V), max(1, MAX_BLOCK_V // rows))
+    for name, value in (("rows_per_program", rows), ("block_v", block_v)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value}")
     if num_warps is None:
         per_warp = 256 if backward else 1024  # elements of one tile each warp holds
-        num_warps = max(1, min(16 if backward else 4, block_v // per_warp))
-    return block_v, num_warps
+        num_warps = max(1, min(16 if backward else 4, rows * block_v // per_warp))
+    return block_v, num_warps, rows
 
 
 def _split(x: float) -> tuple[float, float]:
@@ -238,9 +255,11 @@ def token_logps_forward(
     *,
     block_v: int | None = None,
     num_warps: int | None = None,
+    rows_per_program: int | None = None,
 ) -> TokenResults:
-    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked), those `options` ask for."""
-    results, _max_scores = _forward(logits, labels, None, options, block_v, num_warps)
+    """Per-token results [B*T] for labels [B*T] (int, < 0 = masked), those `options` ask for.
+    `block_v`, `num_warps` and `rows_per_program` override the launch settings (`_launch_config`)."""
+    results, _max_scores = _forward(logits, labels, None, options, (block_v, num_warps, rows_per_program))
     return results
 
 
@@ -252,14 +271,15 @@ def token_slab_forward(
     *,
     block_v: int | None = None,
     num_warps: int | None = None,
+    rows_per_program: int | None = None,
 ) -> SlabResults:
     """The forward of the vocabulary columns [label_offset, label_offset + V) of wider rows (the
     state always saved, `options.save_lse` notwithstanding)."""
-    results, max_scores = _forward(logits, labels, label_offset, options, block_v, num_warps)
+    results, max_scores = _forward(logits, labels, label_offset, options, (block_v, num_warps, rows_per_program))
     return SlabResults.of(results, max_scores)
 
 
-def _forward(logits, labels, label_offset, options: TokenOptions, block_v, num_warps):
+def _forward(logits, labels, label_offset, options: TokenOptions, launch: tuple):
     """(TokenResults, the max scores of a slab with token metrics or None); with a label offset,
     `logps` holds the label scores (the slab forward) and the state is always saved."""
     B, T, V = logits.shape
@@ -285,16 +305,16 @@ def _forward(logits, labels, label_offset, options: TokenOptions, block_v, num_w
     def ptr(x: torch.Tensor | None) -> torch.Tensor:
         return x if x is not None else unused
 
+    block_v, num_warps, rows = _launch_config(V, *launch, backward=False)
     if N > 0:
-        block_v, num_warps = _launch_config(V, block_v, num_warps, backward=False)
-        token_logps_fwd_kernel[(N,)](
+        token_logps_fwd_kernel[(triton.cdiv(N, rows),)](
             logits, *logits.stride(),
             labels, results.logps, ptr(results.state), ptr(results.score_sums), ptr(results.entropy),
             ptr(results.top1), ptr(top),
-            T, V, label_offset or 0, *_split(options.inv_temp), *_split(options.softcap or 1.0),
+            N, T, V, label_offset or 0, *_split(options.inv_temp), *_split(options.softcap or 1.0),
             HAS_SOFTCAP=options.softcap is not None, SAVE_LSE=save_lse, SUM_SCORES=options.sum_scores,
             TOKEN_METRICS=token_metrics, SLAB=slab, ACC_DTYPE=_TL_ACC.get(acc, tl.float32), BLOCK_V=block_v,
-            lss_ptr=ptr(results.log_sum_sq), LOG_SUM_SQ=options.log_sum_sq,
+            lss_ptr=ptr(results.log_sum_sq), LOG_SUM_SQ=options.log_sum_sq, ROWS=rows,
             num_warps=num_warps,
         )
     return results, top
@@ -311,6 +331,7 @@ def token_logps_backward(
     label_offset: int = 0,
     block_v: int | None = None,
     num_warps: int | None = None,
+    rows_per_program: int | None = None,
 ) -> torch.Tensor:
     """Gradient of sum_n grad_logp[n] * logp[n] w.r.t. the logits, written to `out` (may be `logits`).
     `state` is the forward's backward state [B*T, 2]: (logsumexp, 1 - p_label) of each token row;
@@ -322,16 +343,16 @@ def token_logps_backward(
     state = backward_state(state, N)
     if out is None:
         out = torch.empty((B, T, V), dtype=logits.dtype, device=logits.device)
+    block_v, num_warps, rows = _launch_config(V, block_v, num_warps, rows_per_program, backward=True)
     if N == 0:
         return out
-    block_v, num_warps = _launch_config(V, block_v, num_warps, backward=True)
-    token_logps_bwd_kernel[(N,)](
+    token_logps_bwd_kernel[(triton.cdiv(N, rows),)](
         logits, *logits.stride(),
         out, *out.stride(),
         labels, state, grad_logp,
-        T, V, label_offset, *_split(options.inv_temp), *_split(options.softcap or 1.0),
+        N, T, V, label_offset, *_split(options.inv_temp), *_split(options.softcap or 1.0),
         HAS_SOFTCAP=options.softcap is not None, ACC_DTYPE=_TL_ACC.get(_acc_dtype(logits.dtype), tl.float32),
-        BLOCK_V=block_v, num_warps=num_warps,
+        BLOCK_V=block_v, ROWS=rows, num_warps=num_warps,
     )
     return out
 

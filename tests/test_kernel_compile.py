@@ -31,11 +31,19 @@ def case(compiled: dict, name: str) -> dict:
     return got
 
 
+FEATURES = pytest.mark.parametrize("features", [False, True, "slab"],
+                                   ids=["plain", "softcap+lse+sums+token-metrics", "all-on-a-vocabulary-slab"])
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp64"])
-@pytest.mark.parametrize("features", [False, True, "slab"],
-                         ids=["plain", "softcap+lse+sums+token-metrics", "all-on-a-vocabulary-slab"])
+@FEATURES
 def test_forward_compiles(compiled, dtype, features):
-    assert case(compiled, f"fwd-{dtype}-{features}")["vector_loads"], "logits rows are not read with 128-bit loads"
+    got = case(compiled, f"fwd-{dtype}-{features}")
+    assert got["vector_loads"], "logits rows are not read with 128-bit loads"
+    # fp64 (the precision path, never the fast one) with every feature on keeps ~170 bytes a thread
+    # in local memory; the 16- and 32-bit forwards must not spill.
+    if dtype != "fp64":
+        assert got["local_bytes"] == 0, f"the forward spills {got['local_bytes']} bytes a thread to local memory"
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp64"])
@@ -43,3 +51,17 @@ def test_forward_compiles(compiled, dtype, features):
 def test_backward_compiles(compiled, dtype, softcap):
     got = case(compiled, f"bwd-{dtype}-{softcap}")
     assert got["vector_loads"] and got["vector_stores"], "gradient rows are not streamed with 128-bit accesses"
+    assert got["local_bytes"] == 0, f"the backward spills {got['local_bytes']} bytes a thread to local memory"
+
+
+@FEATURES
+def test_forward_several_rows_compiles(compiled, features):
+    """Four token rows a program: still 128-bit loads, no spills."""
+    got = case(compiled, f"fwd-bf16-{features}-rows4")
+    assert got["vector_loads"] and got["local_bytes"] == 0, got
+
+
+@pytest.mark.parametrize("softcap", [False, True])
+def test_backward_several_rows_compiles(compiled, softcap):
+    got = case(compiled, f"bwd-bf16-{softcap}-rows4")
+    assert got["vector_loads"] and got["vector_stores"] and got["local_bytes"] == 0, got
