@@ -6,7 +6,7 @@
 #   (train: whole DPO steps, bench_train.py, real tokens/s of TRL, TRL + Liger and fastdpo's layouts)
 #   (lean: the lean fused-linear tiles beside torch.compile and CCE exact, shapes A and C, into $out/lean)
 #   (peers: every GPU measurement of issue 15 in under 8 minutes, into $out/peers: large-shape parity,
-#    shape B from logits, and at shapes A and C PyTorch's chunked linear_cross_entropy (default and
+#    shape B from logits and its kernels' launch settings (several rows a program), and at shapes A and C PyTorch's chunked linear_cross_entropy (default and
 #    least-memory options), TRL's chunked log-probs and the lean tiles beside CCE exact, Liger and
 #    torch.compile. A torch older than 2.13 has no linear_cross_entropy: carry its two pure-Python
 #    modules from a torch >= 2.13 install as .whl/torch_lce/ (see bench_linear.py) or the rows say
@@ -50,12 +50,18 @@ for stage in $stages; do
       if [ -d .whl/torch_lce ] && ! "$py" -c "import torch, sys; sys.exit(not hasattr(torch.nn.functional, 'linear_cross_entropy'))"; then
         export TORCH_LCE_SRC="$PWD/.whl/torch_lce"
       fi
-      # Each part has its own limit, together 450 s: one overrun cannot take the others' time.
-      timeout "${PEERS_TESTS_S:-150}" "$py" -m pytest ${PEERS_TESTS:-tests/test_gpu_large.py} -q -p no:cacheprovider \
+      # Each part has its own limit, together 480 s: one overrun cannot take the others' time.
+      timeout "${PEERS_TESTS_S:-125}" "$py" -m pytest ${PEERS_TESTS:-tests/test_gpu_large.py} -q -p no:cacheprovider \
         --durations=5 > "$out/peers/tests.log" 2>&1; tail -n 8 "$out/peers/tests.log"
-      timeout "${PEERS_LOSS_S:-45}" "$py" benchmarks/bench_loss.py ${PEERS_LOSS_SHAPES:---shapes B} \
+      timeout "${PEERS_LOSS_S:-40}" "$py" benchmarks/bench_loss.py ${PEERS_LOSS_SHAPES:---shapes B} \
         --impls "${PEERS_LOSS_IMPLS:-fastdpo,fastdpo-nocheck,liger}" --out "$out/peers/loss_B" ${BENCH_ARGS:-} \
         > "$out/peers/bench_loss_B.log" 2>&1 || echo "bench_loss (shape B) failed or timed out: see $out/peers"
+      # Shape B's bare kernels under each launch setting (BLOCK_V:warps:rows): one row a program
+      # (today's 4096:4 / 4096:16, the 2048:8 of the first H100 run, a whole row in one tile) and
+      # several rows a program, to tell how much of B's time is short rows, and what fixes it.
+      timeout "${PEERS_TUNE_S:-60}" "$py" benchmarks/tune_kernel.py ${PEERS_TUNE_ARGS:---shapes B --configs \
+        4096:4:1,4096:16:1,2048:8:1,32768:16:1,2048:4:2,1024:4:4,512:4:8,256:4:4,1024:16:4,512:16:8} \
+        > "$out/peers/tune_B.md" 2>&1 || echo "tune_kernel (shape B) failed or timed out: see $out/peers"
       timeout "${PEERS_LINEAR_S:-255}" "$py" benchmarks/bench_linear.py ${PEERS_LINEAR_SHAPES:---shapes A,C} \
         --impls "${PEERS_LINEAR_IMPLS:-torch-lce,torch-lce-lean,trl-chunked,fastdpo,fastdpo-lean,cce-exact,liger,compile}" \
         --lean "${LEAN_TILES:-256:4096,1024:4096}" --out "$out/peers/linear" ${BENCH_ARGS:-} \

@@ -115,12 +115,17 @@ def test_run_gpu_peers_stage(tmp_path):
                PEERS_TESTS="tests/test_logps.py::test_scalar_split_keeps_fp64_precision",
                PEERS_LOSS_SHAPES="--shape 1,16,300", PEERS_LINEAR_SHAPES="--shape 1,16,32,300",
                PEERS_LINEAR_IMPLS="torch-lce,torch-lce-lean,trl-chunked,fastdpo,fastdpo-lean", LEAN_TILES="8:100",
+               PEERS_TUNE_ARGS="--device cpu --shape 1,4,40 --configs 64:4:1,16:2:4 --unmasked-only",
+               TRITON_INTERPRET="1",
                BENCH_ARGS="--device cpu --iters 1 --warmup 0 --dtype float32")
     done = subprocess.run(["bash", "benchmarks/run_gpu.sh", "peers"], cwd=repo, env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in (tmp_path / "peers" / "tests.log").read_text()
     assert all(r["error"] is None for r in rows(tmp_path / "peers" / "loss_B", "bench_loss").values())
+    sweep = [line for line in (tmp_path / "peers" / "tune_B.md").read_text().splitlines() if line.startswith("| P,T,V")]
+    assert [line.split(" | ")[1:4] for line in sweep] == [["64", "4", "1"], ["16", "2", "4"]], sweep
+    assert not any("failed" in line for line in sweep), sweep
     linear = rows(tmp_path / "peers" / "linear", "bench_linear")
     impls = {impl for impl, _ in linear}
     assert impls == {"torch-lce", "torch-lce-lean", "trl-chunked", "fastdpo", "fastdpo-lean-8x100"}, impls
