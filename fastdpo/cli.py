@@ -28,10 +28,12 @@ def train_main(argv: list[str] | None = None, prog: str = "fastdpo train") -> in
     try:
         require(TRAIN, "train", "training")
         from .trainer import DPOTrainer
+        from .trainer.distributed import finish
 
         # given: with --resume, the run's saved options fill in every flag not on this command line
         trainer = DPOTrainer(cfg, given=given)
         summary = trainer.train()
+        finish(trainer.accelerator)  # the process ends with the run: close its process group
     except (ConfigError, MissingExtra) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

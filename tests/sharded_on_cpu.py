@@ -54,6 +54,12 @@ AcceleratorState.__init__ = _keep_fsdp
 PartialState._prepare_backend = _gloo_for_deepspeed
 
 if __name__ == "__main__":
+    import torch.distributed
+
     from fastdpo.cli import train_main
 
-    sys.exit(train_main(sys.argv[1:]))
+    code = train_main(sys.argv[1:])
+    if code == 0 and torch.distributed.is_initialized():  # fastdpo.trainer.distributed.finish closes it
+        print("fastdpo train returned with its process group still open", file=sys.stderr)
+        code = 3
+    sys.exit(code)

@@ -220,6 +220,11 @@ def main(argv: list[str]) -> None:
         train_case(opts, case, calls)
     if opts.check_refusal:
         check_refusal(opts)
+    import torch.distributed
+
+    if torch.distributed.is_initialized():  # a clean end: no gloo thread left for the exit to tear down
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
