@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py                 # from-logits and fused-linear steps at shape A
     python benchmarks/profile_step.py --shapes A,C --rows 15
+    python benchmarks/profile_step.py --shapes B --no-linear  # shape B from logits only
 
 For each step: the median time (CUDA events), the host time to launch it, the synchronizing
 calls it makes (torch's sync debug mode), the kernels that take the most device time, and for the
@@ -78,6 +79,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="A")
     p.add_argument("--rows", type=int, default=10)
+    p.add_argument("--no-linear", action="store_true", help="from-logits steps only")
     args = p.parse_args(argv)
     seen = watch_linear()
     for key in args.shapes.split(","):
@@ -97,6 +99,8 @@ def main(argv=None) -> None:
         report(f"{key} from logits, fwd+bwd", logits_step, args.rows)
         report(f"{key} from logits, fwd", logits_ref, args.rows)
         logits = None  # free it before the fused-linear inputs
+        if args.no_linear:
+            continue
         hidden = torch.randn(2 * P, T, H, device=DEVICE).to(torch.bfloat16).requires_grad_()
         weight = (torch.randn(V, H, device=DEVICE) / H**0.5 * 4).to(torch.bfloat16).requires_grad_()
         for gif in (True, False):

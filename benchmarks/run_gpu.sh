@@ -59,10 +59,15 @@ for stage in $stages; do
       # Shape B's bare kernels under each launch setting (BLOCK_V:warps:rows): one row a program
       # (today's 4096:4 / 4096:16, the 2048:8 of the first H100 run, a whole row in one tile) and
       # several rows a program, to tell how much of B's time is short rows, and what fixes it.
-      timeout "${PEERS_TUNE_S:-60}" "$py" benchmarks/tune_kernel.py ${PEERS_TUNE_ARGS:---shapes B --configs \
+      timeout "${PEERS_TUNE_S:-45}" "$py" benchmarks/tune_kernel.py ${PEERS_TUNE_ARGS:---shapes B --configs \
         4096:4:1,4096:16:1,2048:8:1,32768:16:1,2048:4:2,1024:4:4,512:4:8,256:4:4,1024:16:4,512:16:8} \
         > "$out/peers/tune_B.md" 2>&1 || echo "tune_kernel (shape B) failed or timed out: see $out/peers"
-      timeout "${PEERS_LINEAR_S:-255}" "$py" benchmarks/bench_linear.py ${PEERS_LINEAR_SHAPES:---shapes A,C} \
+      # Shape B's whole step: host time to launch it against its kernels' device time.
+      if "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+        timeout "${PEERS_PROFILE_S:-25}" "$py" benchmarks/profile_step.py --shapes B --no-linear \
+          > "$out/peers/profile_B.txt" 2>&1 || echo "profile_step (shape B) failed or timed out: see $out/peers"
+      fi
+      timeout "${PEERS_LINEAR_S:-245}" "$py" benchmarks/bench_linear.py ${PEERS_LINEAR_SHAPES:---shapes A,C} \
         --impls "${PEERS_LINEAR_IMPLS:-torch-lce,torch-lce-lean,trl-chunked,fastdpo,fastdpo-lean,cce-exact,liger,compile}" \
         --lean "${LEAN_TILES:-256:4096,1024:4096}" --out "$out/peers/linear" ${BENCH_ARGS:-} \
         > "$out/peers/bench_linear.log" 2>&1 || echo "bench_linear (peers) failed or timed out: see $out/peers" ;;
