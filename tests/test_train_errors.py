@@ -131,3 +131,50 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path, capsys):
         "of messages, got a number (pass --skip-invalid to skip such rows)"
     assert cli.main(["train", "--model", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r2")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def model_dir_smaller_than_its_tokenizer(path, cut: int, pad_past_vocab: bool = False):
+    """A model directory (config and tokenizer, no weights: nothing may load here) whose embeddings
+    hold `cut` ids fewer than its tokenizer: the embedded character tokenizer's last ids are the
+    letters w-z, punctuation, newline and tab."""
+    from transformers import LlamaConfig
+
+    from fastdpo.trainer import embedded
+
+    tokenizer = embedded.build_tokenizer()
+    if pad_past_vocab:
+        tokenizer.add_special_tokens({"pad_token": "<extra-pad>"})  # a new id past the model's rows
+    LlamaConfig(vocab_size=len(embedded.build_tokenizer()) - cut, hidden_size=16, intermediate_size=32,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_token_ids_past_the_model_vocabulary_name_the_row(tmp_path):
+    """A tokenizer larger than the model's embeddings (added tokens, the wrong --tokenizer): the first
+    row holding an id past them is named, before any model loads (on a GPU the embedding lookup
+    would end the process with a device-side assert)."""
+    model = model_dir_smaller_than_its_tokenizer(tmp_path / "model", cut=3)  # newline, tab and '~' are out
+    rows = [GOOD, GOOD, {**GOOD, "chosen": "a~b"}, GOOD]
+    path = write_jsonl(tmp_path / "data.jsonl", [{**r, "prompt": r["prompt"].rstrip()} for r in rows])
+    with pytest.raises(DataError) as e:
+        start(tmp_path, model=str(model), dataset=str(path), eval_fraction=0.0)
+    message = str(e.value)
+    assert message.startswith(f"{path} row 3: token '~' has id ") and "\n" not in message
+    assert "outside the model's vocabulary of 100 ids (the tokenizer has 103)" in message
+
+
+def test_rows_keep_their_source_row_through_the_eval_split(tmp_path):
+    model = model_dir_smaller_than_its_tokenizer(tmp_path / "model", cut=3)
+    rows = [{**GOOD, "prompt": "sort: ba"} for _ in range(9)] + [GOOD]  # only row 10 has a newline
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(DataError, match=rf"^{path} row 10: token '\\n' has id "):
+        start(tmp_path, model=str(model), dataset=str(path), eval_fraction=0.5)
+
+
+def test_a_pad_token_past_the_model_vocabulary_is_refused(tmp_path):
+    model = model_dir_smaller_than_its_tokenizer(tmp_path / "model", cut=0, pad_past_vocab=True)
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD] * 4)
+    with pytest.raises(DataError, match=r"^the tokenizer's pad token '<extra-pad>' has id 103, outside the "
+                                        r"model's vocabulary of 103 ids"):
+        start(tmp_path, model=str(model), dataset=str(path))

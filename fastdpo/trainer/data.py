@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Union
 
@@ -44,6 +44,7 @@ class Pair:
     prompt: Text
     chosen: Text
     rejected: Text
+    origin: str = field(default="", compare=False)  # "FILE row N", for errors found after reading
 
     @property
     def conversational(self) -> bool:
@@ -232,7 +233,7 @@ def load_pairs(source: Source, *, skip_invalid: bool, limit: int = 0) -> tuple[l
         try:
             if isinstance(row, RowError):
                 raise row
-            pairs.append(to_pair(row))
+            pairs.append(replace(to_pair(row), origin=f"{source.where} row {number}"))
         except RowError as e:
             if not skip_invalid:
                 raise DataError(f"{source.where} row {number}: {e} (pass --skip-invalid to skip such rows)") from None
@@ -468,8 +469,26 @@ class PreparedData:
     dropped_too_long: int
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
-    """Read, check, split and tokenize the dataset; fail in one line if nothing usable is left."""
+def check_vocabulary(pairs: list[Pair], encoded: list[Encoded], kept: list[int], tokenizer, vocab: int) -> None:
+    """Every token id the model will read (and the pad id) must have a row in its embeddings: an id past
+    them is a raw IndexError on CPU and a device-side assert that ends the process on a GPU. Checked
+    here on the host, once, with the row that holds it named."""
+    pad = tokenizer.pad_token_id
+    if pad is not None and not 0 <= pad < vocab:
+        raise DataError(f"the tokenizer's pad token {tokenizer.pad_token!r} has id {pad}, outside the model's "
+                        f"vocabulary of {vocab} ids: give the tokenizer a pad token the model knows (its EOS, say) "
+                        "or resize the model's embeddings")
+    for tokens, i in zip(encoded, kept):
+        top = max(max(ids, default=0) for ids in (tokens.prompt, tokens.chosen, tokens.rejected))
+        if top >= vocab:
+            raise DataError(f"{pairs[i].origin}: token {tokenizer.convert_ids_to_tokens(top)!r} has id {top}, outside "
+                            f"the model's vocabulary of {vocab} ids (the tokenizer has {len(tokenizer)}): use the "
+                            "model's own tokenizer, or resize the model's embeddings to this one")
+
+
+def prepare_data(cfg: TrainConfig, tokenizer, vocab: int | None = None) -> PreparedData:
+    """Read, check, split and tokenize the dataset; fail in one line if nothing usable is left, or
+    if a token id falls outside the model's `vocab` (when given)."""
     train_source, eval_source = find_sources(cfg)
     train, skipped = load_pairs(train_source, skip_invalid=cfg.skip_invalid, limit=cfg.max_train_pairs)
     held: list[Pair] = []
@@ -482,8 +501,11 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     if getattr(tokenizer, "chat_template", None) is None and any(p.conversational for p in train + held):
         raise DataError(f"{cfg.dataset} holds conversations but the tokenizer has no chat template")
     encoder = Encoder(tokenizer, cfg.max_length)
-    train_ids, _ = encoder.encode(train)
-    eval_ids, _ = encoder.encode(held)
+    train_ids, train_kept = encoder.encode(train)
+    eval_ids, eval_kept = encoder.encode(held)
+    if vocab is not None:
+        check_vocabulary(train, train_ids, train_kept, tokenizer, vocab)
+        check_vocabulary(held, eval_ids, eval_kept, tokenizer, vocab)
     if not train_ids:
         raise DataError(f"{train_source.where}: every one of the {len(train)} pairs has a prompt of "
                         f"--max-length {cfg.max_length} tokens or more")

@@ -40,6 +40,7 @@ from .model import (
     frozen_copy,
     load_model,
     load_tokenizer,
+    model_vocab_size,
     weight_dtype,
 )
 from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
@@ -72,7 +73,7 @@ class DPOTrainer:
         check_model_source(cfg.model)
         with self.accelerator.main_process_first():  # one download per machine, then the cache
             self.tokenizer = load_tokenizer(cfg)
-            self.data = prepare_data(cfg, self.tokenizer)
+            self.data = prepare_data(cfg, self.tokenizer, model_vocab_size(cfg.model, self.tokenizer))
         self.layout = choose_layout(cfg, self.log.info)
         if cfg.max_tokens and self.data.eval:
             check_budget(self.data.eval, self.layout, cfg.max_tokens, "eval")

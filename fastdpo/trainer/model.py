@@ -41,6 +41,18 @@ def check_model_source(name: str) -> None:
         raise ConfigError(f"model {name!r} is not a local path and could not be found on the Hub ({reason})") from None
 
 
+def model_vocab_size(name: str, tokenizer) -> int | None:
+    """Rows of the model's token embeddings, from its config alone (no weights are read); None when
+    the config does not say."""
+    if name == EMBEDDED_MODEL:
+        return len(tokenizer)  # embedded.build_model sizes its embeddings to the tokenizer
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(os.path.expanduser(name))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
+
+
 def load_tokenizer(cfg: TrainConfig):
     """The tokenizer of --tokenizer or the model; padding falls back to EOS when there is no pad token."""
     name = cfg.tokenizer or cfg.model
