@@ -181,3 +181,17 @@ def test_plot_marks_sparse_curves_and_draws_the_warm_up_apart():
     assert loss["loss"].get_marker() in ("None", None, "") and loss["eval_loss"].get_marker() == "o"
     (success,) = panels["task success (greedy)"].lines
     assert list(success.get_xdata()) == [0, 50, 100] and success.get_marker() == "o"
+
+
+def test_a_cpu_run_prints_no_library_notes(tmp_path):
+    """A whole CPU run in a fresh process prints fastdpo's own lines only: no progress bars of
+    transformers' saves, and no DeepSpeed note about its missing GPU (transformers imports
+    DeepSpeed wherever it is installed, as the `deepspeed` extra and CI install it)."""
+    from train_helpers import run_cli
+
+    done = run_cli(["--max-steps", "1", "--sft-steps", "0", "--batch-size", "4", "--max-train-pairs", "16",
+                    "--max-eval-pairs", "8", "--no-progress-bar", "--run-dir", str(tmp_path / "run")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    for note in ("Setting accelerator to CPU", "Writing model shards", "[WARNING]"):
+        assert note not in output, output

@@ -481,14 +481,21 @@ def cpu_threads(n: int):
 
 
 def quiet_libraries() -> None:
-    """Hide transformers' progress bars for every save and load, and accelerate's note about tied
-    weights (saved once, tied again on load) at every checkpoint."""
+    """Hide transformers' progress bars for every save and load, accelerate's note about tied
+    weights (saved once, tied again on load) at every checkpoint, and DeepSpeed's note that it
+    found no GPU (transformers imports DeepSpeed wherever it is installed, so a CPU run printed it
+    at its first save)."""
     import logging
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").addFilter(_no_cpu_accelerator_note)  # the same object: added once  # the same object: added once
+
+
+def _no_cpu_accelerator_note(record) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
 
 
 def use_autocast(cfg: TrainConfig, device: torch.device) -> bool:
