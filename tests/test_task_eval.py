@@ -42,6 +42,26 @@ def test_batched_greedy_decoding_matches_one_prompt_at_a_time():
     assert got == want
 
 
+def test_greedy_decoding_stops_at_the_model_positions():
+    """A model whose position table ends at `limit` (GPT-2's learned positions) gets no token past it:
+    each answer is cut where prompt + answer reach the limit, and equals the uncut answer's start."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = embedded.build_tokenizer()
+    rows = embedded.make_split("test")[:6]
+    prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    limit = max(len(p) for p in prompts) + 2
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=limit, n_embd=16, n_layer=1,
+                                       n_head=2)).eval()
+    eos = tokenizer.eos_token_id
+    got = greedy_decode(model, prompts, eos_id=eos, max_new_tokens=8, device=torch.device("cpu"), max_positions=limit)
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, got):
+            assert len(prompt) + len(answer) <= limit
+            assert answer == naive_greedy(model, prompt, eos, limit - len(prompt))
+
+
 def test_task_success_counts_rule_passes():
     tokenizer = embedded.build_tokenizer()
     rows = embedded.make_split("test")[:5]

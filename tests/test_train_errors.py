@@ -178,3 +178,21 @@ def test_a_pad_token_past_the_model_vocabulary_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"^the tokenizer's pad token '<extra-pad>' has id 103, outside the "
                                         r"model's vocabulary of 103 ids"):
         start(tmp_path, model=str(model), dataset=str(path))
+
+
+def test_a_pair_longer_than_the_model_positions_names_the_row(tmp_path):
+    """GPT-2's learned position table (n_positions): a sequence past it would index past the table."""
+    from transformers import GPT2Config
+
+    from fastdpo.trainer import embedded
+
+    model = tmp_path / "model"
+    GPT2Config(vocab_size=len(embedded.build_tokenizer()), n_positions=12, n_embd=16, n_layer=1,
+               n_head=2).save_pretrained(model)
+    embedded.build_tokenizer().save_pretrained(model)
+    short = {"prompt": "sort: ba", "chosen": "ab", "rejected": "ba"}  # 8 + 2 + EOS = 11 tokens
+    path = write_jsonl(tmp_path / "data.jsonl", [short, short, {**short, "prompt": "sort: dcba"}, short])
+    with pytest.raises(DataError, match=rf"^{path} row 3: 13 tokens \(the prompt and its longer answer\), more "
+                                        r"than the model's 12 positions: lower --max-length to 12 or less$"):
+        start(tmp_path, model=str(model), dataset=str(path), eval_fraction=0.0)
+    start(tmp_path, model=str(model), dataset=str(path), eval_fraction=0.0, max_length=12)  # truncated: fits

@@ -469,26 +469,32 @@ class PreparedData:
     dropped_too_long: int
 
 
-def check_vocabulary(pairs: list[Pair], encoded: list[Encoded], kept: list[int], tokenizer, vocab: int) -> None:
-    """Every token id the model will read (and the pad id) must have a row in its embeddings: an id past
-    them is a raw IndexError on CPU and a device-side assert that ends the process on a GPU. Checked
-    here on the host, once, with the row that holds it named."""
+def check_fits_model(pairs: list[Pair], encoded: list[Encoded], kept: list[int], tokenizer, limits) -> None:
+    """Every token id the model will read (and the pad id) must have a row in its embeddings, and
+    every sequence must fit its positions: past them, an embedding or position lookup is a raw
+    IndexError on CPU and a device-side assert that ends the process on a GPU. Checked here on the
+    host, once, with the row at fault named. `limits`: fastdpo.trainer.model.ModelLimits."""
+    vocab, positions = limits.vocab, limits.positions
     pad = tokenizer.pad_token_id
-    if pad is not None and not 0 <= pad < vocab:
+    if vocab is not None and pad is not None and not 0 <= pad < vocab:
         raise DataError(f"the tokenizer's pad token {tokenizer.pad_token!r} has id {pad}, outside the model's "
                         f"vocabulary of {vocab} ids: give the tokenizer a pad token the model knows (its EOS, say) "
                         "or resize the model's embeddings")
     for tokens, i in zip(encoded, kept):
         top = max(max(ids, default=0) for ids in (tokens.prompt, tokens.chosen, tokens.rejected))
-        if top >= vocab:
+        if vocab is not None and top >= vocab:
             raise DataError(f"{pairs[i].origin}: token {tokenizer.convert_ids_to_tokens(top)!r} has id {top}, outside "
                             f"the model's vocabulary of {vocab} ids (the tokenizer has {len(tokenizer)}): use the "
                             "model's own tokenizer, or resize the model's embeddings to this one")
+        length = len(tokens.prompt) + max(len(tokens.chosen), len(tokens.rejected))
+        if positions is not None and length > positions:
+            raise DataError(f"{pairs[i].origin}: {length} tokens (the prompt and its longer answer), more than the "
+                            f"model's {positions} positions: lower --max-length to {positions} or less")
 
 
-def prepare_data(cfg: TrainConfig, tokenizer, vocab: int | None = None) -> PreparedData:
+def prepare_data(cfg: TrainConfig, tokenizer, limits=None) -> PreparedData:
     """Read, check, split and tokenize the dataset; fail in one line if nothing usable is left, or
-    if a token id falls outside the model's `vocab` (when given)."""
+    if a pair does not fit the model's `limits` (fastdpo.trainer.model.ModelLimits, when given)."""
     train_source, eval_source = find_sources(cfg)
     train, skipped = load_pairs(train_source, skip_invalid=cfg.skip_invalid, limit=cfg.max_train_pairs)
     held: list[Pair] = []
@@ -503,9 +509,9 @@ def prepare_data(cfg: TrainConfig, tokenizer, vocab: int | None = None) -> Prepa
     encoder = Encoder(tokenizer, cfg.max_length)
     train_ids, train_kept = encoder.encode(train)
     eval_ids, eval_kept = encoder.encode(held)
-    if vocab is not None:
-        check_vocabulary(train, train_ids, train_kept, tokenizer, vocab)
-        check_vocabulary(held, eval_ids, eval_kept, tokenizer, vocab)
+    if limits is not None:
+        check_fits_model(train, train_ids, train_kept, tokenizer, limits)
+        check_fits_model(held, eval_ids, eval_kept, tokenizer, limits)
     if not train_ids:
         raise DataError(f"{train_source.where}: every one of the {len(train)} pairs has a prompt of "
                         f"--max-length {cfg.max_length} tokens or more")

@@ -40,7 +40,7 @@ from .model import (
     frozen_copy,
     load_model,
     load_tokenizer,
-    model_vocab_size,
+    model_limits,
     weight_dtype,
 )
 from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
@@ -73,7 +73,8 @@ class DPOTrainer:
         check_model_source(cfg.model)
         with self.accelerator.main_process_first():  # one download per machine, then the cache
             self.tokenizer = load_tokenizer(cfg)
-            self.data = prepare_data(cfg, self.tokenizer, model_vocab_size(cfg.model, self.tokenizer))
+            self.limits = model_limits(cfg.model, self.tokenizer)
+            self.data = prepare_data(cfg, self.tokenizer, self.limits)
         self.layout = choose_layout(cfg, self.log.info)
         if cfg.max_tokens and self.data.eval:
             check_budget(self.data.eval, self.layout, cfg.max_tokens, "eval")
@@ -349,7 +350,8 @@ class DPOTrainer:
         if rule is None or not self.cfg.task_eval_prompts or not self.data.eval:
             return None
         prompts = [pair.prompt for pair in self.data.eval[:self.cfg.task_eval_prompts]]
-        return task_success(self.model, self.tokenizer, prompts, rule, device=self.device, autocast=self.autocast)
+        return task_success(self.model, self.tokenizer, prompts, rule, device=self.device, autocast=self.autocast,
+                            max_positions=self.limits.positions)
 
     def _task_eval(self) -> None:
         """Log task success alone (before the first DPO step)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,16 +42,25 @@ def check_model_source(name: str) -> None:
         raise ConfigError(f"model {name!r} is not a local path and could not be found on the Hub ({reason})") from None
 
 
-def model_vocab_size(name: str, tokenizer) -> int | None:
-    """Rows of the model's token embeddings, from its config alone (no weights are read); None when
-    the config does not say."""
-    if name == EMBEDDED_MODEL:
-        return len(tokenizer)  # embedded.build_model sizes its embeddings to the tokenizer
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a model can read, from its config: token ids below `vocab` (rows of its embeddings) and
+    sequences of at most `positions` tokens (its position table or context); None where unknown."""
+
+    vocab: int | None
+    positions: int | None
+
+
+def model_limits(name: str, tokenizer) -> ModelLimits:
+    """The model's ModelLimits from its config alone (no weights are read)."""
+    if name == EMBEDDED_MODEL:  # embedded.build_model sizes its embeddings to the tokenizer
+        return ModelLimits(vocab=len(tokenizer), positions=embedded.MAX_POSITIONS)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(os.path.expanduser(name))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "vocab_size", None)
+    positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return ModelLimits(vocab=getattr(text, "vocab_size", None), positions=positions)
 
 
 def load_tokenizer(cfg: TrainConfig):

@@ -32,8 +32,9 @@ def rule_for(dataset: str) -> Optional[Rule]:
 
 @torch.no_grad()
 def greedy_decode(model, prompts: list[list[int]], *, eos_id: int, max_new_tokens: int,
-                  device: torch.device, autocast: bool = False) -> list[list[int]]:
-    """The greedy continuation of each prompt (token ids, EOS excluded).
+                  device: torch.device, autocast: bool = False, max_positions: int | None = None) -> list[list[int]]:
+    """The greedy continuation of each prompt (token ids, EOS excluded), cut where the sequence
+    would pass the model's `max_positions`.
 
     Prompts of equal length are decoded together, so no padding or position shifting is needed;
     each step reruns the whole (short) sequence, which keeps this independent of KV-cache
@@ -47,7 +48,8 @@ def greedy_decode(model, prompts: list[list[int]], *, eos_id: int, max_new_token
     for members in groups.values():
         ids = torch.tensor([prompts[i] for i in members], dtype=torch.long, device=device)
         done = torch.zeros(len(members), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
+        room = max_new_tokens if max_positions is None else min(max_new_tokens, max_positions - ids.shape[1])
+        for _ in range(room):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(input_ids=ids).logits[:, -1]
             nxt = logits.argmax(-1)
@@ -63,12 +65,12 @@ def greedy_decode(model, prompts: list[list[int]], *, eos_id: int, max_new_token
 
 
 def task_success(model, tokenizer, prompts: list[list[int]], rule: Rule, *, device: torch.device,
-                 autocast: bool = False, max_new_tokens: int = 16) -> float:
+                 autocast: bool = False, max_new_tokens: int = 16, max_positions: int | None = None) -> float:
     """Fraction of `prompts` (token ids) whose greedy answer passes `rule(prompt_text, answer_text)`."""
     if not prompts:
         raise ValueError("task_success: prompts is empty")
     answers = greedy_decode(model, prompts, eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
-                            device=device, autocast=autocast)
+                            device=device, autocast=autocast, max_positions=max_positions)
     texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
     replies = tokenizer.batch_decode(answers, skip_special_tokens=True)
     return sum(rule(p, a) for p, a in zip(texts, replies)) / len(prompts)
