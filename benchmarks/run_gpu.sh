@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A lent GPU session: the test suite natively (large shapes included), then the benchmarks, each
-# writing JSON + Markdown + PNG under $OUT (or bench_results/), short tables last.
+# writing JSON + Markdown + PNG under $RESULTS (or bench_results/), short tables last.
 #   bash benchmarks/run_gpu.sh            # everything (can exceed one 10-minute device call)
 #   bash benchmarks/run_gpu.sh tests      # or one stage per call: tests, tune, loss, linear, lean, trl, peers, train, scaleout
 #   (train: whole DPO steps, bench_train.py, real tokens/s of TRL, TRL + Liger and fastdpo's layouts)
@@ -18,10 +18,11 @@
 #   BENCH_ARGS="--impls fastdpo-linear,trl" bash benchmarks/run_gpu.sh trl   # flags for the bench_* stages
 # Peers (liger-kernel, cut-cross-entropy, trl and its needs) are installed from wheels in .whl/
 # when that folder exists, for a machine with no package index. Results go to $RESULTS, else
-# $OUT, else bench_results/.
+# bench_results/; with $OUT set (a device call) they are also packed into $OUT/results.tgz, one
+# file, since such a call brings back only a few files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${RESULTS:-${OUT:-bench_results}}"
+out="${RESULTS:-bench_results}"
 py="${PYTHON:-python3}"
 stages="${*:-tests loss linear trl train}"
 limit="${STAGE_TIMEOUT:-900}"
@@ -78,3 +79,6 @@ for stage in $stages; do
   esac
 done
 for table in "$out"/*.md "$out"/*/*.md "$out"/*/*/*.md; do [ -f "$table" ] && { echo; echo "== $table"; cat "$table"; }; done
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ "$(cd "$OUT" && pwd)" != "$(cd "$out" && pwd)" ]; then
+  tar czf "$OUT/results.tgz" -C "$out" . && echo "results packed into \$OUT/results.tgz"
+fi

@@ -4,6 +4,7 @@ results), so a lent GPU session does not find them broken."""
 import json
 import os
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,9 @@ def test_run_gpu_peers_stage(tmp_path):
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, FASTDPO_BACKEND="torch", PYTHON=sys.executable, RESULTS=str(tmp_path), SKIP_INSTALL="1",
+    (tmp_path / "out").mkdir()
+    env = dict(os.environ, FASTDPO_BACKEND="torch", PYTHON=sys.executable, RESULTS=str(tmp_path / "results"),
+               OUT=str(tmp_path / "out"), SKIP_INSTALL="1",
                PEERS_TESTS="tests/test_logps.py::test_scalar_split_keeps_fp64_precision",
                PEERS_LOSS_SHAPES="--shape 1,16,300", PEERS_LINEAR_SHAPES="--shape 1,16,32,300",
                PEERS_LINEAR_IMPLS="torch-lce,torch-lce-lean,trl-chunked,fastdpo,fastdpo-lean", LEAN_TILES="8:100",
@@ -121,6 +124,9 @@ def test_run_gpu_peers_stage(tmp_path):
     done = subprocess.run(["bash", "benchmarks/run_gpu.sh", "peers"], cwd=repo, env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    with tarfile.open(tmp_path / "out" / "results.tgz") as packed:  # what a device call brings back
+        assert "./peers/tune_B.md" in packed.getnames() and "./peers/linear/bench_linear.json" in packed.getnames()
+    tmp_path = tmp_path / "results"
     assert "1 passed" in (tmp_path / "peers" / "tests.log").read_text()
     assert all(r["error"] is None for r in rows(tmp_path / "peers" / "loss_B", "bench_loss").values())
     sweep = [line for line in (tmp_path / "peers" / "tune_B.md").read_text().splitlines() if line.startswith("| P,T,V")]
