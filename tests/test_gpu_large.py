@@ -47,6 +47,33 @@ def test_large_shapes(P, T, V, inplace):
     assert (grad[~mask] == 0).all()
 
 
+@pytest.mark.parametrize("P,T,V,rows", [(8, 1024, 32000, 2), (8, 1024, 32000, 4), (8, 1024, 32000, 8),
+                                        (4, 2048, 151936, 4)],
+                         ids=["B-2-rows", "B-4-rows", "B-8-rows", "C-4-rows (N*V > 2^31)"])
+def test_several_rows_a_program_at_large_shapes(P, T, V, rows):
+    """The [rows, tile] launch setting on the compiled kernels: log-probs against float64 (N * V past
+    2^31 at C, where a row offset in int32 would wrap), the saved state beside the one-row-a-program
+    kernels' (fp32 rounding: the tiles sum in another order), and the whole gradient from the same
+    state equal to theirs up to one bf16 rounding step, masked rows exactly zero."""
+    from fastdpo.kernels import token_logps as K
+
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(2 * P, T, V, device="cuda")).to(torch.bfloat16)
+    labels = torch.randint(0, V, (2 * P, T), device="cuda")
+    mask = torch.rand(2 * P, T, device="cuda") > 0.35
+    flat = torch.where(mask, labels, -1).view(-1).to(torch.int32)
+    got = K.token_logps_forward(logits, flat, rows_per_program=rows)
+    logps = got.logps.view(2 * P, T).sum(-1)
+    assert_close_rel(logps, chunked_logps64(logits, labels, mask), 1e-6, "logps")
+    one = K.token_logps_forward(logits, flat)
+    assert_close_rel(got.state, one.state, 1e-6, "state")
+    g = torch.randn(2 * P * T, device="cuda")
+    grad = K.token_logps_backward(logits, flat, one.state, g, rows_per_program=rows).float()
+    want = K.token_logps_backward(logits, flat, one.state, g).float()
+    assert ((grad - want).abs() <= 2**-7 * want.abs()).all(), "gradient differs by more than one bf16 rounding"
+    assert (grad.view(2 * P, T, V)[~mask] == 0).all()
+
+
 @pytest.mark.parametrize("V", [128256, 262144])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_confident_tokens_at_large_vocab(V, dtype):
