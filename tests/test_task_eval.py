@@ -62,6 +62,16 @@ def test_greedy_decoding_stops_at_the_model_positions():
             assert answer == naive_greedy(model, prompt, eos, limit - len(prompt))
 
 
+def test_greedy_decoding_without_an_eos_runs_every_answer_to_its_length():
+    tokenizer = embedded.build_tokenizer()
+    model = embedded.build_model(tokenizer, seed=torch.randint(0, 2**31, ()).item()).eval()
+    prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in embedded.make_split("test")[:4]]
+    got = greedy_decode(model, prompts, eos_id=None, max_new_tokens=5, device=torch.device("cpu"))
+    with torch.no_grad():
+        assert got == [naive_greedy(model, p, None, 5) for p in prompts]
+    assert all(len(answer) == 5 for answer in got)
+
+
 def test_task_success_counts_rule_passes():
     tokenizer = embedded.build_tokenizer()
     rows = embedded.make_split("test")[:5]

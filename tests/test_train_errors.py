@@ -196,3 +196,18 @@ def test_a_pair_longer_than_the_model_positions_names_the_row(tmp_path):
                                         r"than the model's 12 positions: lower --max-length to 12 or less$"):
         start(tmp_path, model=str(model), dataset=str(path), eval_fraction=0.0)
     start(tmp_path, model=str(model), dataset=str(path), eval_fraction=0.0, max_length=12)  # truncated: fits
+
+
+def test_a_tokenizer_with_neither_pad_nor_eos_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    from fastdpo.trainer import embedded
+
+    model = tmp_path / "model"
+    tokenizer = embedded.build_tokenizer()
+    tokenizer.eos_token = tokenizer.pad_token = None
+    tokenizer.save_pretrained(model)
+    LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1).save_pretrained(model)
+    with pytest.raises(ConfigError, match=rf"^the tokenizer of {model} has neither a pad nor an EOS token"):
+        start(tmp_path, model=str(model), dataset=str(write_jsonl(tmp_path / "data.jsonl", [GOOD] * 4)))

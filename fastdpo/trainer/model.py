@@ -76,6 +76,9 @@ def load_tokenizer(cfg: TrainConfig):
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"cannot load the tokenizer of {name} ({str(e).strip().splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"the tokenizer of {name} has neither a pad nor an EOS token, and batches need one to "
+                              "pad with: save the tokenizer with a pad_token set")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

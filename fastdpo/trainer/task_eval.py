@@ -31,10 +31,10 @@ def rule_for(dataset: str) -> Optional[Rule]:
 
 
 @torch.no_grad()
-def greedy_decode(model, prompts: list[list[int]], *, eos_id: int, max_new_tokens: int,
+def greedy_decode(model, prompts: list[list[int]], *, eos_id: int | None, max_new_tokens: int,
                   device: torch.device, autocast: bool = False, max_positions: int | None = None) -> list[list[int]]:
     """The greedy continuation of each prompt (token ids, EOS excluded), cut where the sequence
-    would pass the model's `max_positions`.
+    would pass the model's `max_positions` (or after `max_new_tokens`; every answer is, without an EOS).
 
     Prompts of equal length are decoded together, so no padding or position shifting is needed;
     each step reruns the whole (short) sequence, which keeps this independent of KV-cache
@@ -53,13 +53,16 @@ def greedy_decode(model, prompts: list[list[int]], *, eos_id: int, max_new_token
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(input_ids=ids).logits[:, -1]
             nxt = logits.argmax(-1)
+            if eos_id is None:  # no end token: every answer runs to its length limit
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                continue
             done |= nxt == eos_id
             ids = torch.cat([ids, nxt.masked_fill(done, eos_id)[:, None]], dim=1)
             if bool(done.all()):
                 break
         start = len(prompts[members[0]])
         for row, i in zip(ids[:, start:].tolist(), members):
-            out[i] = row[:row.index(eos_id)] if eos_id in row else row
+            out[i] = row[:row.index(eos_id)] if eos_id is not None and eos_id in row else row
     model.train(was_training)
     return out
 
