@@ -211,3 +211,12 @@ def test_a_tokenizer_with_neither_pad_nor_eos_is_refused(tmp_path):
                 num_attention_heads=2, num_key_value_heads=1).save_pretrained(model)
     with pytest.raises(ConfigError, match=rf"^the tokenizer of {model} has neither a pad nor an EOS token"):
         start(tmp_path, model=str(model), dataset=str(write_jsonl(tmp_path / "data.jsonl", [GOOD] * 4)))
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path):
+    from transformers import T5Config
+
+    model = tmp_path / "model"
+    T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8).save_pretrained(model)
+    with pytest.raises(ConfigError, match=rf"^model {model} is a T5 model, not a causal language model"):
+        start(tmp_path, model=str(model))

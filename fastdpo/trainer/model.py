@@ -22,24 +22,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_model_source(name: str) -> None:
-    """Fail with a one-line reason unless `name` is the embedded model, a model directory, or a
-    Hub model whose config can be fetched (the config only: no weights are read)."""
+    """Fail with a one-line reason unless `name` is the embedded model, or a model directory or Hub
+    model whose config can be read and names a causal language model (the config only: no weights
+    are read)."""
     if name == EMBEDDED_MODEL:
         return
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model path {name} has no config.json (expected a save_pretrained directory)")
-        return
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(f"model path not found: {name}")
-    from transformers import AutoConfig
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
     try:
-        AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(str(path) if path.is_dir() else name)
     except Exception as e:  # noqa: BLE001 - any failure means the name does not resolve
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model {name!r} is not a local path and could not be found on the Hub ({reason})") from None
+        where = f"model path {name}: its config cannot be read" if path.is_dir() else \
+            f"model {name!r} is not a local path and could not be found on the Hub"
+        raise ConfigError(f"{where} ({reason})") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        kind = type(config).__name__.removesuffix("Config")
+        raise ConfigError(f"model {name} is a {kind} model, not a causal language model (AutoModelForCausalLM has no "
+                          "class for it): DPO here trains decoders")
 
 
 @dataclass(frozen=True)
