@@ -9,8 +9,12 @@ peak memory and the share of the step spent in the LM head + loss:
     trl-fastdpo-LAYOUT         fastdpo.integrations.trl.FastDPOTrainer, LAYOUT = padded | packed | shared
     fastdpo-IMPL-LAYOUT        fastdpo's trainer step (head, layout, loss, reference copy, AdamW),
                                IMPL = fused | fused_linear
-    fastdpo-fused-packed-nocheck   the default row with fastdpo.value_checks(False): the label
-                               check's host synchronisation as a share of a step, by difference
+    fastdpo-fused-packed-nocheck   the default row with fastdpo.value_checks(False). fastdpo's own
+                               batches are range-checked from bounds read on the host, so the
+                               two rows should agree: the check costs the trainer no wait
+    trl-fastdpo-packed-nocheck the TRL row with value checks off: TRL's batches are made on the
+                               device, so the head reads their ranges back (a host sync), and the
+                               difference is that sync's share of a step
 
 Models: random-weight models built from the Qwen2.5-0.5B and Llama-3.2-1B configs (no download),
 bf16 autocast over fp32 weights, gradient checkpointing off and on. `--tiny` runs a 2-layer model
@@ -62,7 +66,7 @@ MODELS = {  # name -> (transformers config class, config fields)
 LAYOUTS = ("padded", "packed", "shared")
 IMPLS = ["trl", "trl-liger"] + [f"trl-fastdpo-{k}" for k in LAYOUTS] + \
     [f"fastdpo-{i}-{k}" for i in ("fused", "fused_linear") for k in LAYOUTS] + \
-    ["fastdpo-fused-packed-nocheck"]  # value checks off: their host syncs' share of a step, by difference
+    ["fastdpo-fused-packed-nocheck", "trl-fastdpo-packed-nocheck"]  # value checks off: their syncs' share
 PAD, EOS = 0, 1
 
 
@@ -228,7 +232,7 @@ def trl_steps(model, pairs, P: int, impl: str, device, steps: int, out_dir: Path
     if impl.startswith("trl-fastdpo-"):
         from fastdpo.integrations.trl import FastDPOTrainer
 
-        layout = impl.removeprefix("trl-fastdpo-")
+        layout = impl.removeprefix("trl-fastdpo-").removesuffix("-nocheck")
         trainer = FastDPOTrainer(**common, share_prompt=layout == "shared", padding_free=layout != "padded")
     else:
         trainer = DPOTrainer(**common)
@@ -264,7 +268,9 @@ def run_row(row: Row, pairs, P: int, steps: int, warmup: int, device, attn: str,
     autocast = device.type == "cuda"
     with HeadTimer(device) as timer:
         if row.impl.startswith("trl"):
-            start, marks, seen, row.first_loss = trl_steps(model, pairs, P, row.impl, device, warmup + steps, out_dir)
+            with value_checks(not row.impl.endswith("-nocheck")):
+                start, marks, seen, row.first_loss = trl_steps(model, pairs, P, row.impl, device, warmup + steps,
+                                                               out_dir)
             times = [b - a for a, b in zip([start] + marks, marks)][warmup:]
             tokens = seen[warmup:warmup + len(times)]
             head_ms = timer.collect() * len(times) / max(1, len(seen))

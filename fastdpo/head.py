@@ -190,7 +190,8 @@ def _with_tail(hidden, scoring: Scoring, lm_head, config, options: HeadOptions, 
     starts = scoring.offsets[:-1]
     cut = starts + torch.minimum(shared.to(scoring.counts.dtype), scoring.counts)
     offsets = torch.cat([torch.stack([starts, cut], 1).flatten(), scoring.offsets[-1:]])
-    pieces = row_stats(hidden, Scoring(scoring.positions, scoring.targets, offsets), lm_head, config, options, policy)
+    pieces = row_stats(hidden, Scoring(scoring.positions, scoring.targets, offsets, bounds=scoring.bounds), lm_head,
+                       config, options, policy)
     halves = {name: None if (v := getattr(pieces, name)) is None else v.view(-1, 2).sum(-1)
               for name in ("logps", "counts", "score_sums", "entropy_sums", "top1_counts", "log_sum_sq_sums")}
     return RowStats(**halves, vocab=pieces.vocab, tail_logps=pieces.logps.view(-1, 2)[:, 1])
@@ -198,26 +199,39 @@ def _with_tail(hidden, scoring: Scoring, lm_head, config, options: HeadOptions, 
 
 def _check_positions(scoring: Scoring, args: tuple, kwargs: dict) -> None:
     """Scored positions inside the batch, checked before the backbone is queued; an index past the
-    end would otherwise be a device-side assert. A host read, so it follows fastdpo's value checks
-    (`fastdpo.value_checks(False)` skips it, as it skips the label check)."""
+    end would otherwise be a device-side assert. From the Scoring's host bounds when it has them
+    (fastdpo's own batches: no wait), else a host read of the device values, which follows
+    fastdpo's value checks (`fastdpo.value_checks(False)` skips it, as it skips the label check)."""
     inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if inputs is None or scoring.positions.numel() == 0 or not value_checks_enabled():
+    if inputs is None or scoring.positions.numel() == 0:
+        return
+    if scoring.bounds is not None:
+        first, last = scoring.bounds.positions
+    elif value_checks_enabled():
+        first, last = int(scoring.positions.min()), int(scoring.positions.max())
+    else:
         return
     size = inputs.shape[0] * inputs.shape[1]
-    last = int(scoring.positions.max())
-    if last >= size or int(scoring.positions.min()) < 0:
+    if last >= size or first < 0:
         raise ValueError(f"scored positions must lie in [0, {size}) for a batch of {tuple(inputs.shape[:2])}, "
                          f"got up to {last}")
 
 
 def token_layout(scoring: Scoring, vocab: int) -> TokenLayout:
-    """The kernels' view of a Scoring: its targets, range-checked once (one host read, skipped under
-    `fastdpo.value_checks(False)`), and its row offsets as they are: a Scoring's offsets are checked
-    where it is made (on the host), so the cu_seqlens checks of the public functions (host reads
-    that would wait for the backbone) are not repeated here."""
+    """The kernels' view of a Scoring: its targets, range-checked once, and its row offsets as they
+    are: a Scoring's offsets are checked where it is made (on the host), so the cu_seqlens checks of
+    the public functions (host reads that would wait for the backbone) are not repeated here.
+
+    Targets within their host bounds' proof of range need no device read; otherwise the check is
+    one host read (skipped under `fastdpo.value_checks(False)`), which also names a bad target."""
     offsets = scoring.offsets
-    return TokenLayout(labels=V.token_labels(scoring.targets, None, -100, vocab), offsets=offsets,
-                       counts=scoring.counts, row_sums=lambda x: segment_sums(x, offsets))
+    bounds = scoring.bounds
+    if bounds is not None and 0 <= bounds.targets[0] and bounds.targets[1] < vocab:
+        labels = V.token_labels_in_range(scoring.targets)
+    else:
+        labels = V.token_labels(scoring.targets, None, -100, vocab)
+    return TokenLayout(labels=labels, offsets=offsets, counts=scoring.counts,
+                       row_sums=lambda x: segment_sums(x, offsets))
 
 
 def _from_logits(logits, layout: TokenLayout, scale, softcap, wanted: dict, inplace: bool):

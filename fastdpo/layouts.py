@@ -24,7 +24,7 @@ sums (tests/test_layouts.py checks it against the padded layout, forward and bac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -41,6 +41,16 @@ class PairTokens:
     rejected: Sequence[int]
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The ranges of a Scoring's positions and targets, read where they were on the host (free there),
+    so that the model head checks them against the batch and the vocabulary without waiting for
+    the device. Empty ranges are (0, -1)."""
+
+    positions: tuple[int, int]
+    targets: tuple[int, int]
+
+
 @dataclass
 class Scoring:
     """Which positions score which tokens, row by row.
@@ -48,11 +58,14 @@ class Scoring:
     positions: int64 [M] flat indices into the model input ([R, T] read row-major) that score a token.
     targets:   int64 [M] the token each of those positions scores.
     offsets:   int64 [rows + 1]: row r owns entries offsets[r] : offsets[r + 1] (rows [chosen; rejected]).
+    bounds:    the ranges of positions and targets, known when the Scoring was made on the host
+               (and kept by `to`); None for one made on a device, whose values the head reads.
     """
 
     positions: torch.Tensor
     targets: torch.Tensor
     offsets: torch.Tensor
+    bounds: Bounds | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         # Checked where a Scoring is made on the host (free there); the model head trusts them.
@@ -63,6 +76,8 @@ class Scoring:
                 or int(self.offsets[-1]) != n or bool((self.offsets[1:] < self.offsets[:-1]).any()):
             raise ValueError(f"a Scoring needs as many targets as positions ({self.targets.numel()} vs {n}) and "
                              f"offsets from 0 to {n} that never decrease, got {self.offsets.tolist()}")
+        if self.bounds is None and self.positions.device.type == "cpu" and self.targets.device.type == "cpu":
+            self.bounds = Bounds(_span(self.positions), _span(self.targets))
 
     @property
     def rows(self) -> int:
@@ -74,7 +89,13 @@ class Scoring:
         return self.offsets[1:] - self.offsets[:-1]
 
     def to(self, device: torch.device | str) -> "Scoring":
-        return Scoring(*(t.to(device, non_blocking=True) for t in (self.positions, self.targets, self.offsets)))
+        return Scoring(*(t.to(device, non_blocking=True) for t in (self.positions, self.targets, self.offsets)),
+                       bounds=self.bounds)
+
+
+def _span(values: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a host tensor, (0, -1) when it is empty."""
+    return (int(values.min()), int(values.max())) if values.numel() else (0, -1)
 
 
 @dataclass

@@ -56,7 +56,7 @@ def test_bench_train_tiny(tmp_path, monkeypatch):
     import bench_train
 
     impls = ["trl", "trl-liger", "trl-fastdpo-shared", "fastdpo-fused-padded", "fastdpo-fused-packed",
-             "fastdpo-fused_linear-shared", "fastdpo-fused-packed-nocheck"]
+             "fastdpo-fused_linear-shared", "fastdpo-fused-packed-nocheck", "trl-fastdpo-packed-nocheck"]
     rows = bench_train.main(["--tiny", "--device", "cpu", "--checkpointing", "off", "--pairs", "2", "--steps", "1",
                              "--warmup", "0", "--impls", ",".join(impls), "--out", str(tmp_path)])
     by_impl = {r.impl: r for r in rows}

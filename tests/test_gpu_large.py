@@ -147,3 +147,27 @@ def test_fused_linear_waits_once_per_pass_not_per_pair():
 
     step()
     assert len(_syncs(step)) == 2, _syncs(step)
+
+
+def test_a_trainer_step_through_the_head_never_waits_with_checks_on():
+    """fastdpo's own batches carry host bounds, so the model head's position and target checks
+    (value checks on, the default) read nothing back from the GPU in the fused path."""
+    from test_layouts import random_pairs, tiny_model
+
+    from fastdpo.layouts import build
+    from fastdpo.trainer.config import TrainConfig
+    from fastdpo.trainer.loss import attach_head, head_options
+
+    model = tiny_model("llama", "sdpa").cuda()
+    attach_head(model, head_options(TrainConfig()))
+    batch = build("packed", random_pairs(torch.Generator().manual_seed(0)), range(4), pad_id=0).to("cuda")
+    assert batch.scoring.bounds is not None
+
+    def step():
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, fastdpo_head="policy",
+                    fastdpo_scoring=batch.scoring)
+        out.logps.sum().backward()
+
+    step()  # compile the kernels outside the watched span
+    assert fastdpo.validation.value_checks_enabled()
+    assert [s for s in _syncs(step) if s.split(":")[0] in ("head.py", "validation.py", "layouts.py")] == []

@@ -232,3 +232,41 @@ def test_a_scoring_is_checked_where_it_is_made_and_its_targets_in_the_head():
     beyond = Scoring(s.positions, s.targets.clone().fill_(VOCAB), s.offsets)  # a token the vocabulary lacks
     with pytest.raises(ValueError, match=rf"labels must be in \[0, {VOCAB}\)"):
         model(input_ids=batch.input_ids, fastdpo_head="policy", fastdpo_scoring=beyond)
+
+
+def test_the_head_checks_a_host_made_scoring_from_its_bounds_without_reading_the_device():
+    """fastdpo's own batches are made on the host: the head range-checks positions and targets from
+    the bounds read there (no wait for the device), and a Scoring keeps them through .to(). Shown
+    here by bounds that disagree with the values: the head believes the bounds."""
+    from dataclasses import replace
+
+    from fastdpo import validation
+    from fastdpo.layouts import Bounds
+
+    model = tiny_model("llama", "sdpa")
+    attach_head(model, head_options(TrainConfig()))
+    batch = build("packed", random_pairs(torch.Generator().manual_seed(0)), range(4), pad_id=0)
+    s = batch.scoring.to("cpu")
+    size = batch.input_ids.numel()
+    assert s.bounds == Bounds((int(s.positions.min()), int(s.positions.max())),
+                              (int(s.targets.min()), int(s.targets.max())))
+    assert s.bounds.positions[1] < size and s.bounds.targets[1] < VOCAB
+
+    calls = []
+    checked = validation.token_labels
+    validation.token_labels = lambda *a, **k: calls.append(a) or checked(*a, **k)
+    try:
+        out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, fastdpo_head="policy",
+                    fastdpo_scoring=s)
+        assert calls == [], "a host-made Scoring's targets were checked on the device"
+        assert torch.isfinite(out.logps).all()
+        claims_past_end = replace(s, bounds=Bounds((0, size), s.bounds.targets))
+        with pytest.raises(ValueError, match=rf"scored positions must lie in \[0, {size}\)"):
+            model(input_ids=batch.input_ids, position_ids=batch.position_ids, fastdpo_head="policy",
+                  fastdpo_scoring=claims_past_end)
+        claims_bad_target = replace(s, bounds=Bounds(s.bounds.positions, (0, VOCAB)))
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, fastdpo_head="policy",
+              fastdpo_scoring=claims_bad_target)
+        assert len(calls) == 1, "targets whose bounds leave the vocabulary are checked on the device"
+    finally:
+        validation.token_labels = checked
