@@ -58,8 +58,10 @@ class Scoring:
     positions: int64 [M] flat indices into the model input ([R, T] read row-major) that score a token.
     targets:   int64 [M] the token each of those positions scores.
     offsets:   int64 [rows + 1]: row r owns entries offsets[r] : offsets[r + 1] (rows [chosen; rejected]).
-    bounds:    the ranges of positions and targets, known when the Scoring was made on the host
+    bounds:    the ranges of positions and targets, read when the Scoring is made on the host
                (and kept by `to`); None for one made on a device, whose values the head reads.
+               They describe the tensors they were read from: change a moved Scoring's tensors
+               only by making it again on the host.
     """
 
     positions: torch.Tensor
@@ -76,8 +78,8 @@ class Scoring:
                 or int(self.offsets[-1]) != n or bool((self.offsets[1:] < self.offsets[:-1]).any()):
             raise ValueError(f"a Scoring needs as many targets as positions ({self.targets.numel()} vs {n}) and "
                              f"offsets from 0 to {n} that never decrease, got {self.offsets.tolist()}")
-        if self.bounds is None and self.positions.device.type == "cpu" and self.targets.device.type == "cpu":
-            self.bounds = Bounds(_span(self.positions), _span(self.targets))
+        if self.positions.device.type == "cpu" and self.targets.device.type == "cpu":
+            self.bounds = Bounds(_span(self.positions), _span(self.targets))  # these tensors', whatever was passed
 
     @property
     def rows(self) -> int:

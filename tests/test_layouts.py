@@ -238,9 +238,8 @@ def test_the_head_checks_a_host_made_scoring_from_its_bounds_without_reading_the
     """fastdpo's own batches are made on the host: the head range-checks positions and targets from
     the bounds read there (no wait for the device), and a Scoring keeps them through .to(). Shown
     here by bounds that disagree with the values: the head believes the bounds."""
-    from dataclasses import replace
-
     from fastdpo import validation
+    from fastdpo.head import token_layout
     from fastdpo.layouts import Bounds
 
     model = tiny_model("llama", "sdpa")
@@ -251,6 +250,9 @@ def test_the_head_checks_a_host_made_scoring_from_its_bounds_without_reading_the
     assert s.bounds == Bounds((int(s.positions.min()), int(s.positions.max())),
                               (int(s.targets.min()), int(s.targets.max())))
     assert s.bounds.positions[1] < size and s.bounds.targets[1] < VOCAB
+    from dataclasses import replace
+
+    assert replace(s, targets=s.targets + 1).bounds.targets == (s.bounds.targets[0] + 1, s.bounds.targets[1] + 1)
 
     calls = []
     checked = validation.token_labels
@@ -260,13 +262,16 @@ def test_the_head_checks_a_host_made_scoring_from_its_bounds_without_reading_the
                     fastdpo_scoring=s)
         assert calls == [], "a host-made Scoring's targets were checked on the device"
         assert torch.isfinite(out.logps).all()
-        claims_past_end = replace(s, bounds=Bounds((0, size), s.bounds.targets))
+        claims_past_end = copy.copy(s)
+        claims_past_end.bounds = Bounds((0, size), s.bounds.targets)
         with pytest.raises(ValueError, match=rf"scored positions must lie in \[0, {size}\)"):
             model(input_ids=batch.input_ids, position_ids=batch.position_ids, fastdpo_head="policy",
                   fastdpo_scoring=claims_past_end)
-        claims_bad_target = replace(s, bounds=Bounds(s.bounds.positions, (0, VOCAB)))
-        model(input_ids=batch.input_ids, position_ids=batch.position_ids, fastdpo_head="policy",
-              fastdpo_scoring=claims_bad_target)
+        claims_bad_target = copy.copy(s)
+        claims_bad_target.bounds = Bounds(s.bounds.positions, (0, VOCAB))
+        token_layout(claims_bad_target, VOCAB)
         assert len(calls) == 1, "targets whose bounds leave the vocabulary are checked on the device"
+        token_layout(s, VOCAB)
+        assert len(calls) == 1
     finally:
         validation.token_labels = checked
