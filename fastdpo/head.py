@@ -225,13 +225,9 @@ def token_layout(scoring: Scoring, vocab: int) -> TokenLayout:
     Targets within their host bounds' proof of range need no device read; otherwise the check is
     one host read (skipped under `fastdpo.value_checks(False)`), which also names a bad target."""
     offsets = scoring.offsets
-    bounds = scoring.bounds
-    if bounds is not None and 0 <= bounds.targets[0] and bounds.targets[1] < vocab:
-        labels = V.token_labels_in_range(scoring.targets)
-    else:
-        labels = V.token_labels(scoring.targets, None, -100, vocab)
-    return TokenLayout(labels=labels, offsets=offsets, counts=scoring.counts,
-                       row_sums=lambda x: segment_sums(x, offsets))
+    known = scoring.bounds.targets if scoring.bounds is not None else None
+    return TokenLayout(labels=V.token_labels(scoring.targets, None, -100, vocab, known_range=known), offsets=offsets,
+                       counts=scoring.counts, row_sums=lambda x: segment_sums(x, offsets))
 
 
 def _from_logits(logits, layout: TokenLayout, scale, softcap, wanted: dict, inplace: bool):

@@ -108,20 +108,17 @@ def value_checks(enabled: bool) -> Iterator[None]:
         set_value_checks(before)
 
 
-def token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int) -> torch.Tensor:
+def token_labels(labels: torch.Tensor, mask: torch.Tensor | None, ignore_index: int, vocab: int, *,
+                 known_range: tuple[int, int] | None = None) -> torch.Tensor:
     """Flat int32 labels with every masked position set to -1, after a range check (unless
-    `set_value_checks(False)`).
+    `set_value_checks(False)`, or unless `known_range`, the labels' (min, max) read on the host
+    where they were made, already lies in [0, vocab): then nothing is read back).
 
     The check is one reduction read on the host. It runs inside a custom op so that
     torch.compile(fullgraph=True) sees one opaque call rather than data-dependent Python.
     """
-    return _token_labels(labels, mask, ignore_index, vocab, _value_checks)
-
-
-def token_labels_in_range(labels: torch.Tensor) -> torch.Tensor:
-    """Flat int32 labels already known to lie in [0, V) (checked on the host where they were made):
-    the kernels' input with no check and no host read."""
-    return labels.to(torch.int32).reshape(-1)
+    proven = mask is None and known_range is not None and 0 <= known_range[0] and known_range[1] < vocab
+    return _token_labels(labels, mask, ignore_index, vocab, _value_checks and not proven)
 
 
 @torch.library.custom_op("fastdpo::token_labels", mutates_args=())

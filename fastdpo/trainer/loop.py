@@ -493,7 +493,7 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
-    logging.getLogger("DeepSpeed").addFilter(_no_cpu_accelerator_note)  # the same object: added once  # the same object: added once
+    logging.getLogger("DeepSpeed").addFilter(_no_cpu_accelerator_note)  # the same object: added once
 
 
 def _no_cpu_accelerator_note(record) -> bool:
