@@ -17,7 +17,7 @@
 #   TESTS="tests/test_gpu_large.py" bash benchmarks/run_gpu.sh tests   # a part of the suite
 #   BENCH_ARGS="--impls fastdpo-linear,trl" bash benchmarks/run_gpu.sh trl   # flags for the bench_* stages
 # Peers (liger-kernel, cut-cross-entropy, trl and its needs) are installed from wheels in .whl/
-# when that folder exists, for a machine with no package index. Results go to $RESULTS, else
+# when that folder exists, for a machine with no package index: scripts/gpu_wheels.sh fills it. Results go to $RESULTS, else
 # bench_results/; with $OUT set (a device call) they are also packed into $OUT/results.tgz, one
 # file, since such a call brings back only a few files.
 set -uo pipefail
