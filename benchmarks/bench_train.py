@@ -41,11 +41,15 @@ import copy
 import json
 import platform
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 # token-length quantiles (q, tokens) of prompt and of each answer: medians from the prefix-sharing
 # paper's UltraFeedback row, the rest an estimate (see the docstring)
@@ -106,6 +110,12 @@ def make_pairs(n: int, vocab: int, seed: int, scale: float = 1.0, max_length: in
             answers.append([rng.randrange(2, vocab) for _ in range(min(a, max_length - p) - 1)] + [EOS])
         pairs.append(([rng.randrange(2, vocab) for _ in range(p)], *answers))
     return pairs
+
+
+def model_type(name: str) -> str:
+    import transformers
+
+    return getattr(transformers, MODELS[name][0]).model_type
 
 
 def build_model(name: str, attn: str, checkpointing: bool, device):
@@ -300,6 +310,18 @@ def run_row(row: Row, pairs, P: int, steps: int, warmup: int, device, attn: str,
         row.peak_gb = torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def unavailable(impl: str, device: torch.device) -> str | None:
+    """Why `impl` cannot run here, or None."""
+    if impl != "trl-liger":
+        return None
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "skipped: liger-kernel not installed"
+    # Liger-Kernel's layer kernels have no CPU path (its RMSNorm fails under Triton's interpreter)
+    return None if device.type == "cuda" else "skipped: Liger-Kernel's layer kernels need a GPU"
+
+
 def table(rows: list[Row]) -> str:
     lines = ["| model | ckpt | impl | real tok/s | step ms | peak GB | head+loss share | first loss |",
              "|---|---|---|---|---|---|---|---|"]
@@ -337,11 +359,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
         pairs = make_pairs(args.pairs * (args.warmup + args.steps), vocab, seed=0, scale=0.05 if args.tiny else 1.0)
         for ckpt in [c == "on" for c in args.checkpointing.split(",")]:
             for impl in args.impls.split(","):
-                row = Row(name, impl, ckpt)
+                row = Row(name, impl, ckpt, error=unavailable(impl, device))
                 try:
-                    if impl == "trl-liger":
-                        import liger_kernel  # noqa: F401
-                    run_row(row, pairs, args.pairs, args.steps, args.warmup, device, args.attn, out / "trl_runs")
+                    if row.error is None:
+                        # trl-liger's layer kernels replace transformers' own module-wide: undone after each row
+                        with common.modeling_patches_undone(model_type(name)):
+                            run_row(row, pairs, args.pairs, args.steps, args.warmup, device, args.attn,
+                                    out / "trl_runs")
                 except ImportError as e:
                     row.error = f"skipped: {e.name or e} not installed"
                 except Exception as e:  # noqa: BLE001 - one failing row must not lose the others

@@ -115,6 +115,10 @@ class StepMeter:
             self.extra_gb.append((peak - self._base) / 1e9)
 
 
+# Liger-Kernel's layer kernels have no CPU path (its RMSNorm fails under Triton's interpreter).
+LIGER_NEEDS_GPU = "Liger-Kernel's layer kernels need a GPU"
+
+
 def build_trainer(impl: str, policy, ref, data, tokenizer, args_kwargs: dict, meter: StepMeter):
     from trl import DPOConfig, DPOTrainer
 
@@ -129,8 +133,10 @@ def build_trainer(impl: str, policy, ref, data, tokenizer, args_kwargs: dict, me
     return DPOTrainer(**common_kwargs)
 
 
-def available(impl: str) -> str | None:
+def available(impl: str, device: torch.device) -> str | None:
     """None if `impl` can run here, else why not."""
+    if impl == "trl-liger" and device.type != "cuda":
+        return LIGER_NEEDS_GPU
     if impl == "trl-liger":
         try:
             import liger_kernel  # noqa: F401
@@ -148,8 +154,11 @@ def run_one(impl: str, cfg, data, tokenizer, args_kwargs: dict, device: torch.de
     torch.manual_seed(seed + 1)
     ref = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     meter = StepMeter(device)
-    trainer = build_trainer(impl, policy, ref, data, tokenizer, args_kwargs, meter)
-    trainer.train()
+    # trl-liger's layer kernels (applied when the trainer is made) replace transformers' own
+    # module-wide: undone after the row
+    with common.modeling_patches_undone(cfg.model_type):
+        trainer = build_trainer(impl, policy, ref, data, tokenizer, args_kwargs, meter)
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     measured = slice(warmup, None)
     result = {
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     name = "bench_trl_smoke" if smoke else "bench_trl"
     for impl in a.impls.split(","):
-        why = available(impl)
+        why = available(impl, device)
         if why is not None:
             results.append({"impl": impl, "error": f"not run: {why}"})
             continue

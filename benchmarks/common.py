@@ -13,13 +13,16 @@ and compared as ratios within one run, never against GPU results.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import sys
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -49,6 +52,38 @@ class Result:
     @property
     def floor_frac(self) -> float | None:
         return self.floor_ms / self.ms if self.ms and self.floor_ms else None
+
+
+@contextmanager
+def modeling_patches_undone(model_type: str) -> Iterator[None]:
+    """Whatever a row changes in transformers' modeling modules is put back when it ends.
+
+    Liger-Kernel's layer kernels (TRL's `use_liger_kernel=True`) replace transformers' RMSNorm and
+    MLP classes and rotary-embedding function module-wide, not only in the model they are given:
+    without this, every model built later in the process, the other rows' included, would run
+    Liger's layers. Module attributes and the attributes of the classes each module defines are
+    restored; `model_type`'s own module is imported first so that it is among them.
+    """
+    importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    modules = [m for name, m in list(sys.modules.items())
+               if name.startswith("transformers.models.") and ".modeling_" in name and m is not None]
+    saved = [(m, dict(vars(m)), {k: (c, dict(vars(c))) for k, c in vars(m).items()
+                                 if isinstance(c, type) and c.__module__ == m.__name__}) for m in modules]
+    try:
+        yield
+    finally:
+        for module, attrs, classes in saved:
+            for name in set(vars(module)) - set(attrs):
+                delattr(module, name)
+            for name, value in attrs.items():
+                if vars(module).get(name) is not value:
+                    setattr(module, name, value)
+            for cls, cls_attrs in classes.values():
+                for name in set(vars(cls)) - set(cls_attrs):
+                    delattr(cls, name)
+                for name, value in cls_attrs.items():
+                    if vars(cls).get(name) is not value:
+                        setattr(cls, name, value)
 
 
 def sync(device: torch.device) -> None:
