@@ -114,12 +114,28 @@ def assert_same_run(one_dir, two_dir) -> None:
     for a, b in zip(*evals):
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
         assert b["eval_rewards/accuracies"] == pytest.approx(a["eval_rewards/accuracies"], abs=1e-6)
-    a, b = final_weights(one_dir), final_weights(two_dir)
-    # rtol as the metrics above: two processes sum gradients in another order than one. atol: AdamW's
-    # first steps divide by the root of the squared gradient, so rounding-level differences of
-    # near-zero gradient entries become updates of up to the learning rate's size; the packed
-    # (padding-free) default runs other matmul shapes on one and two processes (seen: 1.2e-5).
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=3e-5) for k in a)
+    assert_weights_close(final_weights(one_dir), final_weights(two_dir))
+
+
+def assert_weights_close(a: dict, b: dict) -> None:
+    """Final weights of two runs that differ by rounding only.
+
+    rtol as the metrics above: two processes sum gradients in another order than one. atol: AdamW's
+    first steps divide by the root of the squared gradient, so rounding-level differences of
+    near-zero gradient entries become updates of up to the learning rate's size; the packed
+    (padding-free) default runs other matmul shapes on one and two processes (seen: 1.2e-5 with
+    torch 2.13). So a few entries may pass the atol (seen: 1 of 16384 at 3.3e-5 with torch 2.11):
+    at most one in a thousand of each tensor, and none by more than the learning rates of the run
+    added up (2 warm-up steps at 3e-3, STEPS at 1e-3). A gradient that is not synchronised, or
+    synchronised wrongly, moves most entries.
+    """
+    assert a.keys() == b.keys()
+    bound = 2 * 3e-3 + STEPS * 1e-3
+    for name in a:
+        diff = (a[name] - b[name]).abs()
+        beyond = int((diff > 3e-5 + 1e-4 * b[name].abs()).sum())
+        assert beyond <= a[name].numel() // 1000 and float(diff.max()) <= bound, \
+            (name, beyond, a[name].numel(), float(diff.max()))
 
 
 # Where each engine's checkpoint keeps the model's shards, and the name pattern of one rank's file.

@@ -192,6 +192,28 @@ def train_case(opts, case: str, calls: Counter) -> None:
     accelerator.wait_for_everyone()
 
 
+def load_like_transformers_5_17() -> None:
+    """Models TRL loads from a folder come with zeros on every rank but 0 under FSDP's CPU-RAM-efficient
+    loading, as transformers up to 5.17 gives them (the weights are to come from rank 0 when the model
+    is prepared; 5.24 loads them everywhere): the FSDP2 cases then check that the reference TRL loads
+    and shards itself still gets rank 0's weights (fastdpo/integrations/fsdp_reference.py)."""
+    import torch
+    from transformers.modeling_utils import is_fsdp_enabled, is_local_dist_rank_0
+    from trl.trainer import dpo_trainer
+
+    load = dpo_trainer.create_model_from_path
+
+    def create_model_from_path(*args, **kwargs):
+        model = load(*args, **kwargs)
+        if is_fsdp_enabled() and not is_local_dist_rank_0():
+            with torch.no_grad():
+                for tensor in model.state_dict().values():  # (not the non-persistent buffers, as there)
+                    tensor.zero_()
+        return model
+
+    dpo_trainer.create_model_from_path = create_model_from_path
+
+
 def check_refusal(opts) -> None:
     from datasets import Dataset
 
@@ -216,6 +238,8 @@ def main(argv: list[str]) -> None:
         import sharded_on_cpu  # noqa: F401
 
     calls = count_head_paths()
+    if opts.sharded_on_cpu:
+        load_like_transformers_5_17()
     for case in opts.cases:
         train_case(opts, case, calls)
     if opts.check_refusal:

@@ -86,6 +86,7 @@ from ..head import HeadOptions, RowStats, install_head  # noqa: E402
 from ..layouts import LayoutBatch, build, pairs_from_padded  # noqa: E402
 from ..losses import COUPLED_LOSSES, F_DIVERGENCES, LOSSES, LossConfig, wpo_weights  # noqa: E402
 from ..objective import loss_from_rows  # noqa: E402
+from .fsdp_reference import reference_from_rank0  # noqa: E402
 
 # The loss types of DPOTrainer in the supported TRL versions.
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -405,7 +406,8 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
                                            log_sum_sq=bool(getattr(config, "use_weighting", False)))
         self.fastdpo_layout = "padded"
         layout = requested_layout(config, share_prompt, padding_free)
-        super().__init__(*args, **kwargs)
+        with reference_from_rank0():  # TRL's own reference under FSDP2: see fsdp_reference.py
+            super().__init__(*args, **kwargs)
         self.fastdpo_layout = check_layout(self, layout)
         _check_trainer(self)
 
