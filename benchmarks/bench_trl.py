@@ -115,10 +115,6 @@ class StepMeter:
             self.extra_gb.append((peak - self._base) / 1e9)
 
 
-# Liger-Kernel's layer kernels have no CPU path (its RMSNorm fails under Triton's interpreter).
-LIGER_NEEDS_GPU = "Liger-Kernel's layer kernels need a GPU"
-
-
 def build_trainer(impl: str, policy, ref, data, tokenizer, args_kwargs: dict, meter: StepMeter):
     from trl import DPOConfig, DPOTrainer
 
@@ -135,14 +131,14 @@ def build_trainer(impl: str, policy, ref, data, tokenizer, args_kwargs: dict, me
 
 def available(impl: str, device: torch.device) -> str | None:
     """None if `impl` can run here, else why not."""
-    if impl == "trl-liger" and device.type != "cuda":
-        return LIGER_NEEDS_GPU
-    if impl == "trl-liger":
-        try:
-            import liger_kernel  # noqa: F401
-        except ImportError:
-            return "liger-kernel not installed"
-    return None
+    if impl != "trl-liger":
+        return None
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "liger-kernel not installed"
+    # Liger-Kernel's layer kernels have no CPU path (its RMSNorm fails under Triton's interpreter)
+    return None if device.type == "cuda" else "Liger-Kernel's layer kernels need a GPU"
 
 
 def run_one(impl: str, cfg, data, tokenizer, args_kwargs: dict, device: torch.device, dtype: torch.dtype,

@@ -16,8 +16,8 @@ import argparse
 import importlib
 import json
 import os
-import sys
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
