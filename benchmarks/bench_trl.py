@@ -252,15 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         why = available(impl, device)
         if why is not None:
             results.append({"impl": impl, "error": f"not run: {why}"})
-            continue
-        try:
-            results.append(run_one(impl, cfg, data, tokenizer, args_kwargs, device, dtype, a.warmup, 0))
-        except Exception as err:  # one failing implementation should not lose the others' numbers
-            traceback.print_exc()
-            results.append({"impl": impl, "error": f"failed: {type(err).__name__}: {str(err)[:200]}"})
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        else:
+            try:
+                results.append(run_one(impl, cfg, data, tokenizer, args_kwargs, device, dtype, a.warmup, 0))
+            except Exception as err:  # one failing implementation should not lose the others' numbers
+                traceback.print_exc()
+                results.append({"impl": impl, "error": f"failed: {type(err).__name__}: {str(err)[:200]}"})
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         # Written after each implementation: a run cut short by a time limit keeps what it measured.
         print(f"bench_trl {impl}: {json.dumps(results[-1])}", flush=True)
         (a.out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -172,3 +172,17 @@ def test_liger_kernels_applied_in_a_row_are_gone_after_it():
         assert type(LlamaForCausalLM(config).model.norm).__module__.startswith("liger_kernel")
     assert (m.apply_rotary_pos_emb, m.LlamaRMSNorm, m.LlamaMLP) == own
     assert type(LlamaForCausalLM(config).model.norm) is own[1]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bench_trl_tiny(tmp_path, monkeypatch):
+    """The TRL step benchmark runs on the tiny CPU model: fastdpo's first loss is TRL's (the same
+    pairs and models), and a row that cannot run here says why in the written results."""
+    monkeypatch.setenv("FASTDPO_BACKEND", "torch")
+    import bench_trl
+
+    assert bench_trl.main(["--device", "cpu", "--tiny", "--impls", "trl,fastdpo,trl-liger", "--out", str(tmp_path)]) == 0
+    results = {r["impl"]: r for r in json.loads((tmp_path / "bench_trl_smoke.json").read_text())["results"]}
+    assert results["trl"].get("error") is None and results["fastdpo"].get("error") is None, results
+    assert results["fastdpo"]["first_loss"] == pytest.approx(results["trl"]["first_loss"], rel=1e-5)
+    assert results["trl-liger"]["error"].startswith("not run: ")
