@@ -186,3 +186,22 @@ def test_bench_trl_tiny(tmp_path, monkeypatch):
     assert results["trl"].get("error") is None and results["fastdpo"].get("error") is None, results
     assert results["fastdpo"]["first_loss"] == pytest.approx(results["trl"]["first_loss"], rel=1e-5)
     assert results["trl-liger"]["error"].startswith("not run: ")
+
+
+def test_run_gpu_ends_before_the_device_calls_limit(tmp_path):
+    """Inside a device call ($OUT set) run_gpu.sh cuts a part that would outlast DEADLINE_S and still
+    packs what the others wrote: a call killed at its own limit would bring nothing back."""
+    import subprocess
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "slow_test.py").write_text("import time\n\n\ndef test_slow():\n    time.sleep(300)\n")
+    (tmp_path / "out").mkdir()
+    env = dict(os.environ, PYTHON=sys.executable, RESULTS=str(tmp_path / "results"), OUT=str(tmp_path / "out"),
+               SKIP_INSTALL="1", TESTS=str(tmp_path / "slow_test.py"), DEADLINE_S="35")
+    start = time.monotonic()
+    done = subprocess.run(["bash", "benchmarks/run_gpu.sh", "tests"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert time.monotonic() - start < 35, done.stdout + done.stderr
+    with tarfile.open(tmp_path / "out" / "results.tgz") as packed:
+        assert "./tests.log" in packed.getnames()
