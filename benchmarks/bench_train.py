@@ -312,14 +312,8 @@ def run_row(row: Row, pairs, P: int, steps: int, warmup: int, device, attn: str,
 
 def unavailable(impl: str, device: torch.device) -> str | None:
     """Why `impl` cannot run here, or None."""
-    if impl != "trl-liger":
-        return None
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        return "skipped: liger-kernel not installed"
-    # Liger-Kernel's layer kernels have no CPU path (its RMSNorm fails under Triton's interpreter)
-    return None if device.type == "cuda" else "skipped: Liger-Kernel's layer kernels need a GPU"
+    why = common.liger_unavailable(device) if impl == "trl-liger" else None
+    return None if why is None else f"skipped: {why}"
 
 
 def table(rows: list[Row]) -> str:

@@ -131,14 +131,7 @@ def build_trainer(impl: str, policy, ref, data, tokenizer, args_kwargs: dict, me
 
 def available(impl: str, device: torch.device) -> str | None:
     """None if `impl` can run here, else why not."""
-    if impl != "trl-liger":
-        return None
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        return "liger-kernel not installed"
-    # Liger-Kernel's layer kernels have no CPU path (its RMSNorm fails under Triton's interpreter)
-    return None if device.type == "cuda" else "Liger-Kernel's layer kernels need a GPU"
+    return common.liger_unavailable(device) if impl == "trl-liger" else None
 
 
 def run_one(impl: str, cfg, data, tokenizer, args_kwargs: dict, device: torch.device, dtype: torch.dtype,

@@ -54,6 +54,16 @@ class Result:
         return self.floor_ms / self.ms if self.ms and self.floor_ms else None
 
 
+def liger_unavailable(device: torch.device) -> str | None:
+    """Why TRL's use_liger_kernel=True cannot run here, or None."""
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "liger-kernel not installed"
+    # Liger-Kernel's layer kernels have no CPU path (its RMSNorm fails under Triton's interpreter)
+    return None if device.type == "cuda" else "Liger-Kernel's layer kernels need a GPU"
+
+
 @contextmanager
 def modeling_patches_undone(model_type: str) -> Iterator[None]:
     """Whatever a row changes in transformers' modeling modules is put back when it ends.
