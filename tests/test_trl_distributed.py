@@ -12,7 +12,8 @@ wrapped forward, where FSDP2 has gathered it), each with TRL's reference model r
 (sharded by TRL's prepare_fsdp under FSDP2) or with `precompute_ref_log_probs` (TRL's precompute,
 each rank scoring its share of the pairs), with no `ref_model` (TRL loads the reference from the
 policy's folder) or with LoRA (the reference: the adapter disabled), on TRL's padded batches or
-fastdpo's padding-free ones.
+fastdpo's padding-free ones. After training, `trainer.evaluate()` on the same pairs (each process
+scoring half of them, TRL gathering the metrics) must report what one process does.
 One launch per engine runs all its cases (start-up is most of the time).
 
 Tolerance: fp32 on both sides, so the runs differ by rounding only: two processes pad or pack each
@@ -125,6 +126,7 @@ def test_two_processes_match_one_at_the_same_global_batch(runs, engine, case):
         assert {"loss", "grad_norm", "rewards/margins", "logps/chosen", "entropy", "logits/chosen"} <= set(ra)
         for name, value in ra.items():
             assert rb[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (ra["step"], name)
+    assert_same_evaluation(one["eval"], two["eval"], expected=ref != "none_precompute")
 
     if ref == "lora":
         assert_same_adapter(runs("one") / case, runs(engine) / case)
@@ -136,6 +138,19 @@ def test_two_processes_match_one_at_the_same_global_batch(runs, engine, case):
     assert max((wa[k] - start[k]).abs().max().item() for k in wa) > 1e-3
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def assert_same_evaluation(one: dict | None, two: dict | None, expected: bool) -> None:
+    """`evaluate()` after training: each process scores half of the pairs and TRL gathers the metrics, so
+    two processes report what one does (same tolerance as the training logs). Not run where TRL refuses
+    to evaluate new data: a precomputed reference with no model left to compute it (trl_train_script)."""
+    assert (one is not None, two is not None) == (expected, expected)
+    if not expected:
+        return
+    assert set(one) == set(two)
+    assert {"eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen"} <= set(one)
+    for name, value in one.items():
+        assert two[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 def assert_same_adapter(one_dir, two_dir) -> None:

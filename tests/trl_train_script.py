@@ -7,11 +7,12 @@ per-process batch: 2 processes at half the batch of 1 see the same global batche
 
 Each case MODE-REF[-packed] (`--cases logits-model,linear-precompute-packed`: fastdpo_mode, TRL's
 reference (REFS), and with "-packed" fastdpo's padding-free batches) trains fresh models into
-OUT/CASE/: `log.json` (rank 0: TRL's log history, the loss and metrics of every step, and which
-fastdpo head path ran), `final/` (`save_model`: one safetensors file, gathered from the shards
-under FSDP; the adapter alone with LoRA) and `params-rank{r}.json` from every rank (a digest of
-the parameters the rank holds after each optimizer step: its shards under FSDP). All cases run in
-one launch: start-up is most of the time.
+OUT/CASE/: `log.json` (rank 0: TRL's log history, the loss and metrics of every step, which
+fastdpo head path ran, and `trainer.evaluate()` on the same pairs after training), `final/`
+(`save_model`: one safetensors file, gathered from the shards under FSDP; the adapter alone with
+LoRA) and `params-rank{r}.json` from every rank (a digest of the parameters the rank holds after
+each optimizer step: its shards under FSDP). All cases run in one launch: start-up is most of the
+time.
 
 `--check-refusal` then builds a trainer that cannot work on several processes (precompute from an
 in-memory dataset) and writes the error it raised to OUT/refusal.txt.
@@ -140,7 +141,7 @@ def dpo_args(out: Path, batch: int, precompute: bool):
                      # blind to the gradient's scale.
                      optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
                      max_grad_norm=1e6,  # logged, never clips
-                     logging_steps=1, report_to="none", use_cpu=True, seed=0, save_strategy="no", bf16=False,
+                     per_device_eval_batch_size=batch, logging_steps=1, report_to="none", use_cpu=True, seed=0, save_strategy="no", bf16=False,
                      disable_tqdm=True, beta=0.1, precompute_ref_log_probs=precompute)
 
 
@@ -175,6 +176,8 @@ def train_case(opts, case: str, calls: Counter) -> None:
                              peft_config=peft_config, callbacks=[Digest()], fastdpo_mode=mode,
                              padding_free=layout == ["packed"])
     trainer.train()
+    train_calls = dict(calls)
+    evaluation = evaluate(trainer, train, ref)
     if trainer.is_fsdp_enabled:  # one gathered file that transformers loads (the config saves shards)
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out / "final"))
@@ -183,13 +186,25 @@ def train_case(opts, case: str, calls: Counter) -> None:
     if accelerator.is_main_process:
         (out / "log.json").write_text(json.dumps({
             "processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-            "fsdp": trainer.is_fsdp_enabled, "head_calls": dict(calls), "layout": trainer.fastdpo_layout,
+            "fsdp": trainer.is_fsdp_enabled, "head_calls": train_calls, "layout": trainer.fastdpo_layout,
+            "eval": evaluation,
             # the policy as training left it: DTensor shards under FSDP2, whole tensors otherwise
             "sharded": sorted({type(p).__name__ for p in trainer.model.parameters()}),
             "ref_sharded": None if trainer.ref_model is None else
             sorted({type(p).__name__ for p in trainer.ref_model.parameters()}),
             "log_history": trainer.state.log_history}))
     accelerator.wait_for_everyone()
+
+
+def evaluate(trainer, dataset, ref: str) -> dict | None:
+    """`trainer.evaluate` on the training pairs after training: TRL's metrics, gathered over the processes
+    (`per_device_eval_batch_size` is the training batch, so every rank scores its share of the pairs).
+    None where TRL cannot evaluate a new dataset after training: a precomputed reference with neither a
+    `ref_model` nor an adapter (TRL raises; it has no reference left to score the pairs with)."""
+    if ref == "none_precompute":
+        return None
+    return {k: v for k, v in trainer.evaluate(eval_dataset=dataset).items()
+            if "runtime" not in k and "per_second" not in k}
 
 
 def load_like_transformers_5_17() -> None:
