@@ -124,7 +124,8 @@ def build_model(name: str, attn: str, checkpointing: bool, device):
     cls_name, fields = MODELS[name]
     config = getattr(transformers, cls_name)(**fields, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).to(device)
+    with torch.device(device):  # random init where the model runs: a 0.5B model takes seconds on the host, per row
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
