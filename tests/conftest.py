@@ -17,7 +17,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # GPU-only tests (large shapes) are not collected at all without a GPU, rather than skipped.
-collect_ignore = [] if HAS_CUDA else ["test_gpu_large.py", "test_gpu_scaleout.py"]
+collect_ignore = [] if HAS_CUDA else ["test_gpu_large.py", "test_gpu_scaleout.py", "test_gpu_flex.py"]
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -5,6 +5,8 @@ soft-cap (eager), alternating sliding-window layers with a window shorter than t
 with sdpa and eager attention: per-row log-probs, the loss, every metric and the gradient of every
 parameter are the same in the padded, packed and shared layouts. The padded layout itself is
 checked against float64 log-probs from the model's own logits (a plain forward, no fastdpo head).
+With flex attention (the shared layout's attention on a GPU, BlockMasks), the same per-row
+log-probs, forward only: torch's FlexAttention has no backward on the CPU.
 
 Tolerance: fp32 rounding of a different summation order. Log-prob sums and losses within 2e-5
 relative; gradients within 1e-4 relative elementwise or 1e-5 of the tensor's largest entry.
@@ -26,11 +28,11 @@ VOCAB = 61
 LAYOUTS = ("padded", "packed", "shared")
 
 
-def tiny_model(arch: str, attn: str):
+def tiny_model(arch: str, attn: str, head_dim: int = 8):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    common = dict(vocab_size=VOCAB, hidden_size=4 * head_dim, intermediate_size=8 * head_dim, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
     elif arch == "qwen2":
@@ -38,7 +40,7 @@ def tiny_model(arch: str, attn: str):
         assert model.model.layers[0].self_attn.q_proj.bias is not None
     else:
         # transformers' sdpa cannot soft-cap attention scores: only eager gets that soft-cap
-        config = tf.Gemma2Config(**common, head_dim=8, sliding_window=5, final_logit_softcapping=3.0,
+        config = tf.Gemma2Config(**common, head_dim=head_dim, sliding_window=5, final_logit_softcapping=3.0,
                                  attn_logit_softcapping=20.0 if attn == "eager" else None,
                                  layer_types=["sliding_attention", "full_attention"])
         model = tf.Gemma2ForCausalLM(config)
@@ -66,6 +68,34 @@ def per_row64(model, pairs: list[PairTokens]) -> torch.Tensor:
         logp = logits.log_softmax(-1)[len(prompt) - 1:-1].gather(-1, torch.tensor(answer)[:, None])
         out.append(logp.sum())
     return torch.stack(out)
+
+
+@pytest.fixture
+def flex_copy(monkeypatch):
+    """(make, masks): make(model) is a copy of `model` with flex attention; masks names the mask of
+    each flex call (a spy on transformers' flex function), since a silent fallback to another
+    attention would pass an equality test and prove nothing. torch.compile builds flex's kernels:
+    here with static shapes, compiled afresh (once a recompiled flex call turns dynamic, torch
+    2.13's CPU code for it fails to build, g++: 'cur_kvSplitSize0' was not declared: an inductor bug
+    of its CPU template, not of the masks)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    masks: list[str] = []
+    flex_attention = ALL_ATTENTION_FUNCTIONS["flex_attention"]
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(type(attention_mask).__name__)
+        return flex_attention(module, query, key, value, attention_mask, **kwargs)
+
+    def make(model):
+        flex = copy.deepcopy(model)
+        flex.config._attn_implementation = "flex_attention"
+        return flex
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flex_attention", spy)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        yield make, masks
 
 
 def step(model, batch, loss_fn, ref):
@@ -124,6 +154,39 @@ def test_layouts_equal_padded_in_every_head_mode(mode, _fresh_seed):
     for kind in ("packed", "shared"):
         torch.testing.assert_close(results[kind][0], results["padded"][0], rtol=2e-5, atol=1e-6)
         assert_grads_close(results[kind][2], results["padded"][2], f"{mode} {kind}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_flex_attention_layouts_equal_padded(arch, flex_copy, _fresh_seed):
+    """FlexAttention, the attention that takes the shared layout's mask on a GPU: the BlockMask that
+    transformers builds from packed position ids, and fastdpo's shared-prompt BlockMask (for Gemma 2
+    one per layer type, the sliding-window layers' own), handed to the model as `attention_mask`,
+    give the per-row log-probs of the padded layout under sdpa (eager for Gemma 2, with its
+    attention soft-cap, which flex applies as a score_mod) and of float64. Forward only: torch's
+    FlexAttention has no backward on the CPU (tests/test_gpu_flex.py runs it on a GPU);
+    torch.compile builds its CPU kernel here, about 10 s an architecture."""
+    make_flex, masks = flex_copy
+    g = torch.Generator().manual_seed(_fresh_seed)
+    model = tiny_model(arch, "eager" if arch == "gemma2" else "sdpa")
+    pairs = random_pairs(g)
+    want64 = per_row64(model, pairs)
+    attach_head(model, head_options(TrainConfig()))
+    flex = make_flex(model)
+    with torch.no_grad():
+        padded = rows(model, build("padded", pairs, range(4), pad_id=0), "reference", False).logps
+        for kind in ("packed", "shared"):
+            masks.clear()
+            got = rows(flex, build(kind, pairs, range(4), pad_id=0), "reference", False).logps
+            assert masks == ["BlockMask"] * flex.config.num_hidden_layers, (kind, masks)
+            torch.testing.assert_close(got, padded, rtol=2e-5, atol=1e-5, msg=lambda m: f"{kind}: {m}")
+            torch.testing.assert_close(got.double(), want64, rtol=2e-5, atol=1e-5, msg=lambda m: f"{kind}: {m}")
+        # the shared mask is the one flex applies: letting rejected tokens see the chosen answer shows
+        shared = build("shared", pairs, range(4), pad_id=0)
+        leaky = copy.copy(shared)
+        leaky.branch_ids = torch.where(shared.branch_ids == 2, 1, shared.branch_ids)
+        bad = rows(flex, leaky, "reference", False).logps
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(bad[4:], padded[4:], rtol=2e-5, atol=1e-6)
 
 
 def test_a_wrong_mask_would_be_caught(_fresh_seed):
@@ -197,8 +260,9 @@ def test_unsupported_attention_is_named():
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_flex_mask_mod_is_the_dense_rule(window, _fresh_seed):
-    """FlexAttention's mask function (the GPU path: flex attention does not compile on this CPU) gives
-    the same mask as the dense one that the sdpa / eager tests above check through the models."""
+    """FlexAttention's mask function gives the same mask as the dense one that the sdpa / eager tests
+    above check through the models, at every pair of tokens (test_flex_attention_layouts_equal_padded
+    runs it through the models, forward)."""
     shared = build("shared", random_pairs(torch.Generator().manual_seed(_fresh_seed)), range(4), pad_id=0)
     n = shared.input_ids.shape[1]
     q, k = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
