@@ -24,6 +24,11 @@ from .layouts import LayoutBatch
 
 SHARED_ATTENTION = ("sdpa", "eager", "flex_attention")
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# implementation -> (the model class's flag for it, the module its kernels come from)
+IMPLEMENTATION_NEEDS = {"eager": (None, None), "sdpa": ("_supports_sdpa", None),
+                        "flex_attention": ("_supports_flex_attn", None),
+                        "flash_attention_2": ("_supports_flash_attn", "flash_attn"),
+                        "flash_attention_3": ("_supports_flash_attn", "flash_attn_interface")}
 
 
 def text_config(config: Any) -> Any:
@@ -53,6 +58,27 @@ def layout_support(model_class: type, config: Any, kind: str) -> str | None:
     if impl not in allowed:
         what = "a custom attention mask" if kind == "shared" else "packed sequences"
         return f"attn_implementation {impl!r} cannot take {what} (it needs one of {', '.join(allowed)})"
+    return None
+
+
+def implementation_support(model_class: type, impl: str, device_type: str, training: bool = True) -> str | None:
+    """Why `model_class` cannot train (or, training=False, run) with attention `impl` on `device_type`,
+    or None when it can: the class's own support flag, the package of the kernels, the device.
+    These are the checks transformers makes when it loads the model, made before any weight is read."""
+    if impl not in IMPLEMENTATION_NEEDS:
+        return f"unknown attention implementation {impl!r} (one of {', '.join(IMPLEMENTATION_NEEDS)})"
+    flag, module = IMPLEMENTATION_NEEDS[impl]
+    if flag is not None and not getattr(model_class, flag, True):
+        return f"{model_class.__name__} does not support attn_implementation {impl!r}"
+    if module is not None:
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            return f"attn_implementation {impl!r} needs the {module} package, which is not installed"
+        if device_type != "cuda":
+            return f"attn_implementation {impl!r} runs on CUDA GPUs only, not on {device_type}"
+    if impl == "flex_attention" and training and device_type == "cpu":
+        return "torch's FlexAttention has no backward on the CPU: use sdpa or eager there"
     return None
 
 

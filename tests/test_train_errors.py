@@ -105,6 +105,10 @@ def test_unknown_loss_type(tmp_path):
     (dict(inplace_backward=True, loss_impl="reference"), "--inplace-backward applies to --loss-impl fused only"),
     (dict(batch_size=0), "--batch-size must be >= 1"),
     (dict(resume=True, run_dir=""), "--resume needs --run-dir"),
+    (dict(share_prompt=True, attn_implementation="flash_attention_2"),
+     "--share-prompt needs an attention that takes a custom mask (sdpa, eager or flex_attention); "
+     "--attn-implementation flash_attention_2 cannot"),
+    (dict(attn_implementation="flash"), "--attn-implementation must be one of auto, sdpa, eager"),
 ])
 def test_conflicting_options(tmp_path, options, reason):
     cfg = dataclasses.replace(tiny_config(tmp_path / "run"), **options)
@@ -220,3 +224,44 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path):
     T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8).save_pretrained(model)
     with pytest.raises(ConfigError, match=rf"^model {model} is a T5 model, not a causal language model"):
         start(tmp_path, model=str(model))
+
+
+def gpt2_folder(tmp_path):
+    """A GPT-2 config and the embedded tokenizer (no weights): a model class without flex attention."""
+    from transformers import GPT2Config
+
+    from fastdpo.trainer import embedded
+
+    model = tmp_path / "gpt2"
+    GPT2Config(vocab_size=len(embedded.build_tokenizer()), n_positions=64, n_embd=16, n_layer=1,
+               n_head=2).save_pretrained(model)
+    embedded.build_tokenizer().save_pretrained(model)
+    return str(model)
+
+
+def test_an_attention_that_cannot_train_here_is_refused_before_the_run_dir(tmp_path, monkeypatch):
+    """--attn-implementation is checked from the model's class, the kernels' package and the device
+    (this machine's: the CPU) before any weight is read or the run directory is written."""
+    import importlib.util
+
+    cases = [(dict(model=gpt2_folder(tmp_path), attn_implementation="flex_attention"),
+              "--attn-implementation flex_attention: GPT2LMHeadModel does not support attn_implementation "
+              "'flex_attention'"),
+             (dict(attn_implementation="flex_attention"),
+              "--attn-implementation flex_attention: torch's FlexAttention has no backward on the CPU"),
+             (dict(attn_implementation="flash_attention_2"),
+              "--attn-implementation flash_attention_2: attn_implementation 'flash_attention_2' needs the "
+              "flash_attn package, which is not installed")]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else
+                        find_spec(name, *a))
+    for options, message in cases:
+        with pytest.raises(ConfigError) as e:
+            start(tmp_path, **options)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+        assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else
+                        find_spec(name, *a))  # installed, but there is no GPU
+    with pytest.raises(ConfigError, match="^--attn-implementation flash_attention_2: attn_implementation "
+                                          "'flash_attention_2' runs on CUDA GPUs only, not on cpu$"):
+        start(tmp_path, attn_implementation="flash_attention_2")

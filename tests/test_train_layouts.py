@@ -36,6 +36,23 @@ def test_every_layout_logs_the_same_steps(tmp_path, impl):
         assert padded["tokens"] > packed["tokens"] == packed["real_tokens"] > shared["tokens"]
 
 
+@pytest.mark.parametrize("kind", ["padded", "shared"])
+def test_attn_implementation_reaches_the_model_and_keeps_the_numbers(tmp_path, kind):
+    """--attn-implementation eager against transformers' default (sdpa for Llama): the loaded models
+    run eager (the attention modules read it from their config), and step 1 logs the same numbers."""
+    records, attention = {}, {}
+    for impl in ("auto", "eager"):
+        trainer = DPOTrainer(tiny_config(tmp_path / impl, max_steps=1, attn_implementation=impl,
+                                         **LAYOUT_FLAGS[kind]))
+        trainer.setup()
+        attention[impl] = {m.config._attn_implementation for m in (trainer.model, trainer.reference.model)}
+        trainer.train()
+        records[impl] = step_records(tmp_path / impl)[1]
+    assert attention == {"auto": {"sdpa"}, "eager": {"eager"}}
+    for name in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
+        assert records["eager"][name] == pytest.approx(records["auto"][name], rel=2e-5, abs=1e-6), name
+
+
 def test_padding_free_is_the_default_where_the_model_supports_it(tmp_path):
     assert DPOTrainer(tiny_config(tmp_path / "run")).layout == "packed"
 

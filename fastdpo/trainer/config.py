@@ -28,6 +28,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "bf16", "no")
 LOGPS_REDUCTIONS = ("sum", "mean")  # fastdpo.losses.LOGPS_REDUCTIONS
+ATTENTION = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,10 @@ class TrainConfig:
                       choices=DTYPES, group="model")
     mixed_precision: str = _opt("auto", "bf16 autocast; auto = on for GPUs that support it", choices=MIXED_PRECISION,
                                 group="model")
+    attn_implementation: str = _opt("auto", "the model's attention: auto (transformers' default for the model), "
+                                    "sdpa, eager, flex_attention (GPU; takes --share-prompt's mask as a "
+                                    "BlockMask) or flash_attention_2/3 (GPU, flash-attn package; packed rows run "
+                                    "varlen, no mask; not with --share-prompt)", choices=ATTENTION, group="model")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward", group="model")
     disable_dropout: bool = _opt(True, "set every dropout to 0 (as TRL does for DPO)", group="model")
     lora_r: int = _opt(0, "LoRA rank through peft (0 = full fine-tuning)", group="model")
@@ -169,6 +174,7 @@ def check(cfg: TrainConfig) -> None:
     _choice(cfg, "dtype", DTYPES)
     _choice(cfg, "mixed_precision", MIXED_PRECISION)
     _choice(cfg, "logps_reduction", LOGPS_REDUCTIONS)
+    _choice(cfg, "attn_implementation", ATTENTION)
     for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(cfg, name)}")
@@ -209,6 +215,9 @@ def check(cfg: TrainConfig) -> None:
                           "so the base model would not be the starting policy")
     if cfg.share_prompt and cfg.padding_free is False:
         raise ConfigError("--share-prompt runs pairs padding-free; it conflicts with --no-padding-free")
+    if cfg.share_prompt and cfg.attn_implementation.startswith("flash_attention"):
+        raise ConfigError(f"--share-prompt needs an attention that takes a custom mask (sdpa, eager or "
+                          f"flex_attention); --attn-implementation {cfg.attn_implementation} cannot")
     if cfg.inplace_backward and cfg.loss_impl != "fused":
         raise ConfigError("--inplace-backward applies to --loss-impl fused only")
 
@@ -360,7 +369,7 @@ def parse_args_given(argv: list[str] | None = None, prog: str = "fastdpo train")
 RESUME_FREE = frozenset({
     "run_dir", "resume", "progress_bar", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
     "task_eval_prompts", "max_eval_pairs", "eval_split", "ref_cache_dir", "cpu_threads",
-    "gradient_checkpointing", "inplace_backward", "max_steps", "num_epochs",
+    "gradient_checkpointing", "inplace_backward", "max_steps", "num_epochs", "attn_implementation",
 })
 SAVED_CONFIG = "config.json"
 

@@ -52,15 +52,16 @@ def build_tokenizer():
 MAX_POSITIONS = 256  # the embedded model's context
 
 
-def build_model(tokenizer, seed: int):
-    """A 2-layer Llama with random weights drawn from `seed` (the global RNG is left untouched)."""
+def build_model(tokenizer, seed: int, attn_implementation: str | None = None):
+    """A 2-layer Llama with random weights drawn from `seed` (the global RNG is left untouched), with
+    transformers' default attention or `attn_implementation`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, attn_implementation=attn_implementation,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from fastdpo.attention import attention_implementation
+
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -34,6 +36,7 @@ from .distributed import check_distributed, check_ranks_agree, fused_adamw, make
 from .logs import METRICS, TASK_SUCCESS, RunLog, peak_memory_gb
 from .loss import LossFn, attach_head, head_options, sft_nll
 from .model import (
+    check_attention,
     check_layout,
     check_model_source,
     choose_layout,
@@ -75,6 +78,7 @@ class DPOTrainer:
             self.tokenizer = load_tokenizer(cfg)
             self.limits = model_limits(cfg.model, self.tokenizer)
             self.data = prepare_data(cfg, self.tokenizer, self.limits)
+        check_attention(cfg, self.device.type)
         self.layout = choose_layout(cfg, self.log.info)
         if cfg.max_tokens and self.data.eval:
             check_budget(self.data.eval, self.layout, cfg.max_tokens, "eval")
@@ -90,6 +94,7 @@ class DPOTrainer:
         # A reference-free loss never reads the reference: do not spend a model copy or a pass on one.
         self.ref_mode = cfg.ref if self.losses.needs_reference else "none"
         self.model = None  # built by setup()
+        self.attention: str | None = None  # the loaded model's attention implementation
         self.step = 0
         self.accelerator.wait_for_everyone()  # every rank has checked the run dir before any writes to it
 
@@ -133,6 +138,9 @@ class DPOTrainer:
         """The model from `source`, checked against this run's batch layout."""
         model = load_model(source, self.cfg, self.tokenizer, weight_dtype(self.cfg, self.device.type == "cuda"))
         check_layout(model, self.layout)
+        if self.attention is None:
+            self.attention = attention_implementation(model.config)
+            self.log.info(f"attention: {self.attention} ({self.layout} batches)")
         return model
 
     def _make_reference(self, frozen, key: str | None) -> Reference:

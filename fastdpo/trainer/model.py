@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import embedded
-from fastdpo.attention import layout_support
+from fastdpo.attention import implementation_support, layout_support
 
 from .config import EMBEDDED_MODEL, ConfigError, TrainConfig
 
@@ -99,12 +99,13 @@ def weight_dtype(cfg: TrainConfig, on_gpu: bool) -> torch.dtype:
 
 def load_model(source: str, cfg: TrainConfig, tokenizer, dtype: torch.dtype):
     """The policy from `source` (the embedded model, a path or a Hub name), ready to train."""
+    attention = {} if cfg.attn_implementation == "auto" else {"attn_implementation": cfg.attn_implementation}
     if source == EMBEDDED_MODEL:
-        model = embedded.build_model(tokenizer, cfg.seed).to(dtype)
+        model = embedded.build_model(tokenizer, cfg.seed, **attention).to(dtype)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(source), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(source), dtype=dtype, **attention)
     model.config.use_cache = False  # no KV cache in training
     if cfg.disable_dropout:
         disable_dropout(model)
@@ -177,6 +178,19 @@ def model_class_and_config(name: str):
         return None, config
 
 
+def check_attention(cfg: TrainConfig, device_type: str) -> None:
+    """--attn-implementation can train this model on this device (its class, the kernels' package,
+    the device), checked from the config alone, before any weight is read."""
+    if cfg.attn_implementation == "auto":
+        return
+    cls, config = model_class_and_config(cfg.model)
+    if cls is None:
+        return  # custom code: its own loading checks its attention
+    reason = implementation_support(cls, cfg.attn_implementation, device_type)
+    if reason is not None:
+        raise ConfigError(f"--attn-implementation {cfg.attn_implementation}: {reason}")
+
+
 def choose_layout(cfg: TrainConfig, log) -> str:
     """The batch layout of this run: shared (--share-prompt), packed (--padding-free, the default
     where the model supports it) or padded. Where the model cannot run the one asked for, an
@@ -185,6 +199,8 @@ def choose_layout(cfg: TrainConfig, log) -> str:
     if want == "padded":
         return want
     cls, config = model_class_and_config(cfg.model)
+    if cfg.attn_implementation != "auto":  # the attention the model will load with
+        config._attn_implementation = cfg.attn_implementation
     reason = f"{type(config).__name__} has no built-in transformers model class" if cls is None else \
         layout_support(cls, config, want)
     if reason is None:
