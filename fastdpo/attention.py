@@ -55,7 +55,9 @@ def layout_support(model_class: type, config: Any, kind: str) -> str | None:
         return f"{name} is not a decoder-only causal LM"
     impl = attention_implementation(config)
     allowed = SHARED_ATTENTION if kind == "shared" else PACKED_ATTENTION
-    if impl not in allowed:
+    # Every FlashAttention runs packed rows varlen from their position ids, also a Hub kernel such as
+    # kernels-community/flash-attn2 (transformers' own test for a FlashAttention is "flash" in its name)
+    if impl not in allowed and not (kind == "packed" and "flash" in impl):
         what = "a custom attention mask" if kind == "shared" else "packed sequences"
         return f"attn_implementation {impl!r} cannot take {what} (it needs one of {', '.join(allowed)})"
     return None
@@ -73,8 +75,11 @@ def implementation_support(model_class: type, impl: str, device_type: str, train
     if module is not None:
         import importlib.util
 
-        if importlib.util.find_spec(module) is None:
-            return f"attn_implementation {impl!r} needs the {module} package, which is not installed"
+        # Without the package, transformers fetches a FlashAttention kernel from the Hub through the
+        # `kernels` package (a top-level module of Hugging Face's; fastdpo's are fastdpo.kernels).
+        if importlib.util.find_spec(module) is None and importlib.util.find_spec("kernels") is None:
+            return (f"attn_implementation {impl!r} needs the {module} package, or the kernels package to fetch "
+                    "it from the Hub; neither is installed")
         if device_type != "cuda":
             return f"attn_implementation {impl!r} runs on CUDA GPUs only, not on {device_type}"
     if impl == "flex_attention" and training and device_type == "cpu":

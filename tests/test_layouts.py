@@ -248,9 +248,12 @@ def test_unsupported_attention_is_named():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig()
-    config._attn_implementation = "flash_attention_2"
-    assert layout_support(LlamaForCausalLM, config, "packed") is None
-    assert "cannot take a custom attention mask" in layout_support(LlamaForCausalLM, config, "shared")
+    for flash in ("flash_attention_2", "kernels-community/flash-attn2"):  # varlen: packed, no custom mask
+        config._attn_implementation = flash
+        assert layout_support(LlamaForCausalLM, config, "packed") is None
+        assert "cannot take a custom attention mask" in layout_support(LlamaForCausalLM, config, "shared")
+    config._attn_implementation = "paged|eager"
+    assert "cannot take packed sequences" in layout_support(LlamaForCausalLM, config, "packed")
 
     class OldStyle(torch.nn.Module):
         pass

@@ -251,17 +251,18 @@ def test_an_attention_that_cannot_train_here_is_refused_before_the_run_dir(tmp_p
               "--attn-implementation flex_attention: torch's FlexAttention has no backward on the CPU"),
              (dict(attn_implementation="flash_attention_2"),
               "--attn-implementation flash_attention_2: attn_implementation 'flash_attention_2' needs the "
-              "flash_attn package, which is not installed")]
+              "flash_attn package, or the kernels package to fetch it from the Hub; neither is installed")]
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("flash_attn", "kernels") else
                         find_spec(name, *a))
     for options, message in cases:
         with pytest.raises(ConfigError) as e:
             start(tmp_path, **options)
         assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
         assert not (tmp_path / "run").exists()
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else
-                        find_spec(name, *a))  # installed, but there is no GPU
-    with pytest.raises(ConfigError, match="^--attn-implementation flash_attention_2: attn_implementation "
-                                          "'flash_attention_2' runs on CUDA GPUs only, not on cpu$"):
-        start(tmp_path, attn_implementation="flash_attention_2")
+    for package in ("flash_attn", "kernels"):  # installed (or fetched from the Hub), but there is no GPU
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, p=package: object() if name == p else
+                            None if name in ("flash_attn", "kernels") else find_spec(name, *a))
+        with pytest.raises(ConfigError, match="^--attn-implementation flash_attention_2: attn_implementation "
+                                              "'flash_attention_2' runs on CUDA GPUs only, not on cpu$"):
+            start(tmp_path, attn_implementation="flash_attention_2")

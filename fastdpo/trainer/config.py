@@ -52,8 +52,9 @@ class TrainConfig:
                                 group="model")
     attn_implementation: str = _opt("auto", "the model's attention: auto (transformers' default for the model), "
                                     "sdpa, eager, flex_attention (GPU; takes --share-prompt's mask as a "
-                                    "BlockMask) or flash_attention_2/3 (GPU, flash-attn package; packed rows run "
-                                    "varlen, no mask; not with --share-prompt)", choices=ATTENTION, group="model")
+                                    "BlockMask) or flash_attention_2/3 (GPU; the flash-attn package, or the kernels "
+                                    "package to fetch it from the Hub; packed rows run varlen, no mask; not with "
+                                    "--share-prompt)", choices=ATTENTION, group="model")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward", group="model")
     disable_dropout: bool = _opt(True, "set every dropout to 0 (as TRL does for DPO)", group="model")
     lora_r: int = _opt(0, "LoRA rank through peft (0 = full fine-tuning)", group="model")
