@@ -15,6 +15,11 @@ peak memory and the share of the step spent in the LM head + loss:
     trl-fastdpo-packed-nocheck the TRL row with value checks off: TRL's batches are made on the
                                device, so the head reads their ranges back (a host sync), and the
                                difference is that sync's share of a step
+    fastdpo-fused-LAYOUT-flex  LAYOUT = packed | shared, with flex attention instead of --attn (GPU
+                               only: torch's flex attention has no backward on the CPU). Under sdpa,
+                               transformers hands a packed row's block-diagonal mask (and fastdpo the
+                               shared one) to sdpa as a dense [N, N] mask over the whole row; flex's
+                               BlockMask lets its kernel skip the blocks the mask removes
 
 Models: random-weight models built from the Qwen2.5-0.5B and Llama-3.2-1B configs (no download),
 bf16 autocast over fp32 weights, gradient checkpointing off and on. `--tiny` runs a 2-layer model
@@ -70,7 +75,8 @@ MODELS = {  # name -> (transformers config class, config fields)
 LAYOUTS = ("padded", "packed", "shared")
 IMPLS = ["trl", "trl-liger"] + [f"trl-fastdpo-{k}" for k in LAYOUTS] + \
     [f"fastdpo-{i}-{k}" for i in ("fused", "fused_linear") for k in LAYOUTS] + \
-    ["fastdpo-fused-packed-nocheck", "trl-fastdpo-packed-nocheck"]  # value checks off: their syncs' share
+    ["fastdpo-fused-packed-nocheck", "trl-fastdpo-packed-nocheck"] + \
+    ["fastdpo-fused-packed-flex", "fastdpo-fused-shared-flex"]  # value checks off: their syncs' share; flex
 PAD, EOS = 0, 1
 
 
@@ -273,7 +279,7 @@ def run_row(row: Row, pairs, P: int, steps: int, warmup: int, device, attn: str,
     from fastdpo import value_checks
 
     torch.manual_seed(0)
-    model = build_model(row.model, attn, row.checkpointing, device)
+    model = build_model(row.model, "flex_attention" if row.impl.endswith("-flex") else attn, row.checkpointing, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     autocast = device.type == "cuda"
@@ -314,6 +320,8 @@ def run_row(row: Row, pairs, P: int, steps: int, warmup: int, device, attn: str,
 def unavailable(impl: str, device: torch.device) -> str | None:
     """Why `impl` cannot run here, or None."""
     why = common.liger_unavailable(device) if impl == "trl-liger" else None
+    if impl.endswith("-flex") and device.type == "cpu":
+        why = "torch's flex attention has no backward on the CPU"
     return None if why is None else f"skipped: {why}"
 
 
