@@ -63,10 +63,11 @@ def layout_support(model_class: type, config: Any, kind: str) -> str | None:
     return None
 
 
-def implementation_support(model_class: type, impl: str, device_type: str, training: bool = True) -> str | None:
-    """Why `model_class` cannot train (or, training=False, run) with attention `impl` on `device_type`,
-    or None when it can: the class's own support flag, the package of the kernels, the device.
-    These are the checks transformers makes when it loads the model, made before any weight is read."""
+def implementation_support(model_class: type, impl: str, device_type: str) -> str | None:
+    """Why `model_class` cannot train with attention `impl` on `device_type`, or None when it can:
+    the class's own support flag, the package of the kernels, the device.
+    Transformers makes the first three when it loads the model; here they come before any weight is
+    read. The last, flex attention's missing CPU backward, would otherwise fail in the first step."""
     if impl not in IMPLEMENTATION_NEEDS:
         return f"unknown attention implementation {impl!r} (one of {', '.join(IMPLEMENTATION_NEEDS)})"
     flag, module = IMPLEMENTATION_NEEDS[impl]
@@ -82,7 +83,7 @@ def implementation_support(model_class: type, impl: str, device_type: str, train
                     "it from the Hub; neither is installed")
         if device_type != "cuda":
             return f"attn_implementation {impl!r} runs on CUDA GPUs only, not on {device_type}"
-    if impl == "flex_attention" and training and device_type == "cpu":
+    if impl == "flex_attention" and device_type == "cpu":
         return "torch's FlexAttention has no backward on the CPU: use sdpa or eager there"
     return None
 
