@@ -24,8 +24,9 @@ from .layouts import LayoutBatch
 
 SHARED_ATTENTION = ("sdpa", "eager", "flex_attention")
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
-# implementation -> (the model class's flag for it, the module its kernels come from)
-IMPLEMENTATION_NEEDS = {"eager": (None, None), "sdpa": ("_supports_sdpa", None),
+# attention implementation -> (the model class's flag for it, the module its kernels come from);
+# its keys are fastdpo train's --attn-implementation choices
+IMPLEMENTATION_NEEDS = {"sdpa": ("_supports_sdpa", None), "eager": (None, None),
                         "flex_attention": ("_supports_flex_attn", None),
                         "flash_attention_2": ("_supports_flash_attn", "flash_attn"),
                         "flash_attention_3": ("_supports_flash_attn", "flash_attn_interface")}
@@ -68,8 +69,6 @@ def implementation_support(model_class: type, impl: str, device_type: str) -> st
     the class's own support flag, the package of the kernels, the device.
     Transformers makes the first three when it loads the model; here they come before any weight is
     read. The last, flex attention's missing CPU backward, would otherwise fail in the first step."""
-    if impl not in IMPLEMENTATION_NEEDS:
-        return f"unknown attention implementation {impl!r} (one of {', '.join(IMPLEMENTATION_NEEDS)})"
     flag, module = IMPLEMENTATION_NEEDS[impl]
     if flag is not None and not getattr(model_class, flag, True):
         return f"{model_class.__name__} does not support attn_implementation {impl!r}"

@@ -106,8 +106,8 @@ def test_unknown_loss_type(tmp_path):
     (dict(batch_size=0), "--batch-size must be >= 1"),
     (dict(resume=True, run_dir=""), "--resume needs --run-dir"),
     (dict(share_prompt=True, attn_implementation="flash_attention_2"),
-     "--share-prompt needs an attention that takes a custom mask (sdpa, eager or flex_attention); "
-     "--attn-implementation flash_attention_2 cannot"),
+     "--share-prompt: attn_implementation 'flash_attention_2' cannot take a custom attention mask (it needs one of "
+     "sdpa, eager, flex_attention)"),
     (dict(attn_implementation="flash"), "--attn-implementation must be one of auto, sdpa, eager"),
 ])
 def test_conflicting_options(tmp_path, options, reason):

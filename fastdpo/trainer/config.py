@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fastdpo.attention import IMPLEMENTATION_NEEDS
 from fastdpo.losses import LossConfig
 
 EMBEDDED_MODEL = "fastdpo:tiny"
@@ -28,7 +29,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "bf16", "no")
 LOGPS_REDUCTIONS = ("sum", "mean")  # fastdpo.losses.LOGPS_REDUCTIONS
-ATTENTION = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+ATTENTION = ("auto", *IMPLEMENTATION_NEEDS)
 
 
 class ConfigError(ValueError):
@@ -216,9 +217,6 @@ def check(cfg: TrainConfig) -> None:
                           "so the base model would not be the starting policy")
     if cfg.share_prompt and cfg.padding_free is False:
         raise ConfigError("--share-prompt runs pairs padding-free; it conflicts with --no-padding-free")
-    if cfg.share_prompt and cfg.attn_implementation.startswith("flash_attention"):
-        raise ConfigError(f"--share-prompt needs an attention that takes a custom mask (sdpa, eager or "
-                          f"flex_attention); --attn-implementation {cfg.attn_implementation} cannot")
     if cfg.inplace_backward and cfg.loss_impl != "fused":
         raise ConfigError("--inplace-backward applies to --loss-impl fused only")
 

@@ -36,7 +36,6 @@ from .distributed import check_distributed, check_ranks_agree, fused_adamw, make
 from .logs import METRICS, TASK_SUCCESS, RunLog, peak_memory_gb
 from .loss import LossFn, attach_head, head_options, sft_nll
 from .model import (
-    check_attention,
     check_layout,
     check_model_source,
     choose_layout,
@@ -78,8 +77,7 @@ class DPOTrainer:
             self.tokenizer = load_tokenizer(cfg)
             self.limits = model_limits(cfg.model, self.tokenizer)
             self.data = prepare_data(cfg, self.tokenizer, self.limits)
-        check_attention(cfg, self.device.type)
-        self.layout = choose_layout(cfg, self.log.info)
+        self.layout = choose_layout(cfg, self.device.type, self.log.info)
         if cfg.max_tokens and self.data.eval:
             check_budget(self.data.eval, self.layout, cfg.max_tokens, "eval")
         world, rank = self.accelerator.num_processes, self.accelerator.process_index

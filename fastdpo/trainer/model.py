@@ -178,29 +178,29 @@ def model_class_and_config(name: str):
         return None, config
 
 
-def check_attention(cfg: TrainConfig, device_type: str) -> None:
-    """--attn-implementation can train this model on this device (its class, the kernels' package,
-    the device), checked from the config alone, before any weight is read."""
-    if cfg.attn_implementation == "auto":
-        return
-    cls, config = model_class_and_config(cfg.model)
-    if cls is None:
-        return  # custom code: its own loading checks its attention
-    reason = implementation_support(cls, cfg.attn_implementation, device_type)
-    if reason is not None:
-        raise ConfigError(f"--attn-implementation {cfg.attn_implementation}: {reason}")
-
-
-def choose_layout(cfg: TrainConfig, log) -> str:
+def choose_layout(cfg: TrainConfig, device_type: str, log) -> str:
     """The batch layout of this run: shared (--share-prompt), packed (--padding-free, the default
     where the model supports it) or padded. Where the model cannot run the one asked for, an
-    explicit flag fails with the reason and the default falls back to padding, logging why."""
+    explicit flag fails with the reason and the default falls back to padding, logging why.
+
+    The layout is judged with the attention the model will load with (--attn-implementation), and
+    that attention itself is checked (the model class, the kernels' package, `device_type`): from
+    one read of the model's config, before any weight is read."""
+    cls, config = model_class_and_config(cfg.model)
+    if cfg.attn_implementation != "auto":
+        config._attn_implementation = cfg.attn_implementation
+    layout = _layout_for(cfg, cls, config, log)
+    if cfg.attn_implementation != "auto" and cls is not None:  # custom code checks its own attention
+        reason = implementation_support(cls, cfg.attn_implementation, device_type)
+        if reason is not None:
+            raise ConfigError(f"--attn-implementation {cfg.attn_implementation}: {reason}")
+    return layout
+
+
+def _layout_for(cfg: TrainConfig, cls, config, log) -> str:
     want = "shared" if cfg.share_prompt else ("padded" if cfg.padding_free is False else "packed")
     if want == "padded":
         return want
-    cls, config = model_class_and_config(cfg.model)
-    if cfg.attn_implementation != "auto":  # the attention the model will load with
-        config._attn_implementation = cfg.attn_implementation
     reason = f"{type(config).__name__} has no built-in transformers model class" if cls is None else \
         layout_support(cls, config, want)
     if reason is None:
