@@ -98,6 +98,13 @@ def flex_copy(monkeypatch):
         yield make, masks
 
 
+def leaky(shared):
+    """`shared` with one answer branch: its rejected tokens see the chosen answer (a wrong mask)."""
+    out = copy.copy(shared)
+    out.branch_ids = torch.where(shared.branch_ids == 2, 1, shared.branch_ids)
+    return out
+
+
 def step(model, batch, loss_fn, ref):
     model.zero_grad(set_to_none=True)
     loss, metrics = loss_fn(model, batch, ref)
@@ -181,10 +188,7 @@ def test_flex_attention_layouts_equal_padded(arch, flex_copy, _fresh_seed):
             torch.testing.assert_close(got, padded, rtol=2e-5, atol=1e-5, msg=lambda m: f"{kind}: {m}")
             torch.testing.assert_close(got.double(), want64, rtol=2e-5, atol=1e-5, msg=lambda m: f"{kind}: {m}")
         # the shared mask is the one flex applies: letting rejected tokens see the chosen answer shows
-        shared = build("shared", pairs, range(4), pad_id=0)
-        leaky = copy.copy(shared)
-        leaky.branch_ids = torch.where(shared.branch_ids == 2, 1, shared.branch_ids)
-        bad = rows(flex, leaky, "reference", False).logps
+        bad = rows(flex, leaky(build("shared", pairs, range(4), pad_id=0)), "reference", False).logps
     with pytest.raises(AssertionError):
         torch.testing.assert_close(bad[4:], padded[4:], rtol=2e-5, atol=1e-6)
 
@@ -197,9 +201,7 @@ def test_a_wrong_mask_would_be_caught(_fresh_seed):
     attach_head(model, head_options(TrainConfig()))
     shared = build("shared", pairs, range(4), pad_id=0)
     good = rows(model, shared, "reference", False).logps
-    leaky = copy.copy(shared)
-    leaky.branch_ids = torch.where(shared.branch_ids == 2, 1, shared.branch_ids)  # one branch: rejected sees chosen
-    bad = rows(model, leaky, "reference", False).logps
+    bad = rows(model, leaky(shared), "reference", False).logps
     assert torch.equal(bad[:4], good[:4])
     # Caught at the tolerance the equality tests use (a leak changes a row by about 1e-4 relative
     # or more in these tiny models, sometimes less than 1e-3: seed 4071078596).
