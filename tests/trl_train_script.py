@@ -141,8 +141,9 @@ def dpo_args(out: Path, batch: int, precompute: bool):
                      # blind to the gradient's scale.
                      optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
                      max_grad_norm=1e6,  # logged, never clips
-                     per_device_eval_batch_size=batch, logging_steps=1, report_to="none", use_cpu=True, seed=0, save_strategy="no", bf16=False,
-                     disable_tqdm=True, beta=0.1, precompute_ref_log_probs=precompute)
+                     per_device_eval_batch_size=batch, logging_steps=1, report_to="none", use_cpu=True, seed=0,
+                     save_strategy="no", bf16=False, disable_tqdm=True, beta=0.1,
+                     precompute_ref_log_probs=precompute)
 
 
 def train_case(opts, case: str, calls: Counter) -> None:
