@@ -370,7 +370,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's); 1 makes CPU time comparable on a shared machine")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="tokens per chunk of fastdpo and fastdpo-recompute (default: fastdpo's, ~512 MiB of logits)")
+                   help="tokens per chunk of fastdpo and fastdpo-recompute (default: fastdpo's: about 512 MiB of "
+                        "logits on a GPU, H / 32 tokens or 1 MiB of logits on the CPU)")
     return p.parse_args(argv)
 
 

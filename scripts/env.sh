@@ -2,7 +2,9 @@
 #   FASTDPO_VENV   where the environment lives (default: .venv in the repository)
 #   FASTDPO_EXTRAS extras to install (default: test,train,lora,trl,deepspeed)
 # A machine without torch gets the CPU build torch==2.13.0 first: a bare `torch` requirement
-# would pull a multi-GB CUDA build. A machine that already has torch (a GPU box) keeps its own.
+# would pull a multi-GB CUDA build (PyPI's Linux wheels are CUDA builds). It comes from pip's own
+# sources where they hold it (a local wheel house), else from PyTorch's CPU index. A machine that
+# already has torch (a GPU box) keeps its own.
 # Set-up steps say what they do on stderr (the first run spends about two minutes installing);
 # a ready environment is used silently.
 set -euo pipefail
@@ -24,7 +26,8 @@ source "$venv/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" 2>/dev/null; then
   say "installing torch==2.13.0, CPU build (one time; about a minute)"
-  pip install -q torch==2.13.0
+  pip install -q "torch==2.13.0+cpu" 2>/dev/null ||
+    pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 fi
 stamp="$venv/.fastdpo-installed-$(cat "$repo/pyproject.toml" | cksum | cut -d' ' -f1)-$extras"
 if [ ! -f "$stamp" ]; then

@@ -9,6 +9,7 @@ computation from the formulas.
 from __future__ import annotations
 
 import copy
+import logging
 import importlib
 import subprocess
 import sys
@@ -373,6 +374,9 @@ LAYOUT_CASES = {
     "share_prompt/linear": ("fast", dict(share_prompt=True, fastdpo_mode="linear"), dict(), "shared"),
     "padding_free/patch": ("patch", dict(padding_free=True), dict(), "packed"),
     "share_prompt/ld_alpha+wpo": ("fast", dict(share_prompt=True), dict(ld_alpha=0.5, use_weighting=True), "shared"),
+    # keep_end truncates nothing without max_length, so the pair's rows share their prompt
+    "padding_free/keep_end-untruncated": ("fast", dict(padding_free=True), dict(truncation_mode="keep_end",
+                                                                                max_length=None), "packed"),
 }
 
 
@@ -400,3 +404,34 @@ def test_layout_options_that_cannot_work_fail_at_construction(models_, tokenizer
                                          r"custom attention mask"):
         patch_trainer(DPOTrainer(model=policy, ref_model=ref, args=dpo_args(tmp_path), train_dataset=dataset,
                                  processing_class=tokenizer), share_prompt=True)
+
+
+def test_trls_padding_free_fallback_warning_is_not_shown_when_fastdpo_packs(models_, tokenizer, dataset, tmp_path,
+                                                                            caplog):
+    """TRL warns that padding_free=True falls back to padding; FastDPOTrainer packs, so that warning
+    would be false. TRL's own trainer still shows it (the test would see a renamed warning)."""
+    for kind, expected in (("trl", True), ("fast", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            build(kind, models_, tokenizer, dataset, dpo_args(tmp_path / kind, padding_free=True))
+        assert any(fast_trl._TRL_FALLBACK in r.getMessage() for r in caplog.records) == expected, kind
+    with caplog.at_level(logging.WARNING):  # patched after TRL warned: fastdpo says what happens instead
+        trainer = build("patch", models_, tokenizer, dataset, dpo_args(tmp_path / "patch", padding_free=True))
+    assert trainer.fastdpo_layout == "packed"
+    assert any("fastdpo runs this trainer's batches packed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind", ["fast", "patch"])
+def test_prompt_learning_adapters_are_refused_before_training(kind, models_, tokenizer, dataset, tmp_path):
+    """Prompt / prefix tuning adds virtual tokens the head's scored positions do not know about."""
+    peft = pytest.importorskip("peft", reason="the PEFT case needs the lora extra: pip install 'fastdpo[lora]'")
+    common = dict(model=copy.deepcopy(models_[0]), args=dpo_args(tmp_path), train_dataset=dataset,
+                  processing_class=tokenizer,
+                  peft_config=peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with pytest.raises(NotImplementedError, match="not PEFT prompt learning"):
+        FastDPOTrainer(**common) if kind == "fast" else patch_trainer(DPOTrainer(**common))
+    # an already wrapped model (no peft_config argument) is refused the same way
+    wrapped = peft.get_peft_model(copy.deepcopy(models_[0]), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                    num_virtual_tokens=3))
+    with pytest.raises(NotImplementedError, match="not PEFT prompt learning"):
+        FastDPOTrainer(model=wrapped, args=dpo_args(tmp_path), train_dataset=dataset, processing_class=tokenizer)

@@ -11,13 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_venv(path: Path) -> Path:
-    """A 'virtual environment' whose python has no torch until the pip stub installs it."""
+def fake_venv(path: Path, local_cpu_wheel: bool = True) -> Path:
+    """A 'virtual environment' whose python has no torch until the pip stub installs it. Without
+    `local_cpu_wheel`, pip's sources lack torch 2.13.0+cpu (PyPI's case) and asking for it fails."""
     bin_dir = path / "bin"
     bin_dir.mkdir(parents=True)
     (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
     (bin_dir / "python").write_text(f'#!/bin/sh\n[ -f "{path}/torch-installed" ]\n')
-    (bin_dir / "pip").write_text(f'#!/bin/sh\necho "$@" >> "{path}/pip.log"\ntouch "{path}/torch-installed"\n')
+    refuse = "" if local_cpu_wheel else 'case "$*" in *+cpu*) echo "no matching distribution" >&2; exit 1;; esac\n'
+    (bin_dir / "pip").write_text(f'#!/bin/sh\necho "$@" >> "{path}/pip.log"\n{refuse}touch "{path}/torch-installed"\n')
     for name in ("python", "pip"):
         os.chmod(bin_dir / name, 0o755)
     return path
@@ -37,9 +39,21 @@ def test_setup_says_what_it_does_once(tmp_path):
     assert lines[0] == "fastdpo set-up: installing torch==2.13.0, CPU build (one time; about a minute)"
     assert lines[1].startswith(f"fastdpo set-up: installing fastdpo with extras [train] into {venv}")
     assert lines[2] == f"fastdpo set-up: done; later runs reuse {venv}"
-    assert (venv / "pip.log").read_text().splitlines() == ["install -q torch==2.13.0", f"install -q -e {ROOT}[train]"]
+    assert (venv / "pip.log").read_text().splitlines() == ["install -q torch==2.13.0+cpu",
+                                                           f"install -q -e {ROOT}[train]"]
     again = source_env(venv)
     assert again.returncode == 0 and again.stderr == ""
+
+
+def test_torch_comes_from_pytorchs_cpu_index_where_pip_has_no_cpu_build(tmp_path):
+    """A fresh machine on PyPI alone: PyPI has no '+cpu' torch, and its plain Linux torch is the CUDA
+    build, so the CPU build comes from PyTorch's CPU index (and the failed first try stays quiet)."""
+    venv = fake_venv(tmp_path / "venv", local_cpu_wheel=False)
+    result = source_env(venv)
+    assert result.returncode == 0, result.stderr
+    assert "no matching distribution" not in result.stderr
+    assert (venv / "pip.log").read_text().splitlines()[:2] == [
+        "install -q torch==2.13.0+cpu", "install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"]
 
 
 def test_deepspeed_is_built_against_the_environments_torch(tmp_path):

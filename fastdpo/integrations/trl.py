@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import warnings
 from dataclasses import fields
 from typing import Any
@@ -103,6 +104,9 @@ UNSHIFTED_COUNTS = {"ipo", "sigmoid_norm"}
 UNWEIGHTED_LOGPS = {"sft"}
 _CORE_FIELDS = {"loss_type", "loss_weights", "beta", "label_smoothing", "use_weighting"}
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+# The start of TRL 1.16's warning that `padding_free=True` is ignored (see _without_trl_padding_free_warning).
+_TRL_FALLBACK = "`padding_free=True` is temporarily unavailable"
+_logger = logging.getLogger(__name__)
 
 
 def fastdpo_loss_name(trl_loss_type: str) -> str:
@@ -156,10 +160,22 @@ def check_precompute_datasets(args: Any, named_datasets: dict[str, Any]) -> None
                 )
 
 
+def check_adapters(configs) -> None:
+    """PEFT adapters the head can serve: those on the model's weights (LoRA and its kin). Prompt
+    learning (prompt, prefix, p-tuning) adds virtual tokens that move the scored positions."""
+    if any(getattr(c, "is_prompt_learning", False) for c in configs):
+        raise NotImplementedError(
+            "fastdpo's TRL integration supports adapters on the model's weights (LoRA and its kin), not PEFT prompt "
+            "learning (prompt, prefix or p-tuning), whose virtual tokens move the scored positions; use trl.DPOTrainer"
+        )
+
+
 def _check_trainer(trainer: DPOTrainer) -> None:
     """Model-level checks, once TRL has built the trainer."""
     if getattr(trainer, "_is_vlm", False) or getattr(trainer, "_is_vision_dataset", False):
         raise NotImplementedError("fastdpo's TRL integration supports text-only causal LMs, not vision models")
+    inner = trainer.accelerator.unwrap_model(trainer.model)
+    check_adapters(inner.peft_config.values() if is_peft_model(inner) else ())
     if getattr(trainer, "aux_loss_enabled", False):
         raise NotImplementedError(
             "fastdpo's TRL integration does not add the MoE router load-balancing loss; set router_aux_loss_coef=0.0 "
@@ -187,9 +203,10 @@ def check_layout(trainer: DPOTrainer, layout: str) -> str:
     """`layout`, once checked against the trainer's model and collator; raises with the reason."""
     if layout == "padded":
         return layout
-    if getattr(trainer.args, "truncation_mode", "keep_start") != "keep_start":
-        raise ValueError(f"fastdpo's {layout} layout needs truncation_mode='keep_start' (with keep_end the chosen and "
-                         "rejected rows of a pair may keep different parts of the prompt)")
+    truncating = getattr(trainer.args, "max_length", None) is not None
+    if truncating and getattr(trainer.args, "truncation_mode", "keep_start") != "keep_start":
+        raise ValueError(f"fastdpo's {layout} layout needs truncation_mode='keep_start' or max_length=None (with "
+                         "keep_end the chosen and rejected rows of a pair may keep different parts of the prompt)")
     inner = trainer.accelerator.unwrap_model(trainer.model)
     lm = inner.get_base_model() if is_peft_model(inner) else inner
     reason = layout_support(type(lm), lm.config, layout)
@@ -382,8 +399,8 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
     Args (besides DPOTrainer's):
         fastdpo_mode: "logits" (from-logits kernel on the completion positions) or "linear"
             (fused linear: hidden states and lm_head weight, the logits are never built).
-        fastdpo_token_metrics: also log TRL's `entropy` and `mean_token_accuracy` (and, in "linear"
-            mode, `logits/*`), from the same kernel pass as the log-probs (no extra pass over the scores).
+        fastdpo_token_metrics: also log TRL's `entropy` and `mean_token_accuracy`, from the same
+            kernel pass as the log-probs (no extra pass over the scores; `logits/*` are logged either way).
         fastdpo_inplace_backward: in "logits" mode, write the logits gradient over the logits.
         share_prompt: run each pair as one sequence [prompt, chosen, rejected] (the prompt computed
             once; needs sdpa, eager or flex attention). Implies padding-free batches.
@@ -399,6 +416,9 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
         given = inspect.signature(DPOTrainer.__init__).bind(self, *args, **kwargs).arguments
         config = given.get("args")
         check_args(config)
+        model = given.get("model")
+        check_adapters([given["peft_config"]] if given.get("peft_config") is not None else
+                       model.peft_config.values() if is_peft_model(model) else ())
         check_precompute_datasets(config, {name: given[name] for name in ("train_dataset", "eval_dataset")
                                            if given.get(name) is not None})
         self.fastdpo_options = HeadOptions(mode=fastdpo_mode, token_metrics=fastdpo_token_metrics,
@@ -406,10 +426,25 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
                                            log_sum_sq=bool(getattr(config, "use_weighting", False)))
         self.fastdpo_layout = "padded"
         layout = requested_layout(config, share_prompt, padding_free)
-        with reference_from_rank0():  # TRL's own reference under FSDP2: see fsdp_reference.py
+        packed = layout != "padded"
+        with reference_from_rank0(), _without_trl_padding_free_warning(packed):  # (FSDP2: see fsdp_reference.py)
             super().__init__(*args, **kwargs)
         self.fastdpo_layout = check_layout(self, layout)
         _check_trainer(self)
+
+
+@contextlib.contextmanager
+def _without_trl_padding_free_warning(packed: bool):
+    """TRL warns that `padding_free=True` falls back to padding: true of its own path, not of
+    fastdpo's packed layout, so the warning is dropped while TRL builds a trainer fastdpo packs."""
+    dpo_logger = logging.getLogger(DPOTrainer.__module__)
+    drop = logging.Filter()
+    drop.filter = lambda record: not (packed and _TRL_FALLBACK in record.getMessage())
+    dpo_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        dpo_logger.removeFilter(drop)
 
 
 _PATCHED: dict[type, type] = {}
@@ -436,6 +471,9 @@ def patch_trainer(trainer: DPOTrainer, *, mode: str = "logits", token_metrics: b
     trainer.fastdpo_options = options
     trainer.fastdpo_layout = check_layout(trainer, requested_layout(trainer.args, share_prompt, padding_free))
     _check_trainer(trainer)
+    if trainer.fastdpo_layout != "padded" and getattr(trainer.args, "padding_free", False):
+        _logger.warning("padding_free=True: fastdpo runs this trainer's batches packed (TRL's warning that it falls "
+                        "back to padding is about its own path)")
     return trainer
 
 
