@@ -81,6 +81,9 @@ def fused_dpo_loss(
     """
     cfg = LossConfig(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
                      label_smoothing=label_smoothing, logps_reduction=logps_reduction, **loss_options)
+    V.check_options(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                    inplace_backward=inplace_backward, return_metrics=return_metrics, return_rows=return_rows,
+                    reference_free=reference_free)
     V.check_logits(policy_logits, "policy_logits")
     rows = policy_logits.shape[0]
     if cu_seqlens is not None:
@@ -88,13 +91,7 @@ def fused_dpo_loss(
     V.check_pairs(rows, "cu_seqlens" if cu_seqlens is not None else "policy_logits")
     options = pass_options(LogitsOptions, temperature, softcap, sum_scores=return_metrics,
                            log_sum_sq=cfg.use_weighting, inplace_backward=inplace_backward)
-    if ref_logits is not None:
-        V.check_logits(ref_logits, "ref_logits")
-        if ref_logits.shape != policy_logits.shape:
-            raise ValueError(
-                f"ref_logits must match policy_logits {tuple(policy_logits.shape)}, got {tuple(ref_logits.shape)}"
-            )
-        V.check_same_device(policy_logits, ref_logits=ref_logits)
+    V.check_ref_logits(ref_logits, policy_logits)
     # Labels, mask and row layout are checked and prepared once, for both passes.
     layout = token_layout(policy_logits, labels, mask=mask, ignore_index=ignore_index, cu_seqlens=cu_seqlens,
                           name="policy_logits")

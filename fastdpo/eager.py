@@ -85,14 +85,17 @@ def eager_dpo_loss(
     """Same contract as :func:`fastdpo.fused_dpo_loss`, computed the eager way (``inplace_backward`` is ignored)."""
     cfg = LossConfig(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
                      label_smoothing=label_smoothing, logps_reduction=logps_reduction, **loss_options)
+    V.check_options(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                    inplace_backward=inplace_backward, return_metrics=return_metrics, return_rows=return_rows,
+                    reference_free=reference_free)
     V.check_logits(policy_logits, "policy_logits")
     V.check_labels(labels, policy_logits.shape[:2], mask)
+    V.check_ref_logits(ref_logits, policy_logits)
     rows = policy_logits.shape[0]
     if cu_seqlens is not None:
         rows = check_cu_seqlens(cu_seqlens, policy_logits.shape, policy_logits)
         row_offsets(cu_seqlens, 1, policy_logits.shape[1], policy_logits.device)  # same value errors as fused
     V.check_pairs(rows, "cu_seqlens" if cu_seqlens is not None else "policy_logits")
-    V.check_scores(temperature, softcap)
     V.token_labels(labels, mask, ignore_index, policy_logits.shape[-1])  # same range errors as the fused path
     opts = dict(mask=mask, ignore_index=ignore_index, temperature=temperature, softcap=softcap, cu_seqlens=cu_seqlens)
     ref_pass = None if ref_logits is None else (lambda: eager_sequence_logps(ref_logits, labels, **opts))

@@ -268,11 +268,8 @@ def _gathered(lm_head):
 
 
 def _linear_stats(hidden, layout: TokenLayout, lm_head, scale, softcap, wanted: dict, grad_spec=None):
-    weight, bias = _full(lm_head.weight), _full(lm_head.bias)
-    if torch.is_autocast_enabled(hidden.device.type):  # as lm_head(hidden) would run under autocast
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    # as lm_head(hidden) would run under autocast (cast before the scale below)
+    hidden, weight, bias = V.autocast_linear_inputs(hidden, _full(lm_head.weight), _full(lm_head.bias))
     if scale != 1.0:  # (h s) W^T + b s = s (h W^T + b), before the soft-cap
         hidden = hidden * scale
         bias = bias * scale if bias is not None else None

@@ -56,13 +56,10 @@ from .packed import check_cu_seqlens
 
 
 
-def _size_or_default(value: int | None, name: str, unit: str) -> int:
+def _size_or_default(value: int | None, name: str) -> int:
     """A positive chunk size, or 0 for None: the default, which the chunk layer resolves."""
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive number of {unit} or None, got {value!r}")
-    return value
+    V.check_options(**{name: value})
+    return 0 if value is None else value
 
 
 def _wants_grad(*tensors: torch.Tensor | None) -> tuple[bool, bool, bool]:
@@ -116,8 +113,8 @@ def _linear_options(temperature: float, softcap: float | None, chunk_size: int |
     """The pass's options from the public arguments, checked: the scores, then the chunk sizes (0 for
     the default)."""
     options = pass_options(LinearOptions, temperature, softcap, **statistics)
-    return replace(options, chunk_tokens=_size_or_default(chunk_size, "chunk_size", "tokens"),
-                   vocab_chunk=_size_or_default(vocab_chunk_size, "vocab_chunk_size", "vocabulary rows"))
+    return replace(options, chunk_tokens=_size_or_default(chunk_size, "chunk_size"),
+                   vocab_chunk=_size_or_default(vocab_chunk_size, "vocab_chunk_size"))
 
 
 def _linear_pass(
@@ -179,6 +176,8 @@ def linear_sequence_logps(
         [B] log-prob sums in fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and
         bias (the backward recomputes the logits chunk by chunk). Rows with no valid token give 0.
     """
+    V.check_options(ignore_index=ignore_index, temperature=temperature, softcap=softcap, chunk_size=chunk_size,
+                    vocab_chunk_size=vocab_chunk_size)
     return linear_sequence_stats(
         hidden, weight, labels, bias=bias, mask=mask, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, cu_seqlens=cu_seqlens,
@@ -275,6 +274,9 @@ def fused_linear_dpo_loss(
     options = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
                    logps_reduction=logps_reduction, **loss_options)
     cfg = LossConfig(**options)
+    V.check_options(ignore_index=ignore_index, temperature=temperature, softcap=softcap, chunk_size=chunk_size,
+                    vocab_chunk_size=vocab_chunk_size, grad_in_forward=grad_in_forward, return_metrics=return_metrics,
+                    return_rows=return_rows, reference_free=reference_free)
     if vocab_chunk_size is not None:
         if grad_in_forward:
             raise ValueError("grad_in_forward=True keeps whole rows of logits; vocab_chunk_size needs the "

@@ -83,12 +83,26 @@ def _fake_forward(hidden, offsets, options: LinearOptions) -> tuple[Tensor, ...]
                             top1=rows(options.token_metrics), log_sum_sq=rows(options.log_sum_sq)))
 
 
+def _without_autocast(impl):
+    """An op's implementation run with autocast off. Its inputs come in one dtype (`check_linear`
+    casts them as F.linear would under autocast), and its matmuls must keep that dtype: they fill
+    buffers of it, in a backward that may run under another autocast than the forward did."""
+
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return impl(*args, **kwargs)
+
+    return run
+
+
 # ---- recompute: forward keeps the backward state, backward recomputes the logits ----
 # Every op takes the pass's LinearOptions flattened (`LinearOptions.flatten`) as its last
 # parameters, in field order (tests/test_options.py checks each schema), and reads them back by
 # name (`LinearOptions.from_params`).
 
 @torch.library.custom_op("fastdpo::linear_logps", mutates_args=())
+@_without_autocast
 def linear_logps(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
     inv_temp: float, softcap: Optional[float], sum_scores: bool, token_metrics: bool, log_sum_sq: bool,
@@ -108,6 +122,7 @@ def _(hidden, weight, bias, labels, offsets, *flat_options):
 
 
 @torch.library.custom_op("fastdpo::linear_logps_backward", mutates_args=())
+@_without_autocast
 def linear_logps_backward(
     grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor,
     state: Tensor, want_hidden: bool, want_weight: bool, want_bias: bool,
@@ -206,6 +221,7 @@ def _default_dispatch_keys():
 
 
 @torch.library.custom_op("fastdpo::linear_logps_grad_in_forward", mutates_args=())
+@_without_autocast
 def linear_logps_grad_in_forward(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, ref_rows: Tensor,
     spec: str, want_hidden: bool, want_weight: bool, want_bias: bool,
@@ -240,6 +256,10 @@ def _(hidden, weight, bias, labels, offsets, ref_rows, spec, want_hidden, want_w
 _GUESS_TOL = {torch.float32: 1e-5, torch.float64: 1e-11}
 
 
+_ONE_BACKWARD = ("fused_linear_dpo_loss(grad_in_forward=True) supports one backward per call; pass "
+                 "grad_in_forward=False to backward through the same graph twice")
+
+
 def guess_scale(grad_rows: Tensor, guess: Tensor, counts: Tensor, used: Tensor) -> float | None:
     """s with grad_rows = s * guess on every row that has a valid token, or None if there is none.
 
@@ -255,10 +275,7 @@ def guess_scale(grad_rows: Tensor, guess: Tensor, counts: Tensor, used: Tensor) 
     stats = [used[0] != 0, live.any(), finite, a.any(), gg, s, (a - s * g).abs().max(), a.abs().max()]
     was_used, any_live, finite, any_grad, gg, s, resid, scale = torch.stack(stats).tolist()
     if was_used:
-        raise RuntimeError(
-            "fused_linear_dpo_loss(grad_in_forward=True) supports one backward per call; "
-            "pass grad_in_forward=False to backward through the same graph twice"
-        )
+        raise RuntimeError(_ONE_BACKWARD)
     if not any_live:
         return 1.0
     if not finite:
@@ -274,6 +291,7 @@ def guess_scale(grad_rows: Tensor, guess: Tensor, counts: Tensor, used: Tensor) 
 @torch.library.custom_op(
     "fastdpo::linear_logps_grad_in_forward_finish_", mutates_args=("used", "d_hidden", "d_weight", "d_bias")
 )
+@_without_autocast
 def linear_logps_finish_(
     grad_rows: Tensor, guess: Tensor, used: Tensor, d_hidden: Tensor, d_weight: Tensor, d_bias: Tensor,
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, offsets: Tensor, state: Tensor,
@@ -314,6 +332,12 @@ def _setup_grad_in_forward(ctx, inputs, output):
 
 
 def _backward_grad_in_forward(ctx, grad_rows, *_unused):
+    # Eager autograd: said here, before reading the saved 'used' flag, which the first backward
+    # changed in place (autograd would refuse it with a version-counter error). A compiled graph
+    # has no such ctx state; there the flag itself says it (guess_scale).
+    if getattr(ctx, "backward_done", False):
+        raise RuntimeError(_ONE_BACKWARD)
+    ctx.backward_done = True
     hidden, weight, bias, labels, offsets, state, *saved = ctx.saved_tensors
     guessed = GuessedGrads._make(saved)
     if not any(ctx.needs_input_grad[:3]):

@@ -243,6 +243,10 @@ def layout_stats(
     # the compiled path always takes the out-of-place backward (same numbers, one [B, T, V] more).
     options = replace(options, save_lse=logits.requires_grad and torch.is_grad_enabled(),
                       inplace_backward=options.inplace_backward and not torch.compiler.is_compiling())
+    if options.inplace_backward and options.save_lse and V.overlaps_itself(logits):
+        raise ValueError(f"inplace_backward=True writes the gradient over {name}, whose elements share memory "
+                         f"(strides {logits.stride()} for shape {tuple(logits.shape)}: an expand or as_strided view); "
+                         "pass inplace_backward=False, or logits.contiguous()")
     results = TokenResults._make(token_logps_op(logits, layout.labels, *options.flatten()))
     return SequenceStats.of(results, layout.counts, options, layout.row_sums)
 
@@ -309,6 +313,8 @@ def sequence_logps(
     Returns:
         [B] log-prob sums, differentiable w.r.t. ``logits``. Rows with no unmasked position give 0.
     """
+    V.check_options(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                    inplace_backward=inplace_backward)
     return sequence_stats(
         logits, labels, mask=mask, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, inplace_backward=inplace_backward, cu_seqlens=cu_seqlens,

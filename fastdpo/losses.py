@@ -262,6 +262,7 @@ class LossConfig:
             self.weights = [float(w) for w in self.loss_weights]
         if not all(math.isfinite(w) for w in self.weights):
             raise ValueError(f"loss_weights must be finite, got {self.loss_weights}")
+        self._check_numbers()
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing <= 1.0:
@@ -277,6 +278,18 @@ class LossConfig:
                 f"use_weighting (WPO) is not defined for {sorted(set(self.types) & COUPLED_LOSSES)}: those losses "
                 "sort the pairs of the batch, which would misalign the per-pair weights (TRL refuses it too)"
             )
+
+    def _check_numbers(self) -> None:
+        """Every number option a finite number (a tensor is taken as given: reading it would wait for
+        its device). Comparisons, not math.isfinite, which torch.compile cannot trace on a traced float."""
+        for name in NUMBER_OPTIONS:
+            value = getattr(self, name)
+            if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, torch.Tensor)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not isinstance(value, torch.Tensor) and not -math.inf < value < math.inf:
+                raise ValueError(f"{name} must be finite, got {value}")
+        if not isinstance(self.use_weighting, bool):
+            raise TypeError(f"use_weighting must be True or False, got {self.use_weighting!r}")
 
     def _check_reduction(self) -> None:
         if self.logps_reduction not in LOGPS_REDUCTIONS:
@@ -301,8 +314,9 @@ class LossConfig:
 
         Written by hand rather than with json.dumps so that torch.compile traces it (a constant)."""
         parts = []
-        for name, value in sorted(self.op_values().items()):
-            text = _json_value(value)
+        values = self.op_values()
+        for name in sorted(values):  # by name alone: a traced value may not be comparable
+            text = _json_value(values[name])
             if text is None:
                 return None
             parts.append(f'"{name}":{text}')
@@ -344,6 +358,9 @@ def _json_value(value: object) -> str | None:
 LossFn = Callable[[PairLogps, LossConfig], torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
 CHECKS: dict[str, Callable[[LossConfig], None]] = {}
+# LossConfig's number options (LossConfig._check_numbers).
+NUMBER_OPTIONS = ("beta", "label_smoothing", "discopop_tau", "simpo_gamma", "cpo_alpha", "bco_delta",
+                  "f_alpha_divergence_coef")
 REFERENCE_FREE: set[str] = set()
 NLL_TERMS: set[str] = set()  # losses whose value includes the chosen NLL (reported as nll_loss)
 # Losses whose gradient for one pair depends on other pairs' log-probs (they sort over the batch):

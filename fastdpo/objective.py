@@ -146,6 +146,7 @@ class LossModule(nn.Module):
         options = {k: v for k, v in options.items() if k not in ("self", "__class__")}
         options.update(options.pop("loss_options", {}))
         LossConfig(**{k: v for k, v in options.items() if k in _LOSS_FIELDS or k not in _declared(type(self))})
+        V.check_options(**{k: v for k, v in options.items() if k in V.CALL_OPTIONS})
         self.options = options  # checked above: a bad option fails here, not at the first call
 
     def extra_repr(self) -> str:

@@ -96,6 +96,25 @@ def test_fullgraph_step_matches_eager(step_fn, options):
     assert len(graphs) == 1
 
 
+def test_a_beta_schedule_compiles_with_the_recomputing_backward():
+    """A beta that changes between calls is traced as a value (after the first change), not a
+    constant: the recomputing path takes it in one reused graph (what the README advises for
+    fused_linear_dpo_loss, whose grad-in-forward op needs the loss options as constants)."""
+    model = Step()
+    backend, graphs = counting("aot_eager")
+
+    def step(m, x, labels, mask, ref, beta):
+        hidden = torch.tanh(m.body(x))
+        return fastdpo.fused_linear_dpo_loss(hidden, m.head.weight, labels, ref, bias=m.head.bias, mask=mask, beta=beta,
+                                             return_metrics=True, chunk_size=4, grad_in_forward=False)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    for beta in (0.1, 0.2, 0.3, 0.4):
+        args = (*batch(), beta)
+        assert_same(run(compiled, model, args), run(step, model, args))
+    assert len(graphs) <= 2  # the first constant beta, then one graph for every later value
+
+
 def test_compiled_grad_in_forward_only_scales(monkeypatch):
     """Under compile too, the grad-in-forward backward scales the forward's buffers, no recompute."""
     model = Step()

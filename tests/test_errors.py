@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastdpo
+import fastdpo.eager
 from fastdpo import kernels, torch_backend
 
 
@@ -54,8 +55,25 @@ CASES = {
     "unknown loss": (lambda: call(*batch(), loss_type="nope"), ValueError, "unknown loss_type"),
     "weights length": (lambda: call(*batch(), loss_type=["sigmoid"], loss_weights=[1.0, 2.0]), ValueError,
                        "loss_weights has 2"),
-    "temperature": (lambda: call(*batch(), temperature=0.0), ValueError, "temperature must be > 0"),
-    "softcap": (lambda: call(*batch(), softcap=-1.0), ValueError, "softcap must be > 0"),
+    "temperature": (lambda: call(*batch(), temperature=0.0), ValueError, "temperature must be finite and > 0"),
+    "softcap": (lambda: call(*batch(), softcap=-1.0), ValueError, "softcap must be finite and > 0"),
+    "temperature infinite": (lambda: call(*batch(), temperature=float("inf")), ValueError, "temperature must be finite"),
+    "softcap infinite": (lambda: call(*batch(), softcap=float("inf")), ValueError, "softcap must be finite"),
+    "temperature a string": (lambda: call(*batch(), temperature="1"), TypeError, "temperature must be a number"),
+    "beta infinite": (lambda: call(*batch(), beta=float("inf")), ValueError, "beta must be finite"),
+    "beta a string": (lambda: call(*batch(), beta="0.1"), TypeError, "beta must be a number"),
+    "beta a bool": (lambda: call(*batch(), beta=True), TypeError, "beta must be a number"),
+    "option nan": (lambda: call(*batch(), loss_type="discopop", discopop_tau=float("nan")), ValueError,
+                   "discopop_tau must be finite"),
+    "return_metrics not a bool": (lambda: call(*batch(), return_metrics="no"), TypeError, "return_metrics must be True"),
+    "return_rows not a bool": (lambda: call(*batch(), return_rows=1), TypeError, "return_rows must be True"),
+    "use_weighting not a bool": (lambda: call(*batch(), use_weighting="yes"), TypeError, "use_weighting must be True"),
+    "ignore_index a float": (lambda: call(*batch(), ignore_index=-100.5), TypeError, "ignore_index must be an int"),
+    "integer mask values": (lambda: call(*batch(), mask=torch.full((4, 3), 2)), ValueError, r"only 0 and 1, got .*\[2\]"),
+    "negative mask values": (lambda: call(*batch(), mask=torch.full((4, 3), -1)), ValueError, "only 0 and 1"),
+    "no rows": (lambda: call(*batch(B=0)), ValueError, "policy_logits has no rows"),
+    "expanded logits, in place": (lambda: call(torch.randn(1, 3, 7, requires_grad=True).expand(4, 3, 7),
+                                               *batch()[1:], inplace_backward=True), ValueError, "share memory"),
     "label smoothing": (lambda: call(*batch(), label_smoothing=1.5), ValueError, "label_smoothing"),
     "sequence_logps labels": (lambda: fastdpo.sequence_logps(torch.randn(2, 3, 5), torch.full((2, 3), 9)),
                               ValueError, r"\[0, 5\)"),
@@ -69,9 +87,23 @@ def test_bad_input_raises(name):
         fn()
 
 
-def test_module_rejects_bad_options_at_construction():
-    with pytest.raises(ValueError, match="unknown loss_type"):
-        fastdpo.FusedDPOLoss(loss_type="nope")
+@pytest.mark.parametrize("module,options,error,message", [
+    (fastdpo.FusedDPOLoss, dict(loss_type="nope"), ValueError, "unknown loss_type"),
+    (fastdpo.FusedDPOLoss, dict(temperature=0), ValueError, "temperature must be finite and > 0"),
+    (fastdpo.FusedDPOLoss, dict(return_metrics="yes"), TypeError, "return_metrics must be True"),
+    (fastdpo.FusedDPOLoss, dict(beta=float("nan")), ValueError, "beta must be finite"),
+    (fastdpo.FusedLinearDPOLoss, dict(chunk_size=0), ValueError, "chunk_size must be a positive number"),
+    (fastdpo.FusedLinearDPOLoss, dict(grad_in_forward="no"), TypeError, "grad_in_forward must be True"),
+])
+def test_module_rejects_bad_options_at_construction(module, options, error, message):
+    with pytest.raises(error, match=message):
+        module(**options)
+
+
+def test_eager_reference_checks_ref_logits_like_the_fused_path():
+    logits, labels, _ = batch()
+    with pytest.raises(ValueError, match="ref_logits must match policy_logits"):
+        fastdpo.eager.eager_dpo_loss(logits, labels, ref_logits=torch.randn(4, 3, 8))
 
 
 def test_unknown_backend(monkeypatch):

@@ -216,8 +216,10 @@ def test_grad_in_forward_single_backward(device):
     h, w = leaves(hidden, weight)
     loss = fastdpo.fused_linear_dpo_loss(h, w, labels, torch.zeros(2, device=device), mask=mask)
     loss.backward(retain_graph=True)
-    # Eager autograd's version check catches it first; compiled graphs reach the op's own check.
-    with pytest.raises(RuntimeError, match="one backward per call|modified by an inplace operation"):
+    # Said before autograd's version check on the saved 'used' flag could answer in its own words.
+    with pytest.raises(RuntimeError, match="supports one backward per call; pass grad_in_forward=False"):
+        torch.autograd.grad(loss, w, retain_graph=True)
+    with pytest.raises(RuntimeError, match="supports one backward per call"):
         loss.backward()
     h2, w2 = leaves(hidden, weight)
     loss2 = fastdpo.fused_linear_dpo_loss(h2, w2, labels, torch.zeros(2, device=device), mask=mask,
@@ -261,6 +263,42 @@ def test_frozen_lm_head(backend, device):
         dpo_sigmoid64(seq_logps64(logits64(h64, w64, b.double()), labels, mask), torch.zeros(4, device=device), 0.1).backward()
         assert_rel_to_max(h.grad, h64.grad, 1e-5, "grad hidden")
         assert weight.grad is None and b.grad is None
+
+
+@pytest.mark.parametrize("options", [{}, {"grad_in_forward": False}, {"vocab_chunk_size": 16}],
+                         ids=["grad_in_forward", "recompute", "vocab_slabs"])
+def test_autocast_takes_inputs_as_linear_would(options, backend, device):
+    """Under bf16 autocast, fp32 hidden / weight / bias run in bf16 as F.linear would run them (the
+    float64 reference sees the bf16-rounded inputs); the gradients reach the fp32 leaves."""
+    hidden, weight, b, labels, mask = make_batch(2, 6, 32, 50, torch.float32, device)
+    ref = -20 * torch.rand(4, device=device)
+    h, w, bb = leaves(hidden, weight, b)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        loss = fastdpo.fused_linear_dpo_loss(h, w, labels, ref, bias=bb, mask=mask, chunk_size=4, **options)
+    loss.backward()
+    rounded = [t.to(torch.bfloat16) for t in (hidden, weight, b)]
+    h64, w64, b64 = leaves(*rounded, dtype=torch.float64)
+    loss64 = dpo_sigmoid64(seq_logps64(logits64(h64, w64, b64), labels, mask), ref, 0.1)
+    loss64.backward()
+    assert_close_rel(loss, loss64, 2e-2, "loss")
+    assert h.grad.dtype == w.grad.dtype == bb.grad.dtype == torch.float32
+    check_grads((h, w, bb), (h64, w64, b64), 3e-2)
+
+
+def test_backward_under_autocast_keeps_the_forwards_dtype(backend, device):
+    """A forward outside autocast and its backward inside one (the recomputing backward runs matmuls):
+    the backward keeps the inputs' fp32, so the gradients equal those of a plain backward."""
+    hidden, weight, b, labels, mask = make_batch(2, 6, 32, 50, torch.float32, device)
+    grads = []
+    for autocast in (False, True):
+        h, w = leaves(hidden, weight)
+        loss = fastdpo.fused_linear_dpo_loss(h, w, labels, torch.zeros(4, device=device), mask=mask, chunk_size=4,
+                                             grad_in_forward=False)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            loss.backward()
+        grads.append((h.grad, w.grad))
+    assert_rel_to_max(grads[1][0], grads[0][0], 1e-6, "grad hidden")
+    assert_rel_to_max(grads[1][1], grads[0][1], 1e-6, "grad weight")
 
 
 def test_bfloat16(backend, device):
@@ -370,8 +408,11 @@ ERRORS = {
     "vocab_chunk_size bool": (_bad(vocab_chunk_size=True), ValueError, "vocab_chunk_size must be a positive"),
     "vocab_chunk_size with grad_in_forward": (_bad(vocab_chunk_size=4, grad_in_forward=True), ValueError,
                                               "vocab_chunk_size needs the recomputing backward"),
-    "softcap": (_bad(softcap=0.0), ValueError, "softcap must be > 0"),
+    "softcap": (_bad(softcap=0.0), ValueError, "softcap must be finite and > 0"),
     "unknown loss": (_bad(loss_type="nope"), ValueError, "unknown loss_type"),
+    "grad_in_forward not a bool": (_bad(grad_in_forward="no"), TypeError, "grad_in_forward must be True, False or None"),
+    "no rows": (_bad(hidden=torch.randn(0, 3, 8), labels=torch.zeros(0, 3, dtype=torch.long),
+                     ref_logps=torch.zeros(0)), ValueError, "hidden has no rows"),
 }
 
 
