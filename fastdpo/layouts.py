@@ -111,7 +111,7 @@ class LayoutBatch:
     sequence_ids: torch.Tensor | None  # packed / shared: [1, N] which sequence (pair, in shared) a token is in
     branch_ids: torch.Tensor | None  # shared: [1, N] 0 prompt, 1 chosen, 2 rejected
     scoring: Scoring
-    index: torch.Tensor  # [P] the pairs' positions in their split
+    index: torch.Tensor  # [P] the pairs' positions in their split; on the host (`to` keeps it there)
     real_tokens: int  # prompt + answer tokens of every row, each prompt counted per row (the padded count)
 
     @property
@@ -129,7 +129,7 @@ class LayoutBatch:
 
         return replace(self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
                        position_ids=move(self.position_ids), sequence_ids=move(self.sequence_ids),
-                       branch_ids=move(self.branch_ids), scoring=self.scoring.to(device), index=move(self.index))
+                       branch_ids=move(self.branch_ids), scoring=self.scoring.to(device))
 
 
 def pair_rows(pairs: Sequence[PairTokens], chosen_only: bool = False) -> list[tuple[Sequence[int], Sequence[int]]]:

@@ -109,12 +109,32 @@ def test_unknown_loss_type(tmp_path):
      "--share-prompt: attn_implementation 'flash_attention_2' cannot take a custom attention mask (it needs one of "
      "sdpa, eager, flex_attention)"),
     (dict(attn_implementation="flash"), "--attn-implementation must be one of auto, sdpa, eager"),
+    # numbers that would train to NaN or climb the loss
+    (dict(max_grad_norm=-1.0), "--max-grad-norm must be >= 0 and finite, got -1.0"),
+    (dict(max_grad_norm=float("nan")), "--max-grad-norm must be >= 0 and finite"),
+    (dict(weight_decay=-1.0), "--weight-decay must be >= 0 and finite"),
+    (dict(beta=float("inf")), "--beta must be > 0 and finite"),
+    (dict(learning_rate=float("inf")), "--learning-rate must be > 0 and finite"),
+    (dict(num_epochs=float("inf"), max_steps=0), "--num-epochs must be > 0 and finite"),
+    (dict(seed=-1), "--seed must be in [0, 2^32)"),
+    (dict(lora_r=4, lora_alpha=float("nan")), "--lora-alpha must be > 0 and finite"),
+    (dict(lora_r=4, lora_dropout=2.0), "--lora-dropout must be in [0, 1)"),
+    (dict(dtype="float16"), "--dtype float16 needs LoRA"),
+    (dict(split="train", eval_split="train"), "--eval-split train is the training split"),
+    (dict(loss_options={"beta": 0.5}), "--loss-options: give beta as --beta"),
+    (dict(loss_options={"use_weighting": "yes"}), "use_weighting must be True or False"),
 ])
 def test_conflicting_options(tmp_path, options, reason):
     cfg = dataclasses.replace(tiny_config(tmp_path / "run"), **options)
     with pytest.raises(ConfigError) as e:
         DPOTrainer(cfg)
     assert reason in str(e.value)
+
+
+def test_training_on_the_test_split_has_no_default_eval_split(tmp_path):
+    """The default eval split is 'test': not when 'test' is what trains (it would not be held out)."""
+    trainer = start(tmp_path, split="test")
+    assert len(trainer.data.eval) == 0 and len(trainer.data.train) > 0
 
 
 def test_run_dir_holding_a_run_needs_resume(tmp_path):

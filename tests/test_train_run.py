@@ -172,3 +172,65 @@ def test_the_kernels_serve_the_trainer(tmp_path, backend, impl):
     # there the implementations agree to ~1e-4 (8.6e-5 measured on an H100), not fp32's 1e-5.
     rel = 1e-3 if backend == "triton" and torch.cuda.is_available() else 1e-5
     assert train_losses(tmp_path / impl) == pytest.approx(train_losses(tmp_path / "reference"), rel=rel)
+
+
+# The code of a training step that runs on the device's values: a host read there (`.item()`,
+# `float()`, `.cpu()`, ...) would make the host wait for the device instead of queuing on.
+STEP_CODE = ("fastdpo/trainer/loop.py", "fastdpo/trainer/loss.py", "fastdpo/trainer/ref.py", "fastdpo/head.py",
+             "fastdpo/objective.py", "fastdpo/losses.py", "fastdpo/metrics.py", "fastdpo/logps.py",
+             "fastdpo/linear.py")
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+@pytest.mark.parametrize("ref,impl", [("copy", "fused"), ("precompute", "fused_linear")])
+def test_steps_between_log_lines_read_nothing_back(tmp_path, monkeypatch, ref, impl):
+    """Between log, eval and save steps the step's own code reads no tensor value on the host (on a
+    GPU each read would stall the queue). On the CPU every such read is recorded with its caller;
+    the layouts' host-side bookkeeping (tensors made on the host) is not step code."""
+    import sys
+
+    reads, watching = [], [False]
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if watching[0] and caller.endswith(STEP_CODE):
+                reads.append(f"{name} in {caller.split('/fastdpo/')[-1]}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in HOST_READS:
+        spy(name)
+    step, after = DPOTrainer.train_step, DPOTrainer._after_step
+
+    def watched_step(self):
+        watching[0] = (self.step + 1) % 4 != 0  # steps 1-3 of 4 neither log, evaluate nor save
+        return step(self)
+
+    def watched_after(self, *args):
+        after(self, *args)
+        watching[0] = False
+
+    monkeypatch.setattr(DPOTrainer, "train_step", watched_step)
+    monkeypatch.setattr(DPOTrainer, "_after_step", watched_after)
+    DPOTrainer(tiny_config(tmp_path / "run", max_steps=4, logging_steps=4, save_steps=0, ref=ref,
+                           loss_impl=impl)).train()
+    assert reads == []
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [4]
+
+
+def test_a_run_that_fails_while_setting_up_leaves_its_directory_reusable(tmp_path):
+    """A fresh run whose model refuses an option (LoRA targets it does not have) names the option in
+    one line and takes back its config and start record: the corrected command runs in the same
+    directory, without --resume replaying the failing option."""
+    from fastdpo.trainer import ConfigError
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match="--lora-target-modules bogus_proj: .*bogus_proj"):
+        DPOTrainer(tiny_config(run, lora_r=4, lora_target_modules="bogus_proj")).train()
+    assert not run.exists()
+    DPOTrainer(tiny_config(run, lora_r=4, max_steps=1)).train()
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1]

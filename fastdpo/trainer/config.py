@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -184,9 +185,25 @@ def check(cfg: TrainConfig) -> None:
                  "max_train_pairs", "max_eval_pairs", "cpu_threads", "task_eval_prompts", "max_tokens"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "sft_learning_rate", "num_epochs"):
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"--{_flag(name)} must be > 0, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "sft_learning_rate", "num_epochs", "beta"):
+        if not 0 < getattr(cfg, name) < math.inf:  # (NaN fails every comparison)
+            raise ConfigError(f"--{_flag(name)} must be > 0 and finite, got {getattr(cfg, name)}")
+    for name in ("weight_decay", "max_grad_norm"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise ConfigError(f"--{_flag(name)} must be >= 0 and finite, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's seed range
+        raise ConfigError(f"--seed must be in [0, 2^32), got {cfg.seed}")
+    if cfg.lora_r and not 0 < cfg.lora_alpha < math.inf:
+        raise ConfigError(f"--lora-alpha must be > 0 and finite, got {cfg.lora_alpha}")
+    if cfg.lora_r and not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.dtype == "float16" and not cfg.lora_r:
+        raise ConfigError("--dtype float16 needs LoRA (--lora-r > 0): AdamW on float16 weights, with no float32 "
+                          "master copy, turns small updates into 0, NaN or -inf; use bfloat16, or float32 with "
+                          "--mixed-precision bf16")
+    if cfg.eval_split and cfg.eval_split == cfg.split:
+        raise ConfigError(f"--eval-split {cfg.eval_split} is the training split: its eval would not be held out "
+                          "(use another split or --eval-fraction)")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise ConfigError(f"--eval-fraction must be in [0, 1), got {cfg.eval_fraction}")
     if not 0.0 <= cfg.warmup_ratio <= 1.0:
@@ -197,8 +214,9 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"--task-eval-prompts needs a task with an answer rule; only {EMBEDDED_DATASET} has one")
     if not isinstance(cfg.loss_options, dict):
         raise ConfigError(f"--loss-options must be a JSON object, got {cfg.loss_options!r}")
-    if "logps_reduction" in cfg.loss_options:
-        raise ConfigError("--loss-options: give logps_reduction as --logps-reduction")
+    flagged = sorted(set(cfg.loss_options) & {"loss_type", "beta", "label_smoothing", "logps_reduction"})
+    if flagged:
+        raise ConfigError(f"--loss-options: give {flagged[0]} as --{_flag(flagged[0])}")
     losses = loss_config(cfg)  # unknown loss types and bad hyper-parameters fail here
     if cfg.ref == "none" and losses.needs_reference:
         raise ConfigError(f"--ref none conflicts with --loss-type {cfg.loss_type}, which needs a reference; "

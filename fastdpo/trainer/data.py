@@ -100,7 +100,9 @@ def _pick_splits(name: str, splits: dict[str, Source], cfg: TrainConfig) -> tupl
         raise DataError(f"dataset {name} has no split {cfg.split!r} (it has: {', '.join(sorted(splits)) or 'none'})")
     if cfg.eval_split and cfg.eval_split not in splits:
         raise DataError(f"dataset {name} has no eval split {cfg.eval_split!r} (it has: {', '.join(sorted(splits))})")
-    eval_split = cfg.eval_split or ("test" if "test" in splits and not cfg.eval_fraction else "")
+    # The default eval split is never the training split: training on "test" has no held-out eval.
+    default = "test" if "test" in splits and cfg.split != "test" and not cfg.eval_fraction else ""
+    eval_split = cfg.eval_split or default
     return splits[cfg.split], splits.get(eval_split)
 
 

@@ -103,13 +103,23 @@ class DPOTrainer:
         """Build the policy, reference, optimizer and schedule (and restore a checkpoint)."""
         if self.model is not None:
             return
-        cfg, acc = self.cfg, self.accelerator
         from accelerate.utils import set_seed
 
-        set_seed(cfg.seed)
+        set_seed(self.cfg.seed)
         if self.restart:
             self._start_over()
+        fresh = self.resume_from is None and not self.restart
         self._report_start()
+        try:
+            self._build()
+        except Exception:
+            if fresh:
+                self._forget_unstarted_run()
+            raise
+
+    def _build(self) -> None:
+        """setup's model part: warm-up, policy, reference, optimizer, checkpoint."""
+        cfg, acc = self.cfg, self.accelerator
         start = self._warm_up() if cfg.sft_steps else cfg.model
         if start is None:
             return  # interrupted during the warm-up
@@ -256,7 +266,7 @@ class DPOTrainer:
                 stats = self.train_step()
                 self.step += 1
                 window.add(stats, time.perf_counter() - t)
-                self._after_step(window, stats)
+                self._after_step(window)
         self.log.close_bar()
         return self._finish(interrupted)
 
@@ -300,19 +310,28 @@ class DPOTrainer:
         grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm, dtype=torch.float32)
         return {**totals, "grad_norm": grad_norm, "tokens": tokens, "real_tokens": real_tokens}
 
-    def _after_step(self, window: "Window", stats: dict) -> None:
+    def _after_step(self, window: "Window") -> None:
+        """Log, evaluate and save where due. Between those steps nothing here reads a device value,
+        so the host queues the next step while the device still runs this one."""
         cfg = self.cfg
-        if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
+        logging = self.step % cfg.logging_steps == 0 or self.step == self.total_steps
+        evaluating = bool(self.data.eval and cfg.eval_steps and self.step % cfg.eval_steps == 0)
+        saving = bool(cfg.save_steps and self.step % cfg.save_steps == 0)
+        if logging or evaluating or saving:
+            window.settle(self.device)  # the queued steps' device time is theirs, not the eval's
+        postfix = None
+        if logging:
             check_ranks_agree(self.accelerator, self.model, self.step)
             record = window.flush(self.accelerator)
             self.log.write({"step": self.step, "epoch": self.loader.epoch_of(self.step * cfg.grad_accum),
                             "lr": self.scheduler.get_last_lr()[0], **record,
                             "peak_memory_gb": peak_memory_gb(self.device)})
-        self.log.advance({"loss": float(stats["loss"]), "acc": float(stats.get("rewards/accuracies", math.nan)),
-                          "tok/s": window.last_rate * self.accelerator.num_processes})
-        if self.data.eval and cfg.eval_steps and self.step % cfg.eval_steps == 0:
+            postfix = {"loss": record["loss"], "acc": record.get("rewards/accuracies", math.nan),
+                       "tok/s": record["tokens/s"]}
+        self.log.advance(postfix)  # the bar's numbers are those of the latest log line
+        if evaluating:
             self.evaluate()
-        if cfg.save_steps and self.step % cfg.save_steps == 0:
+        if saving:
             self.save()
 
     @torch.no_grad()
@@ -392,6 +411,19 @@ class DPOTrainer:
                                                       Path(self.cfg.run_dir) / FINAL_DIR))
         self.log.info(f"model saved to {summary['final_model']}")
         return summary
+
+    def _forget_unstarted_run(self) -> None:
+        """A fresh run that failed while setting up (a model that refuses its LoRA targets, say) and
+        wrote nothing but its config and start record: remove those, so that the directory takes a
+        corrected command rather than insisting on --resume with the failing options. A finished
+        warm-up or a checkpoint is kept, with the config that made it."""
+        run_dir = Path(self.cfg.run_dir)
+        if not self.accelerator.is_main_process or (run_dir / WARMUP_DIR).exists() or latest_checkpoint(run_dir):
+            return
+        for name in (SAVED_CONFIG, METRICS):
+            (run_dir / name).unlink(missing_ok=True)
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
     def _start_over(self) -> None:
         """--resume of a run stopped before its first checkpoint: begin again in its directory,
@@ -561,12 +593,12 @@ def summary_lines(summary: dict[str, Any], run_dir: str, task_success: list[tupl
 
 
 class Window:
-    """Metrics summed over the steps since the last log line."""
+    """Metrics summed over the steps since the last log line, on the device: adding a step's metrics
+    reads nothing back, so the host never waits for the device between log lines."""
 
     COUNTS = ("tokens", "real_tokens")  # summed over the window and the ranks, not averaged
 
     def __init__(self) -> None:
-        self.last_rate = 0.0  # tokens/s of the latest step, for the progress bar (kept across flushes)
         self._reset()
 
     def _reset(self) -> None:
@@ -575,31 +607,39 @@ class Window:
         self.steps, self.seconds = 0, 0.0
 
     def add(self, stats: dict, seconds: float) -> None:
+        """One step's metrics (tensors, left where they are) and counts; `seconds` is the host's time
+        in the step, which `settle` completes with the wait for what it queued."""
         for name, value in stats.items():
             if name not in self.COUNTS:
-                self.sums[name] = self.sums.get(name, 0.0) + value.detach().float().cpu()
+                self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
         self.steps += 1
         self.seconds += seconds
         for name in self.COUNTS:
             self.counts[name] += stats[name]
-        self.last_rate = stats["tokens"] / max(seconds, 1e-9)
+
+    def settle(self, device: torch.device) -> None:
+        """Wait for the steps queued on the device, counting the wait as their time (the host's time
+        in a step is only the time it took to queue it)."""
+        if device.type == "cuda":
+            start = time.perf_counter()
+            torch.cuda.synchronize(device)
+            self.seconds += time.perf_counter() - start
 
     def flush(self, accelerator) -> dict[str, float]:
         """Means over the window and over the ranks; `tokens` (positions the policy computed, padding
         included) and `real_tokens` (prompt and answer tokens of every row) summed over the window and
-        the ranks, and each per second."""
-        names = sorted(self.sums)
-        k = len(self.COUNTS)
-        values = torch.stack([self.sums[n] for n in names] + [torch.tensor(float(self.counts[c])) for c in self.COUNTS])
-        values[:-k] /= self.steps
-        if accelerator.num_processes > 1:
-            values = accelerator.reduce(values.to(accelerator.device), "sum").cpu()
-            values[:-k] /= accelerator.num_processes
-        record = dict(zip(names, values[:-k].tolist()))
-        for name, total in zip(self.COUNTS, values[-k:].tolist()):
+        the ranks, and each per second. One read from the device."""
+        names, device = sorted(self.sums), accelerator.device
+        means = torch.stack([self.sums[n].to(device).reshape(()) for n in names]) / self.steps
+        counts = [self.counts[c] for c in self.COUNTS]
+        if accelerator.num_processes > 1:  # (counts as int64: a float32 sum is inexact past 2^24 tokens)
+            means = accelerator.reduce(means, "sum") / accelerator.num_processes
+            counts = accelerator.reduce(torch.tensor(counts, device=device), "sum").tolist()
+        record = dict(zip(names, means.tolist()))
+        for name, total in zip(self.COUNTS, counts):
             record[name] = int(total)
             record[f"{name}/s"] = total / max(self.seconds, 1e-9)
-        self._reset()  # not last_rate: the bar shows it right after this flush
+        self._reset()
         return record
 
 

@@ -144,7 +144,10 @@ def add_lora(model, cfg: TrainConfig):
                       target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
-        return get_peft_model(model, lora)
+        try:
+            return get_peft_model(model, lora)
+        except ValueError as e:  # peft's "Target modules ... not found in the base model", say
+            raise ConfigError(f"--lora-target-modules {targets}: {str(e).splitlines()[0]}") from None
 
 
 def is_peft(model) -> bool:
