@@ -418,7 +418,8 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
         check_args(config)
         model = given.get("model")
         check_adapters([given["peft_config"]] if given.get("peft_config") is not None else
-                       model.peft_config.values() if is_peft_model(model) else ())
+                       model.peft_config.values() if isinstance(model, torch.nn.Module) and is_peft_model(model)
+                       else ())  # (the model may be a name or path, which TRL loads)
         check_precompute_datasets(config, {name: given[name] for name in ("train_dataset", "eval_dataset")
                                            if given.get(name) is not None})
         self.fastdpo_options = HeadOptions(mode=fastdpo_mode, token_metrics=fastdpo_token_metrics,
