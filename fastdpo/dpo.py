@@ -81,9 +81,8 @@ def fused_dpo_loss(
     """
     cfg = LossConfig(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
                      label_smoothing=label_smoothing, logps_reduction=logps_reduction, **loss_options)
-    V.check_options(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                    inplace_backward=inplace_backward, return_metrics=return_metrics, return_rows=return_rows,
-                    reference_free=reference_free)
+    V.check_options(ignore_index=ignore_index, inplace_backward=inplace_backward, return_metrics=return_metrics,
+                    return_rows=return_rows, reference_free=reference_free)  # (the scores: pass_options)
     V.check_logits(policy_logits, "policy_logits")
     rows = policy_logits.shape[0]
     if cu_seqlens is not None:

@@ -176,8 +176,7 @@ def linear_sequence_logps(
         [B] log-prob sums in fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and
         bias (the backward recomputes the logits chunk by chunk). Rows with no valid token give 0.
     """
-    V.check_options(ignore_index=ignore_index, temperature=temperature, softcap=softcap, chunk_size=chunk_size,
-                    vocab_chunk_size=vocab_chunk_size)
+    V.check_options(ignore_index=ignore_index)  # (the scores and chunk sizes: _linear_options)
     return linear_sequence_stats(
         hidden, weight, labels, bias=bias, mask=mask, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, cu_seqlens=cu_seqlens,
@@ -274,9 +273,8 @@ def fused_linear_dpo_loss(
     options = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
                    logps_reduction=logps_reduction, **loss_options)
     cfg = LossConfig(**options)
-    V.check_options(ignore_index=ignore_index, temperature=temperature, softcap=softcap, chunk_size=chunk_size,
-                    vocab_chunk_size=vocab_chunk_size, grad_in_forward=grad_in_forward, return_metrics=return_metrics,
-                    return_rows=return_rows, reference_free=reference_free)
+    V.check_options(ignore_index=ignore_index, grad_in_forward=grad_in_forward, return_metrics=return_metrics,
+                    return_rows=return_rows, reference_free=reference_free)  # (the rest: _linear_options)
     if vocab_chunk_size is not None:
         if grad_in_forward:
             raise ValueError("grad_in_forward=True keeps whole rows of logits; vocab_chunk_size needs the "

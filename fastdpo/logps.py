@@ -313,8 +313,7 @@ def sequence_logps(
     Returns:
         [B] log-prob sums, differentiable w.r.t. ``logits``. Rows with no unmasked position give 0.
     """
-    V.check_options(ignore_index=ignore_index, temperature=temperature, softcap=softcap,
-                    inplace_backward=inplace_backward)
+    V.check_options(ignore_index=ignore_index, inplace_backward=inplace_backward)  # (the scores: pass_options)
     return sequence_stats(
         logits, labels, mask=mask, ignore_index=ignore_index, temperature=temperature,
         softcap=softcap, inplace_backward=inplace_backward, cu_seqlens=cu_seqlens,

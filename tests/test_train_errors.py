@@ -113,7 +113,7 @@ def test_unknown_loss_type(tmp_path):
     (dict(max_grad_norm=-1.0), "--max-grad-norm must be >= 0 and finite, got -1.0"),
     (dict(max_grad_norm=float("nan")), "--max-grad-norm must be >= 0 and finite"),
     (dict(weight_decay=-1.0), "--weight-decay must be >= 0 and finite"),
-    (dict(beta=float("inf")), "--beta must be > 0 and finite"),
+    (dict(beta=float("inf")), "beta must be finite"),
     (dict(learning_rate=float("inf")), "--learning-rate must be > 0 and finite"),
     (dict(num_epochs=float("inf"), max_steps=0), "--num-epochs must be > 0 and finite"),
     (dict(seed=-1), "--seed must be in [0, 2^32)"),

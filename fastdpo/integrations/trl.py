@@ -427,20 +427,20 @@ class FastDPOTrainer(FastDPOMixin, DPOTrainer):
                                            log_sum_sq=bool(getattr(config, "use_weighting", False)))
         self.fastdpo_layout = "padded"
         layout = requested_layout(config, share_prompt, padding_free)
-        packed = layout != "padded"
-        with reference_from_rank0(), _without_trl_padding_free_warning(packed):  # (FSDP2: see fsdp_reference.py)
+        quiet = _without_trl_padding_free_warning() if layout != "padded" else contextlib.nullcontext()
+        with reference_from_rank0(), quiet:  # (FSDP2: see fsdp_reference.py)
             super().__init__(*args, **kwargs)
         self.fastdpo_layout = check_layout(self, layout)
         _check_trainer(self)
 
 
 @contextlib.contextmanager
-def _without_trl_padding_free_warning(packed: bool):
+def _without_trl_padding_free_warning():
     """TRL warns that `padding_free=True` falls back to padding: true of its own path, not of
     fastdpo's packed layout, so the warning is dropped while TRL builds a trainer fastdpo packs."""
     dpo_logger = logging.getLogger(DPOTrainer.__module__)
     drop = logging.Filter()
-    drop.filter = lambda record: not (packed and _TRL_FALLBACK in record.getMessage())
+    drop.filter = lambda record: _TRL_FALLBACK not in record.getMessage()
     dpo_logger.addFilter(drop)
     try:
         yield

@@ -185,7 +185,7 @@ def check(cfg: TrainConfig) -> None:
                  "max_train_pairs", "max_eval_pairs", "cpu_threads", "task_eval_prompts", "max_tokens"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "sft_learning_rate", "num_epochs", "beta"):
+    for name in ("learning_rate", "sft_learning_rate", "num_epochs"):
         if not 0 < getattr(cfg, name) < math.inf:  # (NaN fails every comparison)
             raise ConfigError(f"--{_flag(name)} must be > 0 and finite, got {getattr(cfg, name)}")
     for name in ("weight_decay", "max_grad_norm"):
