@@ -51,6 +51,40 @@ def non_differentiable(results: tuple) -> tuple[torch.Tensor, ...]:
     return tuple(x for name, x in zip(results._fields, results) if name != "logps")
 
 
+NO_SECOND_ORDER = ("fastdpo's log-prob ops compute their gradients in kernels and have no second derivative: "
+                   "a gradient taken through them with create_graph=True cannot be differentiated again")
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Identity on an op's input gradients, whose own backward raises. Its other inputs are the
+    op's differentiable inputs, so that a second derivative with respect to them must pass here."""
+
+    @staticmethod
+    def forward(ctx, count: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(g.view_as(g) for g in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *_: Any) -> Any:
+        raise RuntimeError(NO_SECOND_ORDER)
+
+
+def first_order_only(grads: tuple[torch.Tensor | None, ...], inputs: tuple[torch.Tensor | None, ...]
+                     ) -> tuple[torch.Tensor | None, ...]:
+    """An op backward's input `grads`, made to raise NO_SECOND_ORDER if differentiated again (by a
+    backward with create_graph=True) rather than carry no graph, or one through a kernel."""
+    if not torch.is_grad_enabled():
+        return grads
+    live = [i for i, g in enumerate(grads) if g is not None]
+    sources = [x for x in inputs if x is not None and x.requires_grad]
+    if not live or not sources:
+        return grads
+    marked = _NoSecondOrder.apply(len(live), *(grads[i].detach() for i in live), *sources)
+    out = list(grads)
+    for i, g in zip(live, marked):
+        out[i] = g
+    return tuple(out)
+
+
 # The op's outputs: one tensor per TokenResults field, in its order.
 TokenOutputs = tuple[(torch.Tensor,) * len(TokenResults._fields)]
 
@@ -144,7 +178,7 @@ def _backward_token_logps(ctx, grad_logp, *_grads_of_metrics):
         grad = logits
     else:
         grad = token_logps_backward_op(logits, labels, state, grad_logp, *flat_options)
-    return (grad, *no_grads)
+    return (*first_order_only((grad,), (logits,)), *no_grads)
 
 
 token_logps_op.register_autograd(_backward_token_logps, setup_context=_setup_token_logps)

@@ -229,6 +229,33 @@ def test_grad_in_forward_single_backward(device):
     assert_rel_to_max(h2.grad, 2 * h.grad, 1e-6, "twice the gradient")
 
 
+@pytest.mark.parametrize("path", ["logits", "linear_recompute", "linear_grad_in_forward"])
+def test_a_second_derivative_is_refused_not_silently_dropped(backend, device, path):
+    """create_graph=True: the first derivative is the usual one (autograd's own wiring), and
+    differentiating it again raises, whether through hidden or through the weight, instead of a
+    gradient with no graph (which a sum with other terms would silently leave out)."""
+    hidden, weight, b, labels, mask = make_batch(1, 4, 8, 17, torch.float32, device)
+    ref = torch.zeros(2, device=device)
+
+    def loss_of(h, w):
+        if path == "logits":
+            return fastdpo.fused_dpo_loss(h @ w.T, labels, ref, mask=mask)
+        return fastdpo.fused_linear_dpo_loss(h, w, labels, ref, mask=mask,
+                                             grad_in_forward=path == "linear_grad_in_forward")
+
+    h, w = leaves(hidden, weight)
+    plain = torch.autograd.grad(loss_of(h, w), (h, w))
+    h, w = leaves(hidden, weight)
+    first = torch.autograd.grad(loss_of(h, w), (h, w), create_graph=True)
+    for got, want, name in zip(first, plain, ("hidden", "weight")):
+        assert got.requires_grad, name
+        assert_rel_to_max(got, want, 1e-6, name)
+    for target in (h, w):
+        with pytest.raises(RuntimeError, match="have no second derivative: a gradient taken through them with "
+                                               "create_graph=True cannot be differentiated again"):
+            torch.autograd.grad((first[0] ** 2).sum() + (first[1] ** 2).sum(), target, retain_graph=True)
+
+
 def test_grad_in_forward_guard_is_fastdpo_own(device):
     """The op's own guard: a second finish of the same gradients (what a second backward through a
     compiled graph reaches, past autograd's version check) raises fastdpo's error, not a wrong gradient."""
