@@ -11,6 +11,7 @@ from train_helpers import tiny_config, write_jsonl
 from fastdpo.layouts import build
 from fastdpo.trainer import embedded
 from fastdpo.trainer.data import (
+    DataError,
     Encoder,
     Pair,
     PairLoader,
@@ -119,6 +120,10 @@ def test_jsonl_json_parquet_and_split_directories_read_the_same(tmp_path):
     train, test = find_sources(tiny_config(tmp_path / "run", dataset=str(folder)))  # eval: the test split
     assert load_pairs(train, skip_invalid=False)[0] == expected[:15]
     assert load_pairs(test, skip_invalid=False)[0] == expected[15:]
+    (folder / "train.json").write_text(json.dumps(rows))  # now two files claim the train split
+    with pytest.raises(DataError, match=f"^dataset directory {folder} has two files for split 'train' "
+                                        r"\(train.json and train.jsonl\): keep one$"):
+        find_sources(tiny_config(tmp_path / "run", dataset=str(folder)))
 
 
 def test_eval_fraction_holds_out_pairs(tmp_path):
@@ -127,6 +132,10 @@ def test_eval_fraction_holds_out_pairs(tmp_path):
                         embedded.build_tokenizer())
     assert (len(data.train), len(data.eval)) == (30, 10)
     assert not {tuple(e.prompt) for e in data.eval} & {tuple(e.prompt) for e in data.train} - {()}
+    capped = prepare_data(tiny_config(tmp_path / "run", dataset=str(path), eval_fraction=0.25, max_eval_pairs=4),
+                          embedded.build_tokenizer())
+    assert (len(capped.train), len(capped.eval)) == (36, 4)  # pairs past the cap train, none are dropped
+    assert {tuple(e.prompt) for e in capped.eval} <= {tuple(e.prompt) for e in data.eval}
 
 
 def test_two_ranks_see_the_single_rank_batch(tok):

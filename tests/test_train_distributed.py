@@ -144,10 +144,13 @@ SHARD_FILES = {"fsdp2": ("pytorch_model_fsdp_0", "*.distcp"), "zero3": ("pytorch
 
 @pytest.mark.parametrize("engine", list(SHARD_FILES))
 def test_a_resumed_sharded_run_equals_an_uninterrupted_one(tmp_path, engine):
-    """Sharded checkpoints: one file per rank, and --resume from one continues exactly."""
+    """Sharded checkpoints: one file per rank, and --resume from one continues exactly, down to the
+    log record that spans the stop (logged every 3 steps, stopped after step 2: each rank's
+    unlogged steps come back from its own file)."""
     ref = "precompute" if engine == "zero3" else "copy"  # (ZeRO-3 refuses --ref copy)
     flags = train_flags(tmp_path / "whole", GLOBAL_BATCH // 2, ref, tmp_path / "cache") + \
         ["--save-steps", "2", "--save-total-limit", "0"]
+    flags[flags.index("--logging-steps") + 1] = "3"
     whole = run_cli(launcher(engine) + flags, env=engine_env(engine))
     assert whole.returncode == 0, whole.stderr[-3000:]
     folder, pattern = SHARD_FILES[engine]
@@ -165,10 +168,11 @@ def test_a_resumed_sharded_run_equals_an_uninterrupted_one(tmp_path, engine):
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
 
     a, b = step_records(tmp_path / "whole"), step_records(split)
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    assert sorted(a) == sorted(b) == [3, STEPS]
+    timing = {"tokens/s", "real_tokens/s", "peak_memory_gb"}  # measured, not computed
     for step in (3, 4):
-        for name in ("loss", "lr", "grad_norm", "rewards/margins"):
-            assert b[step][name] == a[step][name], (step, name)
+        assert {k: v for k, v in b[step].items() if k not in timing} == \
+            {k: v for k, v in a[step].items() if k not in timing}, step
     a, b = final_weights(tmp_path / "whole"), final_weights(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -87,6 +87,8 @@ def test_missing_model_path(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ConfigError, match="has no config.json"):
         start(tmp_path, model=str(tmp_path / "empty_dir"))
+    with pytest.raises(ConfigError, match=f"^tokenizer path not found: {tmp_path / 'nope'}$"):
+        start(tmp_path, tokenizer=str(tmp_path / "nope"))
 
 
 def test_unknown_loss_type(tmp_path):

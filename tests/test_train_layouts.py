@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from train_helpers import step_records, tiny_config
+from train_helpers import step_records, tiny_config, write_jsonl
 
 from fastdpo.trainer import ConfigError, DataError, DPOTrainer
 from fastdpo.trainer.data import PairLoader, budget_groups, group_tokens
@@ -106,9 +108,25 @@ def test_budget_groups_cover_each_pair_once_within_the_budget(tmp_path):
 
 
 def test_max_tokens_below_the_longest_pair_fails_before_training(tmp_path):
-    with pytest.raises(DataError, match=r"^--max-tokens 20 is smaller than pair \d+ of the (training|eval) data, which needs "
+    """The first pair over the budget is named by its file and row."""
+    with pytest.raises(DataError, match=r"^--max-tokens 20 is smaller than \S+/sort\.train\.jsonl row \d+, which needs "
                                         r"\d+ token positions in the shared layout; raise --max-tokens to at least"):
         DPOTrainer(tiny_config(tmp_path / "run", max_tokens=20, share_prompt=True))
+    rows = [{"prompt": "ab", "chosen": "c", "rejected": "d"}] * 3 + [{"prompt": "ab" * 20, "chosen": "c", "rejected": "d"}]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    with pytest.raises(DataError, match=rf"^--max-tokens 30 is smaller than {data} row 4, which needs 84 token "
+                                        r"positions in the packed layout; raise --max-tokens to at least 84 or"):
+        DPOTrainer(tiny_config(tmp_path / "run", dataset=str(data), max_tokens=30, max_eval_pairs=0))
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_size_and_max_tokens_conflict(tmp_path):
+    with pytest.raises(ConfigError, match="^--batch-size 4 and --max-tokens 100 conflict: a micro-batch is either"):
+        DPOTrainer(dataclasses.replace(tiny_config(tmp_path / "run", max_tokens=100), batch_size=4))
+    run = DPOTrainer(tiny_config(tmp_path / "run", max_tokens=100, max_steps=1))
+    run.train()
+    # resuming takes the run's own (default) batch size silently: only what the user gives conflicts
+    assert DPOTrainer(tiny_config(tmp_path / "run", max_tokens=100, max_steps=2, resume=True)).train()["step"] == 2
 
 
 def _model_without_attention_interface(tmp_path):

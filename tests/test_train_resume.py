@@ -75,6 +75,23 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, c
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_log_record_spanning_a_stop_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    """Logging every 4 steps, stopped after step 6: the step-8 record still averages steps 5-8 and
+    counts their tokens, as the run without the stop logs it."""
+    options = dict(max_steps=8, logging_steps=4, grad_accum=2, learning_rate=3e-3)
+    DPOTrainer(tiny_config(tmp_path / "whole", **options)).train()
+    interrupt_after(monkeypatch, 6)
+    assert DPOTrainer(tiny_config(tmp_path / "split", **options)).train()["interrupted"]
+    monkeypatch.undo()
+    assert sorted(step_records(tmp_path / "split")) == [4]
+    DPOTrainer(tiny_config(tmp_path / "split", resume=True, **options)).train()
+    whole, split = step_records(tmp_path / "whole"), step_records(tmp_path / "split")
+    assert sorted(split) == sorted(whole) == [4, 8]
+    timing = {"tokens/s", "real_tokens/s", "peak_memory_gb"}  # measured, not computed
+    assert {k: v for k, v in split[8].items() if k not in timing} == \
+        {k: v for k, v in whole[8].items() if k not in timing}
+
+
 def test_a_crash_while_saving_leaves_the_latest_checkpoint_whole(tmp_path, monkeypatch):
     from accelerate import Accelerator
 

@@ -80,6 +80,25 @@ def test_precomputed_reference_is_cached_by_model_data_and_settings(tmp_path):
     assert train_losses(tmp_path / "e") == pytest.approx(train_losses(tmp_path / "a"), rel=1e-6)
 
 
+@pytest.mark.parametrize("damage, why", [
+    (lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]), "could not be read"),  # cut short
+    (lambda f: f.write_text("not a torch file"), "could not be read"),
+    (lambda f: torch.save({"train": torch.zeros(3, 2)}, f), "does not hold a table for every pair"),
+])
+def test_an_unusable_reference_cache_is_computed_again(tmp_path, capsys, damage, why):
+    cache = tmp_path / "ref_cache"
+    run(tmp_path / "a", ref="precompute", max_steps=2)
+    (cached,) = cache.glob("*.pt")
+    damage(cached)
+    capsys.readouterr()
+    run(tmp_path / "b", ref="precompute", max_steps=2)
+    err = capsys.readouterr().err
+    assert f"reference log-probs precomputed into {cached} (the cached file {why}" in err and "; replaced)\n" in err
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
+    run(tmp_path / "c", ref="precompute", max_steps=2)  # the replaced file serves the next run
+    assert f"reference log-probs loaded from {cached}\n" in capsys.readouterr().err
+
+
 def test_loss_implementations_agree(tmp_path):
     run(tmp_path / "fused", loss_impl="fused", max_steps=3)
     run(tmp_path / "reference", loss_impl="reference", max_steps=3)

@@ -21,6 +21,8 @@ def tiny_config(run_dir, **options) -> TrainConfig:
     base = dict(run_dir=str(run_dir), loss_type="sigmoid", sft_steps=0, max_steps=2, batch_size=4,
                 max_train_pairs=64, max_eval_pairs=16, logging_steps=1, eval_steps=0, progress_bar=False,
                 ref_cache_dir=str(Path(run_dir).parent / "ref_cache"))
+    if options.get("max_tokens"):  # a token budget replaces the pairs per micro-batch
+        del base["batch_size"]
     return TrainConfig(**{**base, **options})
 
 

@@ -40,8 +40,10 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE).read_text())
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
-    """Save the prepared model / optimizer / scheduler and `state` as checkpoint step-<state['step']>."""
+def save_checkpoint(accelerator, run_dir: str | Path, state: dict[str, Any], keep: int,
+                    rank_state: dict[str, Any] | None = None) -> Path:
+    """Save the prepared model / optimizer / scheduler and `state` as checkpoint step-<state['step']>;
+    `rank_state`: this process's own part (each rank writes its own file, as its RNG state)."""
     root = checkpoint_root(run_dir)
     final = root / f"step-{state['step']:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -50,6 +52,9 @@ def save_checkpoint(accelerator, run_dir: str | Path, state: dict[str, Any], kee
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if rank_state is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(tmp / rank_state_name(accelerator.process_index), rank_state)
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE, state)
     accelerator.wait_for_everyone()
@@ -73,6 +78,16 @@ def load_checkpoint(accelerator, checkpoint: Path) -> dict[str, Any]:
     """Restore everything save_checkpoint saved; returns the trainer state."""
     accelerator.load_state(str(checkpoint))
     return read_state(checkpoint)
+
+
+def rank_state_name(rank: int) -> str:
+    return f"trainer_rank_{rank}.json"
+
+
+def read_rank_state(checkpoint: Path, rank: int) -> dict[str, Any] | None:
+    """The `rank_state` that process `rank` saved, or None (a checkpoint from before they existed)."""
+    path = checkpoint / rank_state_name(rank)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _prune(root: Path, keep: int) -> None:

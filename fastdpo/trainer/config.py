@@ -69,7 +69,8 @@ class TrainConfig:
                         f"<split>.jsonl|json|parquet files; '{EMBEDDED_DATASET}' is the embedded task", group="data")
     split: str = _opt("train", "training split", group="data")
     eval_split: str = _opt("", "eval split", group="data", default_text="'test' when the dataset has it")
-    eval_fraction: float = _opt(0.0, "hold out this fraction of the training split for eval instead", group="data")
+    eval_fraction: float = _opt(0.0, "hold out this fraction of the training split for eval instead "
+                                "(at most --max-eval-pairs pairs; the rest trains)", group="data")
     max_length: int = _opt(1024, "tokens per sequence (prompt + completion); the start is kept", group="data")
     max_train_pairs: int = _opt(0, "use only the first N training pairs (0 = all)", group="data")
     max_eval_pairs: int = _opt(0, "use only the first N eval pairs (0 = all)", group="data")
@@ -154,6 +155,15 @@ EMBEDDED_DEFAULTS = dict(learning_rate=1e-3, batch_size=32, max_steps=200, sft_s
                          sft_learning_rate=3e-3, eval_steps=50, cpu_threads=1, loss_type="sigmoid,sft")
 MODEL_DEFAULTS = dict(learning_rate=5e-7, batch_size=4, max_steps=0, sft_steps=0,
                       sft_learning_rate=2e-5, eval_steps=200, cpu_threads=0, loss_type="sigmoid")
+
+
+def check_given(cfg: TrainConfig) -> None:
+    """Conflicts between options as the user gave them, before the run's saved options (--resume)
+    and the defaults fill in the others (after that, a default batch size is indistinguishable
+    from a chosen one)."""
+    if cfg.max_tokens and cfg.batch_size is not None:
+        raise ConfigError(f"--batch-size {cfg.batch_size} and --max-tokens {cfg.max_tokens} conflict: a micro-batch "
+                          "is either a number of pairs or a token budget; give one")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

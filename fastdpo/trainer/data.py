@@ -88,7 +88,13 @@ def find_sources(cfg: TrainConfig) -> tuple[Source, Source | None]:
                             "<split>.jsonl files or --eval-fraction")
         return Source(FILE_KINDS[path.suffix], str(path)), None
     if path.is_dir():
-        files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix in FILE_KINDS}
+        files = {}
+        for p in sorted(path.iterdir()):
+            if p.suffix in FILE_KINDS and p.stem in files:
+                raise DataError(f"dataset directory {name} has two files for split {p.stem!r} ({files[p.stem].name} "
+                                f"and {p.name}): keep one")
+            if p.suffix in FILE_KINDS:
+                files[p.stem] = p
         return _pick_splits(name, {s: Source(FILE_KINDS[p.suffix], str(p), s) for s, p in files.items()}, cfg)
     if _looks_like_path(name):
         raise DataError(f"dataset not found: {name}")
@@ -347,14 +353,18 @@ def group_tokens(pairs: list[Encoded], kind: str) -> int:
     return sum(layout_tokens(p, kind) for p in pairs)
 
 
-def check_budget(data: list[Encoded], kind: str, max_tokens: int, split: str) -> None:
-    """Fail in one line if some pair alone needs more than --max-tokens positions."""
+def check_budget(data: list[Encoded], kind: str, max_tokens: int, origins: list[str] | None = None) -> None:
+    """Fail in one line if some pair alone needs more than --max-tokens positions; the first such
+    pair is named by `origins` ("FILE row N", one per pair), or by its index."""
+    if not data:
+        return
     need = [layout_tokens(pair, kind) for pair in data]
-    worst = max(range(len(data)), key=need.__getitem__)
-    if need[worst] > max_tokens:
-        raise DataError(f"--max-tokens {max_tokens} is smaller than pair {worst} of the {split} data, which needs "
-                        f"{need[worst]} token positions in the {kind} layout; raise --max-tokens to at least "
-                        f"{max(need)} or lower --max-length")
+    first = next((i for i, n in enumerate(need) if n > max_tokens), None)
+    if first is not None:
+        where = origins[first] if origins else f"pair {first}"
+        raise DataError(f"--max-tokens {max_tokens} is smaller than {where}, which needs {need[first]} token "
+                        f"positions in the {kind} layout; raise --max-tokens to at least {max(need)} or lower "
+                        "--max-length")
 
 
 class PairLoader:
@@ -372,7 +382,7 @@ class PairLoader:
         self.seed, self.pad_id, self.layout, self.max_tokens = seed, pad_id, layout, max_tokens
         self.global_batch = batch_size * world  # pairs per global micro-batch without max_tokens
         if max_tokens:
-            check_budget(data, layout, max_tokens, "training")
+            check_budget(data, layout, max_tokens)
         self._groups_of: tuple[int, list[list[list[int]]]] = (-1, [])  # the last epoch's micro-batches
         self._counts: dict[int, int] = {}  # micro-batches per epoch
         self.per_epoch = len(self._groups(0))
@@ -452,11 +462,12 @@ def sharded_batches(data: list[Encoded], batch_size: int, *, world: int, rank: i
         yield build(layout, [data[i] for i in chosen], chosen, pad_id), len(index)
 
 
-def split_off(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, eval): a seeded random `fraction` of the pairs held out for eval."""
+def split_off(pairs: list[Pair], fraction: float, seed: int, limit: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """(train, eval): a seeded random `fraction` of the pairs (at most `limit`, 0 = no limit) held
+    out for eval; every other pair trains."""
     order = list(range(len(pairs)))
     random.Random(f"{seed}-eval").shuffle(order)
-    n_eval = max(1, round(fraction * len(pairs)))
+    n_eval = min(max(1, round(fraction * len(pairs))), limit or len(pairs))
     held = set(order[:n_eval])
     return [p for i, p in enumerate(pairs) if i not in held], [pairs[i] for i in sorted(held)]
 
@@ -469,6 +480,8 @@ class PreparedData:
     eval: list[Encoded]
     skipped_invalid: int
     dropped_too_long: int
+    train_origins: list[str] = field(default_factory=list)  # "FILE row N" of each train pair
+    eval_origins: list[str] = field(default_factory=list)
 
 
 def check_fits_model(pairs: list[Pair], encoded: list[Encoded], kept: list[int], tokenizer, limits) -> None:
@@ -504,8 +517,7 @@ def prepare_data(cfg: TrainConfig, tokenizer, limits=None) -> PreparedData:
         held, more = load_pairs(eval_source, skip_invalid=cfg.skip_invalid, limit=cfg.max_eval_pairs)
         skipped += more
     elif cfg.eval_fraction:
-        train, held = split_off(train, cfg.eval_fraction, cfg.seed)
-        held = held[:cfg.max_eval_pairs or None]
+        train, held = split_off(train, cfg.eval_fraction, cfg.seed, limit=cfg.max_eval_pairs)
     if getattr(tokenizer, "chat_template", None) is None and any(p.conversational for p in train + held):
         raise DataError(f"{cfg.dataset} holds conversations but the tokenizer has no chat template")
     encoder = Encoder(tokenizer, cfg.max_length)
@@ -518,4 +530,5 @@ def prepare_data(cfg: TrainConfig, tokenizer, limits=None) -> PreparedData:
         raise DataError(f"{train_source.where}: every one of the {len(train)} pairs has a prompt of "
                         f"--max-length {cfg.max_length} tokens or more")
     dropped = len(train) - len(train_ids) + len(held) - len(eval_ids)
-    return PreparedData(train_ids, eval_ids, skipped, dropped)
+    return PreparedData(train_ids, eval_ids, skipped, dropped, [train[i].origin for i in train_kept],
+                        [held[i].origin for i in eval_kept])

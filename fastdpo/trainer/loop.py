@@ -24,16 +24,28 @@ from fastdpo.attention import attention_implementation
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    read_rank_state,
     read_state,
     remove_partial_checkpoints,
     save_checkpoint,
     save_final_model,
     write_json_atomic,
 )
-from .config import SAVED_CONFIG, ConfigError, TrainConfig, check, loss_config, merge_saved, read_saved_config, resolve
+from .config import (
+    SAVED_CONFIG,
+    ConfigError,
+    TrainConfig,
+    check,
+    check_given,
+    loss_config,
+    merge_saved,
+    read_saved_config,
+    resolve,
+)
 from .data import PairLoader, check_budget, prepare_data, sharded_batches
 from .distributed import check_distributed, check_ranks_agree, fused_adamw, make_accelerator, prepare_frozen
-from .logs import METRICS, TASK_SUCCESS, RunLog, peak_memory_gb
+from .lock import RunDirLock
+from .logs import METRICS, TASK_SUCCESS, RunLog, peak_memory_gb, read_metrics
 from .loss import LossFn, attach_head, head_options, sft_nll
 from .model import (
     check_layout,
@@ -59,6 +71,7 @@ class DPOTrainer:
         """`given`: with resume=True, the options set explicitly (the command line's flags); the
         others take the run's saved values. None counts every option not at its default as given."""
         cfg = cfg or TrainConfig()
+        check_given(cfg)
         saved = read_saved_config(cfg.run_dir) if cfg.resume and cfg.run_dir else None
         if saved is not None:  # --resume continues with the run's own options
             cfg = merge_saved(cfg, saved, given)
@@ -70,6 +83,15 @@ class DPOTrainer:
         self.device = self.accelerator.device
         self.autocast = use_autocast(cfg, self.device)
         self.log = RunLog(cfg.run_dir, enabled=self.accelerator.is_main_process, progress_bar=cfg.progress_bar)
+        self.lock = RunDirLock(cfg.run_dir)  # held by the main process from its checks to the run's end
+        try:
+            self._init(cfg)
+        except BaseException:
+            self.lock.release()  # a refused command leaves the directory free at once
+            raise
+
+    def _init(self, cfg: TrainConfig) -> None:
+        """__init__'s checks and data, under the run directory's lock."""
         self.resume_from = self._check_run_dir()
         check_distributed(cfg, self.accelerator)
         check_model_source(cfg.model)
@@ -78,15 +100,20 @@ class DPOTrainer:
             self.limits = model_limits(cfg.model, self.tokenizer)
             self.data = prepare_data(cfg, self.tokenizer, self.limits)
         self.layout = choose_layout(cfg, self.device.type, self.log.info)
-        if cfg.max_tokens and self.data.eval:
-            check_budget(self.data.eval, self.layout, cfg.max_tokens, "eval")
+        if cfg.max_tokens:  # every pair must fit the budget alone (named by file and row if not)
+            check_budget(self.data.train, self.layout, cfg.max_tokens, self.data.train_origins)
+            check_budget(self.data.eval, self.layout, cfg.max_tokens, self.data.eval_origins)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         self.loader = PairLoader(self.data.train, cfg.batch_size, world=world, rank=rank, seed=cfg.seed,
                                  pad_id=self.tokenizer.pad_token_id, layout=self.layout, max_tokens=cfg.max_tokens)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.loader.per_epoch / cfg.grad_accum))
-        if self.resume_from is not None and read_state(self.resume_from)["step"] > self.total_steps:
-            raise ConfigError(f"--resume: {self.resume_from} has trained {read_state(self.resume_from)['step']} "
-                              f"steps, more than the {self.total_steps} asked for; raise --max-steps")
+        trained = read_state(self.resume_from)["step"] if self.resume_from is not None else 0
+        if trained > self.total_steps:
+            raise ConfigError(f"--resume: {self.resume_from} has trained {trained} steps, more than the "
+                              f"{self.total_steps} asked for; raise --max-steps")
+        # A finished run resumed with the same length: nothing to train, evaluate or save again.
+        self.finished = self.resume_from is not None and trained == self.total_steps and self._same_on_all_ranks(
+            "yes" if any(r.get("event") == "finished" for r in self.log.records_at(trained)) else "") == "yes"
         self.losses = loss_config(cfg)  # built once: the loss, the head's options and the reference mode read it
         self.loss_fn = LossFn(cfg, self.autocast, self.losses)
         # A reference-free loss never reads the reference: do not spend a model copy or a pass on one.
@@ -134,13 +161,35 @@ class DPOTrainer:
         self.model, self.optimizer, self.scheduler = acc.prepare(
             model, *make_optimizer(model, cfg.learning_rate, cfg, self.total_steps, fused=fused_adamw(acc)))
         self.reference = self._make_reference(prepare_frozen(acc, frozen), key)
+        self._evaluated_step = -1
+        self.window = Window()
         if self.resume_from is not None:
-            self.step = load_checkpoint(acc, self.resume_from)["step"]
+            state = load_checkpoint(acc, self.resume_from)
+            self.step = state["step"]
             follow_schedule(self.scheduler)
             self.log.truncate_after(self.step)
+            self._recall_eval()
+            self._restore_window(state)
             self.log.info(f"resumed from {self.resume_from} at step {self.step}")
         self._saved_step = self.step
-        self._evaluated_step = -1
+
+    def _restore_window(self, state: dict[str, Any]) -> None:
+        """The steps trained since the checkpoint's last log record, so that the next record covers
+        them as it would have without the stop. Per rank: only with the same number of processes."""
+        mine = read_rank_state(self.resume_from, self.accelerator.process_index)
+        if mine is not None and state.get("processes") == self.accelerator.num_processes:
+            self.window.restore(mine["window"], self.device)
+        elif mine is not None and mine["window"]["steps"]:
+            self.log.info(f"resumed on {self.accelerator.num_processes} processes, saved on {state.get('processes')}: "
+                          f"the next log record covers only the steps after step {self.step}")
+
+    def _recall_eval(self) -> None:
+        """After a resume: an eval logged at the checkpoint's step (a run stopped between its final
+        eval and its final save, say) is not run and logged again."""
+        evals = [r for r in self.log.records_at(self.step) if "eval_loss" in r]
+        if self._same_on_all_ranks("yes" if evals else "") == "yes":
+            self._evaluated_step = self.step
+            self.last_eval = {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
 
     def _load(self, source: str):
         """The model from `source`, checked against this run's batch layout."""
@@ -159,11 +208,10 @@ class DPOTrainer:
             return AdapterReference(self.model, self.autocast)
         if self.ref_mode == "precompute":
             cache = Path(cfg.ref_cache_dir or default_cache_dir()) / f"{key}.pt"
-            hit = cache.is_file()
             ref = precompute(self.model, self.accelerator, self._splits(), cache, batch_size=cfg.batch_size,
                              pad_id=self.tokenizer.pad_token_id, autocast=self.autocast, layout=self.layout,
                              max_tokens=cfg.max_tokens)
-            self.log.info(f"reference log-probs {'loaded from' if hit else 'precomputed into'} {cache}")
+            self.log.info(f"reference log-probs {ref.origin}")
             return ref
         return Reference()
 
@@ -243,21 +291,29 @@ class DPOTrainer:
     def train(self) -> dict[str, Any]:
         """Run to --max-steps (or until Ctrl-C / SIGTERM, which saves a checkpoint first)."""
         t0 = time.perf_counter()
-        with cpu_threads(self.cfg.cpu_threads if self.device.type == "cpu" else 0):
-            summary = self._train()
+        try:
+            with cpu_threads(self.cfg.cpu_threads if self.device.type == "cpu" else 0):
+                summary = self._train()
+        finally:
+            self.lock.release()  # the run directory is free for a --resume from here on
         summary["seconds"] = time.perf_counter() - t0
-        if not summary["interrupted"]:
+        if not summary["interrupted"] and not summary.get("already_finished"):
             for line in summary_lines(summary, self.cfg.run_dir, self.log.task_success()):
                 self.log.info(line)
         return summary
 
     def _train(self) -> dict[str, Any]:
+        if self.finished:
+            final = Path(self.cfg.run_dir) / FINAL_DIR
+            self.log.info(f"{self.cfg.run_dir} has finished its {self.total_steps} steps (final model: {final}); "
+                          "nothing to do: raise --max-steps to train further")
+            return {"step": self.total_steps, "interrupted": False, "already_finished": True, "final_model": str(final)}
         self.setup()
         if self.model is None:
             return {"step": 0, "interrupted": True}
         if self.step == 0:
             self._task_eval()  # the starting policy's success, the baseline DPO must beat
-        window, interrupted = Window(), False
+        interrupted = False
         self.log.start_bar(self.total_steps, self.step, "dpo")
         with StopOnSignal(self.log.info, "stopping after this step to save a checkpoint (Ctrl-C again quits "
                           "at once, keeping the last complete checkpoint)") as stop:
@@ -265,8 +321,8 @@ class DPOTrainer:
                 t = time.perf_counter()
                 stats = self.train_step()
                 self.step += 1
-                window.add(stats, time.perf_counter() - t)
-                self._after_step(window)
+                self.window.add(stats, time.perf_counter() - t)
+                self._after_step()
         self.log.close_bar()
         return self._finish(interrupted)
 
@@ -310,7 +366,7 @@ class DPOTrainer:
         grad_norm = torch.as_tensor(math.nan if grad_norm is None else grad_norm, dtype=torch.float32)
         return {**totals, "grad_norm": grad_norm, "tokens": tokens, "real_tokens": real_tokens}
 
-    def _after_step(self, window: "Window") -> None:
+    def _after_step(self) -> None:
         """Log, evaluate and save where due. Between those steps nothing here reads a device value,
         so the host queues the next step while the device still runs this one."""
         cfg = self.cfg
@@ -318,11 +374,11 @@ class DPOTrainer:
         evaluating = bool(self.data.eval and cfg.eval_steps and self.step % cfg.eval_steps == 0)
         saving = bool(cfg.save_steps and self.step % cfg.save_steps == 0)
         if logging or evaluating or saving:
-            window.settle(self.device)  # the queued steps' device time is theirs, not the eval's
+            self.window.settle(self.device)  # the queued steps' device time is theirs, not the eval's
         postfix = None
         if logging:
             check_ranks_agree(self.accelerator, self.model, self.step)
-            record = window.flush(self.accelerator)
+            record = self.window.flush(self.accelerator)
             self.log.write({"step": self.step, "epoch": self.loader.epoch_of(self.step * cfg.grad_accum),
                             "lr": self.scheduler.get_last_lr()[0], **record,
                             "peak_memory_gb": peak_memory_gb(self.device)})
@@ -391,8 +447,9 @@ class DPOTrainer:
         cfg = self.cfg
         state = {"step": self.step, "micro_batches": self.step * cfg.grad_accum,
                  "global_micro_batch": self.loader.global_batch, "grad_accum": cfg.grad_accum,
-                 "total_steps": self.total_steps, "config": cfg.to_dict()}
-        path = save_checkpoint(self.accelerator, cfg.run_dir, state, cfg.save_total_limit)
+                 "total_steps": self.total_steps, "processes": self.accelerator.num_processes, "config": cfg.to_dict()}
+        path = save_checkpoint(self.accelerator, cfg.run_dir, state, cfg.save_total_limit,
+                               rank_state={"window": self.window.state()})
         self._saved_step = self.step
         return path
 
@@ -409,6 +466,7 @@ class DPOTrainer:
         summary["eval"] = getattr(self, "last_eval", {})
         summary["final_model"] = str(save_final_model(self.accelerator, self.model, self.tokenizer,
                                                       Path(self.cfg.run_dir) / FINAL_DIR))
+        self.log.write({"step": self.step, "event": "finished", "final_model": summary["final_model"]})
         self.log.info(f"model saved to {summary['final_model']}")
         return summary
 
@@ -451,14 +509,17 @@ class DPOTrainer:
         Only reads: nothing in the run directory is written until every check has passed."""
         cfg = self.cfg
         run_dir = Path(cfg.run_dir)
+        if run_dir.is_dir() and self.accelerator.is_main_process:
+            self.lock.acquire()  # before reading: another process may be writing this run
         latest = latest_checkpoint(run_dir)
-        holds_run = latest is not None or any((run_dir / name).exists() for name in (SAVED_CONFIG, METRICS))
         self.restart = False
         if not cfg.resume:
-            if holds_run:
+            if holds_run(run_dir):
                 raise ConfigError(f"{cfg.run_dir} already holds a run: pass --resume to continue it, "
                                   "or choose another --run-dir")
             return None
+        if (run_dir / METRICS).is_file():
+            read_metrics(run_dir)  # a damaged line is refused now, not when resuming rewrites the file
         if latest is None:
             if not (run_dir / SAVED_CONFIG).is_file():
                 raise ConfigError(f"--resume: {cfg.run_dir} holds no run to continue (no {SAVED_CONFIG})")
@@ -472,6 +533,18 @@ class DPOTrainer:
                               f"{cfg.grad_accum}; resume with the same global batch")
         return latest
 
+    def _claim_run_dir(self) -> None:
+        """Create the run directory of a fresh run and lock it (a directory that already existed was
+        locked by _check_run_dir). Checked again under the lock: a run started by another command
+        since this one's checks must not be mixed into."""
+        run_dir = Path(self.cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        was_held = self.lock.held
+        self.lock.acquire()
+        if not was_held and self.resume_from is None and not self.restart and holds_run(run_dir):
+            raise ConfigError(f"{self.cfg.run_dir} already holds a run (started by another command since this "
+                              "one's checks): pass --resume to continue it, or choose another --run-dir")
+
     def _report_start(self) -> None:
         cfg, acc, data = self.cfg, self.accelerator, self.data
         global_batch = cfg.batch_size * acc.num_processes * cfg.grad_accum
@@ -481,7 +554,7 @@ class DPOTrainer:
                  "dropped_too_long": data.dropped_too_long, "device": str(self.device), "autocast_bf16": self.autocast,
                  "layout": self.layout, "max_tokens": cfg.max_tokens}
         if acc.is_main_process:
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            self._claim_run_dir()
             write_json_atomic(Path(cfg.run_dir) / "config.json", cfg.to_dict())
         self.log.write({"step": self.step if self.resume_from is None else read_state(self.resume_from)["step"],
                         "event": "resume" if self.resume_from else "start", **facts})
@@ -506,6 +579,11 @@ class DPOTrainer:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([value])[0]
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds (the start of) a run: a checkpoint, a saved config or metrics."""
+    return latest_checkpoint(run_dir) is not None or any((run_dir / n).exists() for n in (SAVED_CONFIG, METRICS))
 
 
 @contextmanager
@@ -616,6 +694,19 @@ class Window:
         self.seconds += seconds
         for name in self.COUNTS:
             self.counts[name] += stats[name]
+
+    def state(self) -> dict[str, Any]:
+        """This process's unlogged steps, for a checkpoint (reads the sums from the device: saving
+        waits for the device anyway)."""
+        return {"sums": {n: v.item() for n, v in self.sums.items()}, "counts": dict(self.counts),
+                "steps": self.steps, "seconds": self.seconds}
+
+    def restore(self, state: dict[str, Any], device: torch.device) -> None:
+        """Continue the window a checkpoint saved: the record that spans a stop and a resume then
+        holds the same steps as without the stop."""
+        self.sums = {n: torch.tensor(v, dtype=torch.float32, device=device) for n, v in state["sums"].items()}
+        self.counts = {n: int(state["counts"][n]) for n in self.COUNTS}
+        self.steps, self.seconds = int(state["steps"]), float(state["seconds"])
 
     def settle(self, device: torch.device) -> None:
         """Wait for the steps queued on the device, counting the wait as their time (the host's time

@@ -31,7 +31,7 @@ def check_model_source(name: str) -> None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"model path {name} has no config.json (expected a save_pretrained directory)")
-    elif path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    elif path.exists() or looks_local(name):
         raise ConfigError(f"model path not found: {name}")
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
@@ -46,6 +46,11 @@ def check_model_source(name: str) -> None:
         kind = type(config).__name__.removesuffix("Config")
         raise ConfigError(f"model {name} is a {kind} model, not a causal language model (AutoModelForCausalLM has no "
                           "class for it): DPO here trains decoders")
+
+
+def looks_local(name: str) -> bool:
+    """A name that can only be a local path: Hub names are "name" or "org/name"."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ def load_tokenizer(cfg: TrainConfig):
     else:
         from transformers import AutoTokenizer
 
+        if looks_local(name) and not Path(name).expanduser().exists():  # else the Hub's message, misleading
+            raise ConfigError(f"tokenizer path not found: {name}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
         except Exception as e:  # noqa: BLE001

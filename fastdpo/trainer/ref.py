@@ -59,8 +59,9 @@ class AdapterReference(Reference):
 class PrecomputedReference(Reference):
     """--ref precompute: a table [pairs, 2] (chosen, rejected) per split, looked up by pair index."""
 
-    def __init__(self, tables: dict[str, torch.Tensor]) -> None:
+    def __init__(self, tables: dict[str, torch.Tensor], origin: str = "") -> None:
         self.tables = tables
+        self.origin = origin  # how the tables were obtained, for the run's log
 
     def logps(self, batch: LayoutBatch, split: str) -> torch.Tensor:
         rows = self.tables[split][batch.index]  # both on the host: no wait for the device
@@ -72,8 +73,9 @@ def precompute(policy, accelerator, splits: dict[str, list[Encoded]], cache_file
                max_tokens: int = 0) -> PrecomputedReference:
     """Load the cached tables, or compute them with the (prepared) policy and cache them. Values
     are kept per pair, so a table made in one batch layout serves every other."""
-    if cache_file.is_file():
-        return PrecomputedReference(torch.load(cache_file, map_location="cpu"))
+    tables, problem = read_cache(cache_file, splits)
+    if tables is not None:
+        return PrecomputedReference(tables, f"loaded from {cache_file}")
     was_training = policy.training
     policy.eval()
     tables = {}
@@ -95,7 +97,26 @@ def precompute(policy, accelerator, splits: dict[str, list[Encoded]], cache_file
         torch.save(tables, tmp)
         os.replace(tmp, cache_file)  # atomic: readers see the whole file or none
     accelerator.wait_for_everyone()
-    return PrecomputedReference(tables)
+    again = f" (the cached file {problem}; replaced)" if problem else ""
+    return PrecomputedReference(tables, f"precomputed into {cache_file}{again}")
+
+
+def read_cache(cache_file: Path, splits: dict[str, list[Encoded]]) -> tuple[dict | None, str]:
+    """(tables, "") from a cache file that holds a table of the right shape for every split, or
+    (None, why not). A cache is only a cache: one that cannot be used is computed again, never a
+    reason to stop (it is written atomically, so this means outside damage or another format)."""
+    if not cache_file.is_file():
+        return None, ""
+    try:
+        tables = torch.load(cache_file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, unpicklable: all mean "unusable"
+        return None, f"could not be read: {type(e).__name__}"
+    expected = {name: (len(data), 2) for name, data in splits.items()}
+    if not (isinstance(tables, dict) and tables.keys() == expected.keys() and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == expected[name]
+            for name, t in tables.items())):
+        return None, "does not hold a table for every pair"
+    return tables, ""
 
 
 def cache_key(model, splits: dict[str, list[Encoded]], settings: dict) -> str:

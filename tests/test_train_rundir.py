@@ -1,0 +1,148 @@
+"""The run directory under misuse: a second command on a live run, damaged or partial files."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from pathlib import Path
+
+import pytest
+from train_helpers import step_records, tiny_config
+
+from fastdpo import cli
+from fastdpo.trainer import DPOTrainer
+from fastdpo.trainer.config import ConfigError
+from fastdpo.trainer.logs import read_metrics
+
+IN_USE = "is in use by another fastdpo process: wait for it to end (or stop it), or choose another --run-dir"
+
+
+def snapshot(run_dir) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
+
+
+def test_a_second_command_on_a_live_run_is_refused_and_the_run_is_untouched(tmp_path):
+    run_dir = tmp_path / "run"
+    live = DPOTrainer(tiny_config(run_dir, max_steps=2))
+    live.setup()  # the run has started: its directory exists and is locked
+    before = snapshot(run_dir)
+    for options in (dict(resume=True), dict(resume=True, max_steps=4), dict()):
+        with pytest.raises(ConfigError, match=re.escape(IN_USE)):
+            DPOTrainer(tiny_config(run_dir, **options))
+    assert snapshot(run_dir) == before
+    assert live.train()["step"] == 2  # the live run is unharmed ...
+    resumed = DPOTrainer(tiny_config(run_dir, max_steps=3, resume=True))  # ... and, once ended, frees the directory
+    assert resumed.train()["step"] == 3
+    assert sorted(step_records(run_dir)) == [1, 2, 3]
+
+
+def test_two_fresh_runs_racing_for_one_directory(tmp_path):
+    """Both pass their checks before either creates the directory: the second to claim it is refused,
+    under the lock while the first runs and as 'already holds a run' once it has ended."""
+    run_dir = tmp_path / "run"
+    first, second = (DPOTrainer(tiny_config(run_dir, max_steps=1)) for _ in range(2))
+    first.setup()
+    with pytest.raises(ConfigError, match=re.escape(IN_USE)):
+        second.setup()
+    first.train()
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError, match="already holds a run \\(started by another command since this one's "
+                                          "checks\\): pass --resume"):
+        second.setup()
+    assert snapshot(run_dir) == before
+
+
+def test_the_cli_refuses_a_locked_run_in_one_line(tmp_path, capsys):
+    """Another process's lock (a separate open of the directory, as a second process holds it)."""
+    run_dir = tmp_path / "run"
+    DPOTrainer(tiny_config(run_dir, max_steps=1)).train()
+    capsys.readouterr()
+    before = snapshot(run_dir)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = cli.main(["train", "--resume", "--run-dir", str(run_dir), "--max-steps", "2"])
+    finally:
+        os.close(fd)
+    assert code == 2
+    assert capsys.readouterr().err == f"fastdpo train: error: {run_dir} {IN_USE}\n"
+    assert snapshot(run_dir) == before
+
+
+def test_a_refused_command_frees_the_directory_at_once(tmp_path):
+    """A check that fails after the lock was taken (here: a run needing --resume) does not keep it,
+    even while the error (and its traceback) is still held."""
+    run_dir = tmp_path / "run"
+    DPOTrainer(tiny_config(run_dir, max_steps=1)).train()
+    with pytest.raises(ConfigError, match="already holds a run") as refused:
+        DPOTrainer(tiny_config(run_dir, max_steps=2))
+    assert refused.traceback  # alive: it references the refused trainer
+    assert DPOTrainer(tiny_config(run_dir, max_steps=2, resume=True)).train()["step"] == 2
+
+
+def test_a_record_cut_short_by_a_crash_is_dropped_on_resume_and_by_plot(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    DPOTrainer(tiny_config(run_dir, max_steps=2)).train()
+    metrics = run_dir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "loss": 0.69')  # the process died inside this write
+    pytest.importorskip("matplotlib")
+    assert cli.main(["plot", str(run_dir)]) == 0
+    assert DPOTrainer(tiny_config(run_dir, max_steps=3, resume=True)).train()["step"] == 3
+    assert sorted(step_records(run_dir)) == [1, 2, 3]
+    assert metrics.read_text().endswith("}\n")
+
+
+@pytest.mark.parametrize("damage", ["not json", "[1, 2]"])
+def test_a_damaged_metrics_line_is_named_by_resume_and_plot(tmp_path, capsys, damage):
+    run_dir = tmp_path / "run"
+    DPOTrainer(tiny_config(run_dir, max_steps=2)).train()
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines[:2] + [damage + "\n"] + lines[2:]))
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--run-dir", str(run_dir), "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastdpo train: error: {metrics} line 3 is not a JSON ") and err.count("\n") == 1
+    assert err.endswith("the file is damaged; delete or repair that line\n")
+    assert snapshot(run_dir) == before
+    pytest.importorskip("matplotlib")
+    assert cli.main(["plot", str(run_dir)]) == 2
+    assert capsys.readouterr().err.startswith(f"fastdpo plot: error: {metrics} line 3 is not a JSON ")
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    DPOTrainer(tiny_config(run_dir, max_steps=2)).train()
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--run-dir", str(run_dir)]) == 0
+    assert capsys.readouterr().err == (f"{run_dir} has finished its 2 steps (final model: {run_dir / 'final'}); "
+                                       "nothing to do: raise --max-steps to train further\n")
+    assert snapshot(run_dir) == before
+    assert DPOTrainer(tiny_config(run_dir, max_steps=3, resume=True)).train()["step"] == 3  # a longer run goes on
+    assert [r["step"] for r in read_metrics(run_dir) if r.get("event") == "finished"] == [2, 3]
+
+
+def test_a_run_stopped_between_its_final_eval_and_save_is_finished_once(tmp_path, monkeypatch):
+    from fastdpo.trainer import loop
+
+    run_dir = tmp_path / "run"
+    original = loop.save_final_model
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while saving the final model")
+
+    monkeypatch.setattr(loop, "save_final_model", crash)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        DPOTrainer(tiny_config(run_dir, max_steps=2)).train()
+    monkeypatch.setattr(loop, "save_final_model", original)
+    evals = [r for r in read_metrics(run_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2] and not (run_dir / "final").exists()
+    summary = DPOTrainer(tiny_config(run_dir, max_steps=2, resume=True)).train()
+    assert [r for r in read_metrics(run_dir) if "eval_loss" in r] == evals  # not evaluated and logged again
+    assert summary["eval"]["eval_loss"] == evals[0]["eval_loss"]
+    assert (run_dir / "final" / "config.json").is_file()
+    assert [r["step"] for r in read_metrics(run_dir) if r.get("event") == "finished"] == [2]
