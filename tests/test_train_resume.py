@@ -214,7 +214,13 @@ def test_a_second_ctrl_c_quits_at_once_keeping_the_last_checkpoint(tmp_path, mon
     monkeypatch.setattr(Accelerator, "save_state", save_state)
     args = cli_args(tmp_path / "run")
     args[args.index("--save-steps") + 1] = "4"
-    assert cli.main(args) == 130
+    # A SIGINT handler that does not raise, installed before the run (as a library may): the
+    # promise must hold by fastdpo's own handler, whatever the process had before.
+    before = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        assert cli.main(args) == 130
+    finally:
+        signal.signal(signal.SIGINT, before)
     err = capsys.readouterr().err
     assert "SIGINT: stopping after this step to save a checkpoint" in err and "Traceback" not in err
     run_dir = tmp_path / "run"

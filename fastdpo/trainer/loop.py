@@ -323,7 +323,9 @@ class DPOTrainer:
                 self.step += 1
                 self.window.add(stats, time.perf_counter() - t)
                 self._after_step()
-        self.log.close_bar()
+            self.log.close_bar()
+            if interrupted:  # saved under this handler: a second Ctrl-C quits at once, as promised
+                return self._finish(interrupted)
         return self._finish(interrupted)
 
     def train_step(self) -> dict[str, torch.Tensor]:
