@@ -59,4 +59,7 @@ class RunDirLock:
             self.fd = None
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit `os` may be gone; the kernel drops the lock anyway
+            pass

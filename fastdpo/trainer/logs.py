@@ -1,4 +1,5 @@
-"""Run logging: metrics.jsonl under the run directory, a tqdm bar, and a few printed lines.
+"""Run logging: metrics.jsonl under the run directory, the Window of steps each record sums, a tqdm
+bar, and a few printed lines.
 
 Records use TRL's metric names (loss, rewards/accuracies, logps/chosen, ...; eval_ prefix for
 eval) plus step, epoch, lr, grad_norm, tokens/s and peak_memory_gb; events ("event": start, resume,
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +146,67 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, torch.Tensor) else v
+
+
+class Window:
+    """Metrics summed over the steps since the last log line, on the device: adding a step's metrics
+    reads nothing back, so the host never waits for the device between log lines."""
+
+    COUNTS = ("tokens", "real_tokens")  # summed over the window and the ranks, not averaged
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts = dict.fromkeys(self.COUNTS, 0)
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, stats: dict, seconds: float) -> None:
+        """One step's metrics (tensors, left where they are) and counts; `seconds` is the host's time
+        in the step, which `settle` completes with the wait for what it queued."""
+        for name, value in stats.items():
+            if name not in self.COUNTS:
+                self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+        self.steps += 1
+        self.seconds += seconds
+        for name in self.COUNTS:
+            self.counts[name] += stats[name]
+
+    def state(self) -> dict[str, Any]:
+        """This process's unlogged steps, for a checkpoint (reads the sums from the device: saving
+        waits for the device anyway)."""
+        return {"sums": {n: v.item() for n, v in self.sums.items()}, "counts": dict(self.counts),
+                "steps": self.steps, "seconds": self.seconds}
+
+    def restore(self, state: dict[str, Any], device: torch.device) -> None:
+        """Continue the window a checkpoint saved: the record that spans a stop and a resume then
+        holds the same steps as without the stop."""
+        self.sums = {n: torch.tensor(v, dtype=torch.float32, device=device) for n, v in state["sums"].items()}
+        self.counts = {n: int(state["counts"][n]) for n in self.COUNTS}
+        self.steps, self.seconds = int(state["steps"]), float(state["seconds"])
+
+    def settle(self, device: torch.device) -> None:
+        """Wait for the steps queued on the device, counting the wait as their time (the host's time
+        in a step is only the time it took to queue it)."""
+        if device.type == "cuda":
+            start = time.perf_counter()
+            torch.cuda.synchronize(device)
+            self.seconds += time.perf_counter() - start
+
+    def flush(self, accelerator) -> dict[str, float]:
+        """Means over the window and over the ranks; `tokens` (positions the policy computed, padding
+        included) and `real_tokens` (prompt and answer tokens of every row) summed over the window and
+        the ranks, and each per second. One read from the device."""
+        names, device = sorted(self.sums), accelerator.device
+        means = torch.stack([self.sums[n].to(device).reshape(()) for n in names]) / self.steps
+        counts = [self.counts[c] for c in self.COUNTS]
+        if accelerator.num_processes > 1:  # (counts as int64: a float32 sum is inexact past 2^24 tokens)
+            means = accelerator.reduce(means, "sum") / accelerator.num_processes
+            counts = accelerator.reduce(torch.tensor(counts, device=device), "sum").tolist()
+        record = dict(zip(names, means.tolist()))
+        for name, total in zip(self.COUNTS, counts):
+            record[name] = int(total)
+            record[f"{name}/s"] = total / max(self.seconds, 1e-9)
+        self._reset()
+        return record

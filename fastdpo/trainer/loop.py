@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +43,7 @@ from .config import (
 from .data import PairLoader, check_budget, prepare_data, sharded_batches
 from .distributed import check_distributed, check_ranks_agree, fused_adamw, make_accelerator, prepare_frozen
 from .lock import RunDirLock
-from .logs import METRICS, TASK_SUCCESS, RunLog, peak_memory_gb, read_metrics
+from .logs import METRICS, TASK_SUCCESS, RunLog, Window, peak_memory_gb, read_metrics
 from .loss import LossFn, attach_head, head_options, sft_nll
 from .model import (
     check_layout,
@@ -58,6 +56,7 @@ from .model import (
     weight_dtype,
 )
 from .ref import AdapterReference, ModelReference, Reference, cache_key, default_cache_dir, precompute
+from .signals import StopOnSignal
 from .task_eval import rule_for, task_success
 
 WARMUP_DIR = "warmup"  # the policy after the supervised warm-up: the starting point of DPO
@@ -670,105 +669,3 @@ def summary_lines(summary: dict[str, Any], run_dir: str, task_success: list[tupl
               f"  final model: {summary.get('final_model', '-')}",
               f"  plot:        fastdpo plot {shlex.quote(run_dir)}"]
     return lines
-
-
-class Window:
-    """Metrics summed over the steps since the last log line, on the device: adding a step's metrics
-    reads nothing back, so the host never waits for the device between log lines."""
-
-    COUNTS = ("tokens", "real_tokens")  # summed over the window and the ranks, not averaged
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts = dict.fromkeys(self.COUNTS, 0)
-        self.steps, self.seconds = 0, 0.0
-
-    def add(self, stats: dict, seconds: float) -> None:
-        """One step's metrics (tensors, left where they are) and counts; `seconds` is the host's time
-        in the step, which `settle` completes with the wait for what it queued."""
-        for name, value in stats.items():
-            if name not in self.COUNTS:
-                self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
-        self.steps += 1
-        self.seconds += seconds
-        for name in self.COUNTS:
-            self.counts[name] += stats[name]
-
-    def state(self) -> dict[str, Any]:
-        """This process's unlogged steps, for a checkpoint (reads the sums from the device: saving
-        waits for the device anyway)."""
-        return {"sums": {n: v.item() for n, v in self.sums.items()}, "counts": dict(self.counts),
-                "steps": self.steps, "seconds": self.seconds}
-
-    def restore(self, state: dict[str, Any], device: torch.device) -> None:
-        """Continue the window a checkpoint saved: the record that spans a stop and a resume then
-        holds the same steps as without the stop."""
-        self.sums = {n: torch.tensor(v, dtype=torch.float32, device=device) for n, v in state["sums"].items()}
-        self.counts = {n: int(state["counts"][n]) for n in self.COUNTS}
-        self.steps, self.seconds = int(state["steps"]), float(state["seconds"])
-
-    def settle(self, device: torch.device) -> None:
-        """Wait for the steps queued on the device, counting the wait as their time (the host's time
-        in a step is only the time it took to queue it)."""
-        if device.type == "cuda":
-            start = time.perf_counter()
-            torch.cuda.synchronize(device)
-            self.seconds += time.perf_counter() - start
-
-    def flush(self, accelerator) -> dict[str, float]:
-        """Means over the window and over the ranks; `tokens` (positions the policy computed, padding
-        included) and `real_tokens` (prompt and answer tokens of every row) summed over the window and
-        the ranks, and each per second. One read from the device."""
-        names, device = sorted(self.sums), accelerator.device
-        means = torch.stack([self.sums[n].to(device).reshape(()) for n in names]) / self.steps
-        counts = [self.counts[c] for c in self.COUNTS]
-        if accelerator.num_processes > 1:  # (counts as int64: a float32 sum is inexact past 2^24 tokens)
-            means = accelerator.reduce(means, "sum") / accelerator.num_processes
-            counts = accelerator.reduce(torch.tensor(counts, device=device), "sum").tolist()
-        record = dict(zip(names, means.tolist()))
-        for name, total in zip(self.COUNTS, counts):
-            record[name] = int(total)
-            record[f"{name}/s"] = total / max(self.seconds, 1e-9)
-        self._reset()
-        return record
-
-
-class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, so that a
-    checkpoint can be saved, and says so at once; a second one raises KeyboardInterrupt where the
-    program is (a checkpoint being written then stays a hidden temporary: `latest` still names
-    the last complete one)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, notify=None, message: str = "stopping after this step") -> None:
-        self.notify, self.message = notify, message
-
-    def __enter__(self) -> "StopOnSignal":
-        self.flag = False
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.flag:
-            raise KeyboardInterrupt
-        self.flag = True
-        if self.notify is not None:
-            self.notify(f"{signal.Signals(signum).name}: {self.message}")
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def requested(self, accelerator) -> bool:
-        """True once any rank got a signal (all ranks must stop at the same step)."""
-        if accelerator.num_processes == 1:
-            return self.flag
-        flag = torch.tensor([float(self.flag)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "sum").item() > 0)
