@@ -146,3 +146,11 @@ def test_a_run_stopped_between_its_final_eval_and_save_is_finished_once(tmp_path
     assert summary["eval"]["eval_loss"] == evals[0]["eval_loss"]
     assert (run_dir / "final" / "config.json").is_file()
     assert [r["step"] for r in read_metrics(run_dir) if r.get("event") == "finished"] == [2]
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    assert cli.main(["train", "--run-dir", str(path), "--max-steps", "1"]) == 2
+    assert capsys.readouterr().err == f"fastdpo train: error: --run-dir {path} is a file, not a directory\n"
+    assert path.read_text() == "mine"

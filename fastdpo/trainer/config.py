@@ -80,7 +80,7 @@ class TrainConfig:
     share_prompt: bool = _opt(False, "run each pair as one sequence [prompt, chosen, rejected], the prompt "
                               "computed once (padding-free, with a custom attention mask)", group="data")
     max_tokens: int = _opt(0, "fill micro-batches with whole pairs up to N token positions instead of "
-                           "--batch-size pairs (0 = off)", group="data")
+                           "--batch-size pairs (0 = off; give one of the two)", group="data")
 
     ref: str = _opt("copy", "reference: frozen copy, precomputed log-probs, LoRA base (adapter), or none",
                     choices=REF_MODES, group="reference")

@@ -510,6 +510,8 @@ class DPOTrainer:
         Only reads: nothing in the run directory is written until every check has passed."""
         cfg = self.cfg
         run_dir = Path(cfg.run_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--run-dir {cfg.run_dir} is a file, not a directory")
         if run_dir.is_dir() and self.accelerator.is_main_process:
             self.lock.acquire()  # before reading: another process may be writing this run
         latest = latest_checkpoint(run_dir)
