@@ -157,13 +157,14 @@ def _backward_recompute(ctx, grad_rows, *_grads_of_detached):
         return _input_grads(ctx)
     dh, dw, db = linear_logps_backward(grad_rows, hidden, weight, bias, labels, offsets, state,
                                        want[0], want[1], want[2] and bias is not None, *ctx.options.flatten())
-    return _input_grads(ctx, dh, dw, db, sources=(hidden, weight, bias))
+    return _input_grads(ctx, dh, dw, db, sources=(hidden, weight, bias, grad_rows))
 
 
 def _input_grads(ctx, dh=None, dw=None, db=None, sources: tuple = ()) -> tuple:
     """One gradient per op input, as autograd wants: hidden, weight and bias where asked for, None
     for every other input (their number read from the op's inputs, not counted by hand).
-    `sources`: the op's (hidden, weight, bias), which a second derivative would reach."""
+    `sources`: the op's (hidden, weight, bias) and incoming gradient, which a second derivative
+    would reach."""
     want = ctx.needs_input_grad
     grads = first_order_only((dh if want[0] else None, dw if want[1] else None, db if want[2] else None), sources)
     return grads + (None,) * (len(want) - len(grads))
@@ -346,7 +347,8 @@ def _backward_grad_in_forward(ctx, grad_rows, *_unused):
     if grad_rows is None:
         grad_rows = torch.zeros_like(guessed.guess)
     linear_logps_finish_(grad_rows, *guessed, hidden, weight, bias, labels, offsets, state, *ctx.options.flatten())
-    return _input_grads(ctx, guessed.d_hidden, guessed.d_weight, guessed.d_bias, sources=(hidden, weight, bias))
+    return _input_grads(ctx, guessed.d_hidden, guessed.d_weight, guessed.d_bias,
+                        sources=(hidden, weight, bias, grad_rows))
 
 
 linear_logps_grad_in_forward.register_autograd(_backward_grad_in_forward, setup_context=_setup_grad_in_forward)

@@ -57,11 +57,13 @@ NO_SECOND_ORDER = ("fastdpo's log-prob ops compute their gradients in kernels an
 
 class _NoSecondOrder(torch.autograd.Function):
     """Identity on an op's input gradients, whose own backward raises. Its other inputs are the
-    op's differentiable inputs, so that a second derivative with respect to them must pass here."""
+    op's differentiable inputs and the incoming gradient, so that a second derivative with respect
+    to any of them (a jvp differentiates with respect to the incoming gradient) must pass here."""
 
     @staticmethod
     def forward(ctx, count: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(g.view_as(g) for g in tensors[:count])
+        # detach(): the same storage, no copy, and not a view (a hook may change a gradient in place)
+        return tuple(g.detach() for g in tensors[:count])
 
     @staticmethod
     def backward(ctx, *_: Any) -> Any:
@@ -178,7 +180,7 @@ def _backward_token_logps(ctx, grad_logp, *_grads_of_metrics):
         grad = logits
     else:
         grad = token_logps_backward_op(logits, labels, state, grad_logp, *flat_options)
-    return (*first_order_only((grad,), (logits,)), *no_grads)
+    return (*first_order_only((grad,), (logits, grad_logp)), *no_grads)
 
 
 token_logps_op.register_autograd(_backward_token_logps, setup_context=_setup_token_logps)

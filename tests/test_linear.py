@@ -254,6 +254,17 @@ def test_a_second_derivative_is_refused_not_silently_dropped(backend, device, pa
         with pytest.raises(RuntimeError, match="have no second derivative: a gradient taken through them with "
                                                "create_graph=True cannot be differentiated again"):
             torch.autograd.grad((first[0] ** 2).sum() + (first[1] ** 2).sum(), target, retain_graph=True)
+    # ... and with respect to the incoming gradient (what a jvp differentiates), not a silent 0
+    h, w = leaves(hidden, weight)
+    v = torch.ones((), device=device, requires_grad=True)
+    (dh,) = torch.autograd.grad(loss_of(h, w), h, grad_outputs=v, create_graph=True)
+    with pytest.raises(RuntimeError, match="have no second derivative"):
+        torch.autograd.grad(dh.sum(), v)
+    # A hook may still change such a gradient in place (it is no view).
+    h, w = leaves(hidden, weight)
+    h.register_hook(lambda g: g.mul_(2))
+    (hooked,) = torch.autograd.grad(loss_of(h, w), h, create_graph=True)
+    assert_rel_to_max(hooked, 2 * plain[0], 1e-6, "hooked hidden")
 
 
 def test_grad_in_forward_guard_is_fastdpo_own(device):
