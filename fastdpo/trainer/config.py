@@ -427,11 +427,14 @@ def merge_saved(cfg: TrainConfig, saved: dict[str, Any], given: set[str] | None 
     if given is None:
         given = {n for n in fields if getattr(cfg, n) != getattr(defaults, n)}
     merged = {}
+    free = RESUME_FREE
+    if saved.get("eval_fraction"):  # the cap on held-out pairs then decides which pairs train
+        free = free - {"max_eval_pairs"}
     for name in fields & set(saved):
         value, old = getattr(cfg, name), saved[name]
         if name not in given:
             merged[name] = old
-        elif name not in RESUME_FREE and value != old:
+        elif name not in free and value != old:
             raise ConfigError(f"--resume: --{_flag(name)} {_show(value)} differs from this run's {_show(old)} "
                               f"({os.path.join(cfg.run_dir, SAVED_CONFIG)}); only run length, logging, eval and "
                               "checkpoint options may change when resuming")

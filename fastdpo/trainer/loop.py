@@ -9,6 +9,7 @@ One optimizer step is `train_step`: micro-batches -> forward -> loss -> backward
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from contextlib import contextmanager
@@ -61,6 +62,26 @@ from .task_eval import rule_for, task_success
 
 WARMUP_DIR = "warmup"  # the policy after the supervised warm-up: the starting point of DPO
 FINAL_DIR = "final"
+
+
+def _holding_run_dir(method):
+    """A DPOTrainer method that writes to the run directory: outside train() (evaluate() after it,
+    say) it takes the directory's lock for its own span, refused if another process holds it."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        was_held = self.lock.held
+        main = self.accelerator.is_main_process
+        refusal = self._same_on_all_ranks(_refusal(self.lock.acquire) if main and not was_held else "")
+        if refusal:
+            raise ConfigError(refusal)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if not was_held:
+                self.lock.release()
+
+    return locked
 
 
 class DPOTrainer:
@@ -118,6 +139,7 @@ class DPOTrainer:
         # A reference-free loss never reads the reference: do not spend a model copy or a pass on one.
         self.ref_mode = cfg.ref if self.losses.needs_reference else "none"
         self.model = None  # built by setup()
+        self._trained = False  # train() runs once: it releases the run directory at its end
         self.attention: str | None = None  # the loaded model's attention implementation
         self.step = 0
         self.accelerator.wait_for_everyone()  # every rank has checked the run dir before any writes to it
@@ -132,15 +154,19 @@ class DPOTrainer:
         from accelerate.utils import set_seed
 
         set_seed(self.cfg.seed)
-        if self.restart:
-            self._start_over()
         fresh = self.resume_from is None and not self.restart
-        self._report_start()
         try:
-            self._build()
-        except Exception:
-            if fresh:
-                self._forget_unstarted_run()
+            if self.restart:
+                self._start_over()
+            self._report_start()
+            try:
+                self._build()
+            except Exception:
+                if fresh:
+                    self._forget_unstarted_run()
+                raise
+        except BaseException:
+            self.lock.release()  # a failed setup leaves the directory free, as a refused __init__ does
             raise
 
     def _build(self) -> None:
@@ -185,10 +211,12 @@ class DPOTrainer:
     def _recall_eval(self) -> None:
         """After a resume: an eval logged at the checkpoint's step (a run stopped between its final
         eval and its final save, say) is not run and logged again."""
-        evals = [r for r in self.log.records_at(self.step) if "eval_loss" in r]
+        # (only an eval of the same eval set: --max-eval-pairs, --eval-split and the task prompts may
+        # change on resume)
+        evals = [r for r in self.log.records_at(self.step) if "eval_loss" in r and r.get("eval_set") == self._eval_set]
         if self._same_on_all_ranks("yes" if evals else "") == "yes":
             self._evaluated_step = self.step
-            self.last_eval = {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
+            self.last_eval = {k: v for k, v in evals[-1].items() if k not in ("step", "eval_set")} if evals else {}
 
     def _load(self, source: str):
         """The model from `source`, checked against this run's batch layout."""
@@ -289,6 +317,11 @@ class DPOTrainer:
 
     def train(self) -> dict[str, Any]:
         """Run to --max-steps (or until Ctrl-C / SIGTERM, which saves a checkpoint first)."""
+        if self._trained:
+            raise RuntimeError("this DPOTrainer's train() has ended and its run directory was released (another "
+                               "command may have continued the run since): continue with a new "
+                               "DPOTrainer(TrainConfig(..., resume=True))")
+        self._trained = True
         t0 = time.perf_counter()
         try:
             with cpu_threads(self.cfg.cpu_threads if self.device.type == "cpu" else 0):
@@ -391,6 +424,7 @@ class DPOTrainer:
         if saving:
             self.save()
 
+    @_holding_run_dir
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss and TRL metrics over every eval pair (pair-weighted, across all ranks)."""
@@ -417,7 +451,7 @@ class DPOTrainer:
         success = self._task_success()
         if success is not None:
             record[TASK_SUCCESS] = success
-        self.log.write({"step": self.step, **record})
+        self.log.write({"step": self.step, **record, "eval_set": self._eval_set})
         self.log.info(f"step {self.step}: eval loss {record['eval_loss']:.4f}, reward accuracy "
                       f"{record.get('eval_rewards/accuracies', math.nan):.3f}, margin "
                       f"{record.get('eval_rewards/margins', math.nan):.3f}"
@@ -425,6 +459,16 @@ class DPOTrainer:
         self._evaluated_step = self.step
         self.last_eval = record
         return record
+
+    @functools.cached_property
+    def _eval_set(self) -> str:
+        """What an eval measured: a hash of the eval pairs' tokens and the task prompts' count."""
+        import hashlib
+
+        h = hashlib.sha256(str(self.cfg.task_eval_prompts).encode())
+        for pair in self.data.eval:
+            h.update(repr((pair.prompt, pair.chosen, pair.rejected)).encode())
+        return h.hexdigest()[:16]
 
     def _task_success(self) -> float | None:
         """Greedy answers to the first --task-eval-prompts eval prompts, checked by the task's rule."""
@@ -443,6 +487,7 @@ class DPOTrainer:
             self.log.info(f"step {self.step}: task success {success:.2f} (greedy answers to "
                           f"{min(self.cfg.task_eval_prompts, len(self.data.eval))} held-out prompts)")
 
+    @_holding_run_dir
     def save(self) -> Path:
         """Checkpoint now (atomic; see checkpoint.py)."""
         cfg = self.cfg
@@ -512,8 +557,12 @@ class DPOTrainer:
         run_dir = Path(cfg.run_dir)
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"--run-dir {cfg.run_dir} is a file, not a directory")
-        if run_dir.is_dir() and self.accelerator.is_main_process:
-            self.lock.acquire()  # before reading: another process may be writing this run
+        # Locked before reading (another process may be writing this run), by the main process; a
+        # refusal there is every rank's, so that no rank goes on to wait for the others.
+        main = self.accelerator.is_main_process
+        refusal = self._same_on_all_ranks(_refusal(self.lock.acquire) if main and run_dir.is_dir() else "")
+        if refusal:
+            raise ConfigError(refusal)
         latest = latest_checkpoint(run_dir)
         self.restart = False
         if not cfg.resume:
@@ -556,8 +605,11 @@ class DPOTrainer:
                  "eval_pairs": len(data.eval), "skipped_invalid": data.skipped_invalid,
                  "dropped_too_long": data.dropped_too_long, "device": str(self.device), "autocast_bf16": self.autocast,
                  "layout": self.layout, "max_tokens": cfg.max_tokens}
+        # Claimed on the main process; its refusal is every rank's (the others would wait for it)
+        refusal = self._same_on_all_ranks(_refusal(self._claim_run_dir) if acc.is_main_process else "")
+        if refusal:
+            raise ConfigError(refusal)
         if acc.is_main_process:
-            self._claim_run_dir()
             write_json_atomic(Path(cfg.run_dir) / "config.json", cfg.to_dict())
         self.log.write({"step": self.step if self.resume_from is None else read_state(self.resume_from)["step"],
                         "event": "resume" if self.resume_from else "start", **facts})
@@ -582,6 +634,15 @@ class DPOTrainer:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([value])[0]
+
+
+def _refusal(action) -> str:
+    """Run `action`; the message of the ConfigError it raises, or "" (to share across ranks)."""
+    try:
+        action()
+    except ConfigError as e:
+        return str(e)
+    return ""
 
 
 def holds_run(run_dir: Path) -> bool:
